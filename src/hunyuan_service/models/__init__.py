@@ -1,0 +1,1 @@
+"""Model implementations behind one contract; importing this package imports no ML framework."""

@@ -1,0 +1,128 @@
+"""The model contract every model type implements, and helpers to pick a device and dtype."""
+
+from __future__ import annotations
+
+import abc
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+
+from hunyuan_service.errors import JobCancelled
+
+if TYPE_CHECKING:
+    from hunyuan_service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+InputT = TypeVar("InputT")
+OutputT = TypeVar("OutputT")
+
+
+@dataclass
+class JobContext:
+    """What a running job can ask of the service: should it stop, and where to report progress.
+
+    `should_stop` is polled by the model between denoising steps or tokens. `emit` forwards an
+    event (progress, a token) to whoever streams the job; it must be cheap and thread-safe.
+    """
+
+    should_stop: Callable[[], bool] = lambda: False
+    emit: Callable[[str, dict[str, Any]], None] = lambda _event, _data: None
+    stop_reason: Callable[[], str] = lambda: "cancelled"
+
+    def raise_if_stopped(self) -> None:
+        if self.should_stop():
+            raise JobCancelled(f"job stopped: {self.stop_reason()}", code=self.stop_reason())
+
+
+@dataclass
+class ModelInfo:
+    """What /health reports about the loaded model."""
+
+    model_type: str
+    model_id: str
+    demo: bool
+    device: str = "unloaded"
+    dtype: str = "unloaded"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class InferenceModel(abc.ABC, Generic[InputT, OutputT]):
+    """One model type. The service calls `load()` once, then `infer()` from one thread at a time.
+
+    Subclasses keep `__init__` cheap: it must not import torch or touch the disk. `load()` does
+    the heavy work and runs off the event loop. `infer()` is synchronous and is never called
+    concurrently, so it may keep per-call state on the instance.
+    """
+
+    model_type: ClassVar[str]
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.info = ModelInfo(
+            model_type=self.model_type, model_id=settings.model_id, demo=settings.is_demo
+        )
+
+    @abc.abstractmethod
+    def load(self) -> None:
+        """Loads weights onto the device. Raises on failure; the service then refuses to start."""
+
+    @abc.abstractmethod
+    def infer(self, request: InputT, ctx: JobContext) -> OutputT:
+        """Runs one request. Raises `JobCancelled` when `ctx.should_stop()` turns true mid-run."""
+
+    def recover_from_oom(self) -> None:
+        """Frees what an out-of-memory failure left behind, so the next job can run."""
+
+    def is_out_of_memory(self, error: BaseException) -> bool:
+        """Whether `error` means the accelerator ran out of memory."""
+        return False
+
+
+def resolve_device(requested: str) -> str:
+    """Picks cuda, then mps, then cpu for 'auto'; refuses a device that is not present."""
+    import torch
+
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("DEVICE=cuda but no CUDA device is available")
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("DEVICE=mps but MPS is not available")
+    return requested
+
+
+def resolve_dtype(requested: str, device: str) -> Any:
+    """bf16 on CUDA where supported (else fp16), fp16 on mps, fp32 on cpu, unless DTYPE says."""
+    import torch
+
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def torch_is_out_of_memory(error: BaseException) -> bool:
+    """True for CUDA/MPS out-of-memory errors, without importing torch when it is not loaded."""
+    import torch
+
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+def torch_empty_cache(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    elif device == "mps":
+        torch.mps.empty_cache()

@@ -1,0 +1,127 @@
+"""FLUX text-to-image through diffusers' FluxPipeline."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from hunyuan_service.models.base import (
+    InferenceModel,
+    JobContext,
+    resolve_device,
+    resolve_dtype,
+    torch_empty_cache,
+    torch_is_out_of_memory,
+)
+from hunyuan_service.models.loading import quiet_hf_progress, resolve_checkpoint
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FluxDefaults:
+    """Sampling defaults that follow the checkpoint: schnell-style or dev-style."""
+
+    num_inference_steps: int
+    guidance_scale: float
+    max_sequence_length: int
+
+
+SCHNELL_DEFAULTS = FluxDefaults(num_inference_steps=4, guidance_scale=0.0, max_sequence_length=256)
+DEV_DEFAULTS = FluxDefaults(num_inference_steps=28, guidance_scale=3.5, max_sequence_length=512)
+
+
+@dataclass(frozen=True)
+class Text2ImageInput:
+    prompt: str
+    width: int
+    height: int
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Text2ImageOutput:
+    image: Image
+    seed: int
+    num_inference_steps: int
+
+
+class FluxModel(InferenceModel[Text2ImageInput, Text2ImageOutput]):
+    """FLUX.1 (schnell or dev) on one device; the step callback makes it cancellable per step."""
+
+    model_type = "text2image"
+
+    def __init__(self, settings: Any) -> None:
+        super().__init__(settings)
+        self.pipe: Any = None
+        self.device = "cpu"
+        self.defaults = SCHNELL_DEFAULTS
+
+    def load(self) -> None:
+        from diffusers import FluxPipeline
+        from diffusers.utils import logging as diffusers_logging
+
+        quiet_hf_progress()
+        diffusers_logging.disable_progress_bar()
+        self.device = resolve_device(self.settings.device)
+        dtype = resolve_dtype(self.settings.dtype, self.device)
+        source = resolve_checkpoint(self.settings)
+        self.pipe = FluxPipeline.from_pretrained(source, dtype=dtype).to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        guidance = bool(getattr(self.pipe.transformer.config, "guidance_embeds", False))
+        self.defaults = DEV_DEFAULTS if guidance else SCHNELL_DEFAULTS
+        self.info.device = self.device
+        self.info.dtype = str(dtype).removeprefix("torch.")
+        self.info.extra = {
+            "variant": "dev" if guidance else "schnell",
+            "default_steps": self.defaults.num_inference_steps,
+            "default_guidance_scale": self.defaults.guidance_scale,
+        }
+
+    def infer(self, request: Text2ImageInput, ctx: JobContext) -> Text2ImageOutput:
+        import torch
+
+        seed = request.seed if request.seed is not None else secrets.randbits(63)
+        steps = request.num_inference_steps or self.defaults.num_inference_steps
+        guidance = (
+            request.guidance_scale
+            if request.guidance_scale is not None
+            else self.defaults.guidance_scale
+        )
+        # A CPU generator gives the same image for the same seed on every device type.
+        generator = torch.Generator("cpu").manual_seed(seed)
+
+        def on_step_end(_pipe: Any, step: int, _timestep: Any, kwargs: dict) -> dict:
+            ctx.emit("progress", {"step": step + 1, "total": steps})
+            # Raising stops the pipeline at once; setting pipe._interrupt would still run the
+            # remaining loop iterations and a full-size VAE decode.
+            ctx.raise_if_stopped()
+            return kwargs
+
+        ctx.raise_if_stopped()
+        with torch.inference_mode():
+            result = self.pipe(
+                prompt=request.prompt,
+                width=request.width,
+                height=request.height,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                max_sequence_length=self.defaults.max_sequence_length,
+                generator=generator,
+                callback_on_step_end=on_step_end,
+                output_type="pil",
+            )
+        return Text2ImageOutput(image=result.images[0], seed=seed, num_inference_steps=steps)
+
+    def is_out_of_memory(self, error: BaseException) -> bool:
+        return torch_is_out_of_memory(error)
+
+    def recover_from_oom(self) -> None:
+        torch_empty_cache(self.device)

@@ -1,0 +1,95 @@
+"""Request and response bodies of /infer, validated against the operator's limits."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from hunyuan_service.settings import Settings
+
+ImageFormat = Literal["png", "jpeg", "webp"]
+
+
+def _limits(info: ValidationInfo) -> Settings:
+    settings = (info.context or {}).get("settings")
+    if settings is None:
+        raise RuntimeError("validate requests with context={'settings': settings}")
+    return settings
+
+
+class RequestBase(BaseModel):
+    """Fields every /infer request shares. Unknown fields are refused, so a typo never passes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1)
+    timeout_s: float | None = Field(
+        None, gt=0, description="A shorter deadline than REQUEST_TIMEOUT_S; never a longer one."
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_length(cls, value: str, info: ValidationInfo) -> str:
+        limit = _limits(info).max_prompt_chars
+        if not value.strip():
+            raise ValueError("must not be blank")
+        if len(value) > limit:
+            raise ValueError(f"is {len(value)} characters; at most {limit} are allowed")
+        return value
+
+
+class Text2ImageRequest(RequestBase):
+    width: int = 1024
+    height: int = 1024
+    num_inference_steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = Field(None, ge=0, le=30)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    output_format: ImageFormat = "png"
+
+    @field_validator("width", "height")
+    @classmethod
+    def _side(cls, value: int, info: ValidationInfo) -> int:
+        settings = _limits(info)
+        low, high = settings.min_image_side, settings.max_image_side
+        if value % 16:
+            raise ValueError(f"must be a multiple of 16 (got {value})")
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high} (got {value})")
+        return value
+
+    @field_validator("num_inference_steps")
+    @classmethod
+    def _steps(cls, value: int | None, info: ValidationInfo) -> int | None:
+        limit = _limits(info).max_inference_steps
+        if value is not None and value > limit:
+            raise ValueError(f"must be at most {limit} (got {value})")
+        return value
+
+
+class Timings(BaseModel):
+    queue_ms: float
+    inference_ms: float
+    total_ms: float
+
+
+class Text2ImageResponse(BaseModel):
+    image_base64: str
+    format: ImageFormat
+    width: int
+    height: int
+    seed: int
+    timings: Timings
+
+
+def describe_validation_errors(errors: list[Any]) -> tuple[str, str | None]:
+    """One readable message naming each bad field, plus the first field's name for `param`."""
+    parts, first = [], None
+    for item in errors:
+        loc = ".".join(str(p) for p in item.get("loc", ()) if p != "body") or "body"
+        first = first or loc
+        message = str(item.get("msg", "invalid")).removeprefix("Value error, ")
+        if item.get("type") == "extra_forbidden":
+            message = "is not a known field"
+        parts.append(f"{loc}: {message}")
+    return "; ".join(parts), first

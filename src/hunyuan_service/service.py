@@ -1,0 +1,77 @@
+"""The running service's state, owned by the lifespan and handed to routes as a dependency."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import uuid
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from hunyuan_service import __version__
+from hunyuan_service.models.base import InferenceModel
+from hunyuan_service.settings import Settings
+from hunyuan_service.worker import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+class Phase(str, enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class Service:
+    """What the lifespan owns and the routes use: settings, the model and its scheduler."""
+
+    def __init__(self, settings: Settings, model: InferenceModel | None) -> None:
+        self.settings = settings
+        self.model = model
+        self.scheduler: Scheduler | None = None
+        self.phase = Phase.STARTING
+
+    def begin_drain(self) -> None:
+        """Called on SIGTERM/SIGINT: /ready turns 503 and new requests are refused at once."""
+        if self.phase is Phase.READY:
+            logger.info("draining: no new requests; finishing admitted ones")
+        self.phase = Phase.DRAINING
+        if self.scheduler is not None:
+            self.scheduler.accepting = False
+
+    def status(self) -> dict[str, Any]:
+        scheduler = self.scheduler
+        body: dict[str, Any] = {"status": self.phase.value, "version": __version__}
+        if self.model is not None:
+            info = self.model.info
+            body.update(
+                model_type=info.model_type,
+                model_id=info.model_id,
+                demo=info.demo,
+                device=info.device,
+                dtype=info.dtype,
+                **info.extra,
+            )
+            if info.demo:
+                body["notice"] = "DEMO MODEL: tiny random weights; outputs are noise"
+        body.update(
+            worker_alive=scheduler.worker_alive if scheduler else False,
+            queue_depth=scheduler.queue_depth if scheduler else 0,
+            max_queue_size=self.settings.max_queue_size,
+            busy=scheduler.busy if scheduler else False,
+        )
+        return body
+
+
+def get_service(request: Request) -> Service:
+    return request.app.state.service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+def request_id_of(request: Request) -> str:
+    return getattr(request.state, "request_id", None) or uuid.uuid4().hex

@@ -1,0 +1,130 @@
+"""The service's one settings object, read from environment variables and an optional .env file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ModelType = Literal["text2image", "image2text"]
+
+DEFAULT_MODEL_IDS: dict[str, str] = {
+    "text2image": "black-forest-labs/FLUX.1-schnell",
+    "image2text": "Qwen/Qwen2.5-VL-3B-Instruct",
+}
+TINY_MODEL_ID = "tiny"
+
+
+def _default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "hunyuan-service"
+
+
+class Settings(BaseSettings):
+    """Everything an operator can configure; a bad value stops start-up with a one-line message."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
+
+    model_type: ModelType = "text2image"
+    model_id: str = ""
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # Admission and time limits. One job runs; at most max_queue_size wait behind it.
+    max_queue_size: int = Field(8, ge=1, le=10_000)
+    request_timeout_s: float = Field(300.0, gt=0, le=86_400)
+    shutdown_timeout_s: float = Field(30.0, ge=0, le=3_600)
+
+    # Input limits shared by both model types.
+    max_prompt_chars: int = Field(4_000, ge=1, le=1_000_000)
+    max_body_bytes: int = Field(64 * 2**20, ge=1024)
+
+    # text2image limits.
+    min_image_side: int = Field(64, ge=16)
+    max_image_side: int = Field(2048, ge=16, le=8192)
+    max_inference_steps: int = Field(100, ge=1, le=1000)
+    max_images_per_request: int = Field(4, ge=1, le=64)
+
+    # image2text limits.
+    max_new_tokens_limit: int = Field(2048, ge=1)
+    max_input_images: int = Field(8, ge=1, le=256)
+    max_image_bytes: int = Field(20 * 2**20, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=1024)
+    vl_max_pixels: int = Field(1280 * 28 * 28, ge=4 * 28 * 28)
+    allowed_media_domains: Annotated[list[str], NoDecode] = []
+    allowed_local_media_dir: Path | None = None
+    allow_private_media_addresses: bool = False
+    media_fetch_timeout_s: float = Field(10.0, gt=0, le=600)
+
+    api_key: SecretStr | None = None
+    cache_dir: Path = Field(default_factory=_default_cache_dir)
+
+    @field_validator("allowed_media_domains", mode="before")
+    @classmethod
+    def _split_domains(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip().lower().rstrip(".") for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("allowed_local_media_dir")
+    @classmethod
+    def _local_dir_exists(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        if not value.is_dir():
+            raise ValueError(f"folder {str(value)!r} does not exist")
+        return value.resolve()
+
+    @model_validator(mode="after")
+    def _resolve_model_id(self) -> Settings:
+        if not self.model_id:
+            self.model_id = DEFAULT_MODEL_IDS[self.model_type]
+        elif self.model_id != TINY_MODEL_ID:
+            _check_local_model_id(self.model_id)
+        if self.min_image_side > self.max_image_side:
+            raise ValueError("MIN_IMAGE_SIDE must not exceed MAX_IMAGE_SIDE")
+        return self
+
+    @property
+    def is_demo(self) -> bool:
+        return self.model_id == TINY_MODEL_ID
+
+
+def _check_local_model_id(model_id: str) -> None:
+    """Refuses a local-looking MODEL_ID that does not exist, so it never turns into hub retries."""
+    path = Path(model_id).expanduser()
+    looks_local = (
+        model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1 or "\\" in model_id
+    )
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"MODEL_ID {model_id!r} is a file; give a model folder or a hub id")
+        return
+    if looks_local:
+        raise ValueError(
+            f"MODEL_ID folder {model_id!r} does not exist (a hub id looks like 'org/name')"
+        )
+
+
+def describe_settings_error(error: ValidationError) -> str:
+    """One line naming each bad variable and what it accepts."""
+    parts = []
+    for item in error.errors():
+        name = "_".join(str(p) for p in item["loc"]).upper() or "settings"
+        message = item["msg"].removeprefix("Value error, ")
+        given = item.get("input")
+        shown = f" (got {given!r})" if isinstance(given, (str, int, float)) and item["loc"] else ""
+        parts.append(f"{name}: {message}{shown}")
+    return "invalid configuration: " + "; ".join(parts)

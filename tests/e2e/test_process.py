@@ -1,0 +1,91 @@
+"""The real `hunyuan-service` process over real HTTP: serving, concurrency, and drain on SIGTERM."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.service_process import ServiceProcess
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_env(cache: Path, **extra: str) -> dict[str, str]:
+    return {"MODEL_ID": "tiny", "DEVICE": "cpu", "CACHE_DIR": str(cache), **extra}
+
+
+@pytest.fixture(scope="module")
+def flux_process(tiny_cache: Path) -> Iterator[ServiceProcess]:
+    with ServiceProcess(tiny_env(tiny_cache)) as service:
+        yield service
+
+
+def test_curl_style_request_returns_a_64x64_png(flux_process: ServiceProcess) -> None:
+    response = httpx.post(
+        f"{flux_process.url}/infer",
+        content=b'{"prompt":"a red fox","width":64,"height":64}',
+        timeout=60,
+    )
+    assert response.status_code == 200
+    image = Image.open(io.BytesIO(base64.b64decode(response.json()["image_base64"])))
+    assert (image.format, image.size) == ("PNG", (64, 64))
+
+
+def test_five_concurrent_reference_clients_all_get_images(flux_process: ServiceProcess) -> None:
+    prompts = ["A beautiful sunset", "A cat", "Mountains", "A city at night", "A conference"]
+    results: list[tuple[int, tuple[int, int]]] = []
+
+    def client(prompt: str) -> None:
+        response = httpx.post(f"{flux_process.url}/infer", json={"prompt": prompt}, timeout=300)
+        image = Image.open(io.BytesIO(base64.b64decode(response.json()["image_base64"])))
+        results.append((response.status_code, image.size))
+
+    threads = [threading.Thread(target=client, args=(p,)) for p in prompts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert results == [(200, (1024, 1024))] * 5
+
+
+def test_health_reports_the_demo(flux_process: ServiceProcess) -> None:
+    body = httpx.get(f"{flux_process.url}/health").json()
+    assert body["demo"] is True
+    assert "DEMO MODEL" in flux_process.log()
+
+
+def test_sigterm_drains_admitted_jobs_then_exits_zero(tiny_cache: Path) -> None:
+    with ServiceProcess(tiny_env(tiny_cache, SHUTDOWN_TIMEOUT_S="60")) as service:
+        body = {"prompt": "slow", "width": 256, "height": 256, "num_inference_steps": 60}
+        outcomes: dict[int, int] = {}
+
+        def client(i: int) -> None:
+            response = httpx.post(f"{service.url}/infer", json=body, timeout=120)
+            outcomes[i] = response.status_code
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{service.url}/health").json()["queue_depth"] < 2:
+            assert time.monotonic() < deadline, "jobs never queued"
+            time.sleep(0.02)
+        service.terminate()
+        time.sleep(0.05)
+        try:
+            late = httpx.post(f"{service.url}/infer", json=body, timeout=5).status_code
+        except httpx.TransportError:
+            late = None  # the listener already closed: also a refusal
+        for thread in threads:
+            thread.join(timeout=120)
+        assert service.wait(timeout=60) == 0
+        assert outcomes == {0: 200, 1: 200, 2: 200}
+        assert late in (503, None)

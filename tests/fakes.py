@@ -1,0 +1,117 @@
+"""Small fake models for queue and worker tests; end-to-end tests use the tiny real models."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from hunyuan_service.errors import JobCancelled
+from hunyuan_service.models.base import InferenceModel, JobContext
+from hunyuan_service.settings import Settings
+
+
+def fake_settings(**overrides: Any) -> Settings:
+    values: dict[str, Any] = {"model_id": "fake/model", "max_queue_size": 4}
+    values.update(overrides)
+    return Settings(_env_file=None, **values)
+
+
+class FakeModel(InferenceModel[Any, Any]):
+    """Records every call; subclasses choose what a call does."""
+
+    model_type = "text2image"
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        super().__init__(settings or fake_settings())
+        self.calls: list[Any] = []
+        self.active = 0
+        self.max_active = 0
+        self._lock = threading.Lock()
+        self.loaded = False
+
+    def load(self) -> None:
+        self.loaded = True
+        self.info.device, self.info.dtype = "cpu", "float32"
+
+    def infer(self, request: Any, ctx: JobContext) -> Any:
+        with self._lock:
+            self.calls.append(request)
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            return self.run(request, ctx)
+        finally:
+            with self._lock:
+                self.active -= 1
+
+    def run(self, request: Any, ctx: JobContext) -> Any:
+        return {"echo": request}
+
+
+class BlockingModel(FakeModel):
+    """Each call waits until the test sets `release` (or the job is cancelled)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.started = threading.Event()
+
+    def run(self, request: Any, ctx: JobContext) -> Any:
+        self.started.set()
+        while not self.release.wait(0.01):
+            ctx.raise_if_stopped()
+        return {"echo": request}
+
+
+@dataclass
+class StepLog:
+    steps_run: int = 0
+    stopped_early: list[Any] = field(default_factory=list)
+
+
+class SteppingModel(FakeModel):
+    """Sleeps `step_s` per step for `steps` steps, emitting progress and honouring cancellation."""
+
+    def __init__(self, steps: int = 10, step_s: float = 0.02, settings: Settings | None = None):
+        super().__init__(settings)
+        self.steps, self.step_s = steps, step_s
+        self.log = StepLog()
+
+    def run(self, request: Any, ctx: JobContext) -> Any:
+        for step in range(self.steps):
+            time.sleep(self.step_s)
+            self.log.steps_run += 1
+            ctx.emit("progress", {"step": step + 1, "total": self.steps})
+            try:
+                ctx.raise_if_stopped()
+            except JobCancelled:
+                self.log.stopped_early.append(request)
+                raise
+        return {"echo": request}
+
+
+class FailingModel(FakeModel):
+    """Raises for requests equal to 'boom' (or 'oom', as an out-of-memory error); echoes others."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.oom_recoveries = 0
+
+    def run(self, request: Any, ctx: JobContext) -> Any:
+        if request == "boom":
+            raise ValueError("model exploded")
+        if request == "oom":
+            raise FakeOutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return {"echo": request}
+
+    def is_out_of_memory(self, error: BaseException) -> bool:
+        return isinstance(error, FakeOutOfMemoryError)
+
+    def recover_from_oom(self) -> None:
+        self.oom_recoveries += 1
+
+
+class FakeOutOfMemoryError(RuntimeError):
+    """Stands in for torch.cuda.OutOfMemoryError, which cannot be raised without CUDA."""

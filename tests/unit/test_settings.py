@@ -1,0 +1,90 @@
+"""Settings: defaults, derived values and a clear refusal of each bad value."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from hunyuan_service.settings import Settings, describe_settings_error
+
+
+def load(monkeypatch: pytest.MonkeyPatch, **env: str) -> Settings:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return Settings(_env_file=None)
+
+
+def refusal(monkeypatch: pytest.MonkeyPatch, **env: str) -> str:
+    with pytest.raises(ValidationError) as caught:
+        load(monkeypatch, **env)
+    return describe_settings_error(caught.value)
+
+
+def test_defaults() -> None:
+    settings = Settings(_env_file=None)
+    assert settings.model_type == "text2image"
+    assert settings.model_id == "black-forest-labs/FLUX.1-schnell"
+    assert (settings.device, settings.dtype) == ("auto", "auto")
+    assert (settings.host, settings.port) == ("0.0.0.0", 8000)
+    assert settings.max_queue_size >= 4  # five concurrent reference clients must all fit
+    assert settings.api_key is None
+    assert not settings.is_demo
+
+
+def test_model_id_default_follows_the_model_type(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load(monkeypatch, MODEL_TYPE="image2text").model_id == "Qwen/Qwen2.5-VL-3B-Instruct"
+
+
+def test_tiny_is_the_demo(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load(monkeypatch, MODEL_ID="tiny").is_demo
+
+
+def test_media_domains_are_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = load(monkeypatch, ALLOWED_MEDIA_DOMAINS="Example.com, cdn.example.org.")
+    assert settings.allowed_media_domains == ["example.com", "cdn.example.org"]
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"MODEL_TYPE": "video"}, "MODEL_TYPE: Input should be 'text2image' or 'image2text'"),
+        ({"DEVICE": "tpu"}, "DEVICE: Input should be 'auto', 'cuda', 'mps' or 'cpu'"),
+        ({"DTYPE": "int4"}, "DTYPE: Input should be"),
+        ({"PORT": "70000"}, "PORT: Input should be less than or equal to 65535"),
+        ({"MAX_QUEUE_SIZE": "0"}, "MAX_QUEUE_SIZE: Input should be greater than or equal to 1"),
+        ({"REQUEST_TIMEOUT_S": "-1"}, "REQUEST_TIMEOUT_S: Input should be greater than 0"),
+        ({"MODEL_ID": "/no/such/folder"}, "MODEL_ID folder '/no/such/folder' does not exist"),
+        ({"MODEL_ID": "./missing"}, "does not exist"),
+        ({"ALLOWED_LOCAL_MEDIA_DIR": "/no/such/dir"}, "ALLOWED_LOCAL_MEDIA_DIR: folder"),
+    ],
+)
+def test_each_bad_value_is_named(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], expected: str
+) -> None:
+    message = refusal(monkeypatch, **env)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_existing_model_folder_is_accepted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert load(monkeypatch, MODEL_ID=str(tmp_path)).model_id == str(tmp_path)
+
+
+def test_bad_model_type_stops_the_command_fast_with_one_line() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "hunyuan_service"],
+        env={"MODEL_TYPE": "video", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "MODEL_TYPE" in lines[0]
+    assert "text2image" in lines[0]
+    assert "Traceback" not in result.stderr
