@@ -145,6 +145,7 @@ def create_app(settings: Settings | None = None, model: InferenceModel | None = 
             if not finished:
                 logger.warning("shutdown timeout reached with jobs still in flight")
             await scheduler.stop()
+            service.cpu_pool.shutdown(wait=False, cancel_futures=True)
             service.phase = Phase.STOPPED
             logger.info("stopped", extra=dict(scheduler.counters))
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 from typing import Any
@@ -86,7 +85,7 @@ async def infer(request: Request, service: ServiceDep) -> Response:
 async def _text2image(request: Request, service: Service) -> Response:
     from hunyuan_service.models.flux import Text2ImageInput
 
-    scheduler = _scheduler(service)
+    scheduler = scheduler_for(service)
     # Any non-multipart body is read as JSON: curl's `-d` sends a form content type by default.
     if is_multipart(request):
         raise UnsupportedMediaType("text2image takes a JSON body, not multipart/form-data")
@@ -104,7 +103,7 @@ async def _text2image(request: Request, service: Service) -> Response:
     )
     job = scheduler.submit(payload, request_id_of(request), timeout_s=params.timeout_s)
     output = await scheduler.wait(job, wait_for_disconnect(request))
-    data = await asyncio.to_thread(encode_image, output.image, fmt)
+    data = await service.run_cpu(encode_image, output.image, fmt)
     timings = job.timings()
     if raw_format is not None:
         return Response(
@@ -112,7 +111,7 @@ async def _text2image(request: Request, service: Service) -> Response:
             media_type=MEDIA_TYPES[fmt],
             headers={"X-Seed": str(output.seed), "Server-Timing": _server_timing(timings)},
         )
-    image_base64 = await asyncio.to_thread(_b64, data)
+    image_base64 = await service.run_cpu(_b64, data)
     width, height = output.image.size
     return JSONResponse(
         {
@@ -134,7 +133,7 @@ def _server_timing(timings: dict[str, float]) -> str:
     return ", ".join(f"{name.removesuffix('_ms')};dur={value}" for name, value in timings.items())
 
 
-def _scheduler(service: Service) -> Scheduler:
+def scheduler_for(service: Service) -> Scheduler:
     if service.scheduler is None or service.phase is not Phase.READY:
         raise Unavailable(f"the service is {service.phase.value}; retry shortly", retry_after_s=1)
     return service.scheduler

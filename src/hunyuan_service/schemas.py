@@ -67,6 +67,34 @@ class Text2ImageRequest(RequestBase):
         return value
 
 
+class Image2TextRequest(RequestBase):
+    """The reference body `{"images": [...], "prompt"}` plus generation parameters."""
+
+    images: list[str] = Field(default_factory=list)
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float = Field(0.0, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1, le=1000)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+
+    @field_validator("max_new_tokens")
+    @classmethod
+    def _max_new_tokens(cls, value: int, info: ValidationInfo) -> int:
+        limit = _limits(info).max_new_tokens_limit
+        if value > limit:
+            raise ValueError(f"must be at most {limit} (got {value})")
+        return value
+
+    @field_validator("images")
+    @classmethod
+    def _image_count(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        limit = _limits(info).max_input_images
+        if len(value) > limit:
+            raise ValueError(f"{len(value)} images sent; at most {limit} are allowed")
+        return value
+
+
 class Timings(BaseModel):
     queue_ms: float
     inference_ms: float

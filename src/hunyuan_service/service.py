@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import functools
 import logging
 import uuid
-from typing import Annotated, Any
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 
@@ -15,6 +19,8 @@ from hunyuan_service.settings import Settings
 from hunyuan_service.worker import Scheduler
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class Phase(str, enum.Enum):
@@ -33,6 +39,14 @@ class Service:
         self.model = model
         self.scheduler: Scheduler | None = None
         self.phase = Phase.STARTING
+        # Decoding client images and encoding results run here, not on the event loop and not
+        # in the default pool that `asyncio.to_thread(model.infer)` uses, so they never delay a job.
+        self.cpu_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hunyuan-cpu")
+
+    async def run_cpu(self, function: Callable[..., T], *args: Any) -> T:
+        """Runs CPU-bound pre- or post-processing on the service's own thread pool."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.cpu_pool, functools.partial(function, *args))
 
     def begin_drain(self) -> None:
         """Called on SIGTERM/SIGINT: /ready turns 503 and new requests are refused at once."""

@@ -28,3 +28,33 @@ def flux_client(tiny_cache: Path) -> Iterator[TestClient]:
     app = create_app(tiny_settings("text2image", tiny_cache))
     with TestClient(app) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("allowed-media")
+
+
+@pytest.fixture(scope="session")
+def vl_client(tiny_cache: Path) -> Iterator[TestClient]:
+    """image2text with the default, strict media policy: no URLs, no local paths."""
+    app = create_app(tiny_settings("image2text", tiny_cache, max_input_images=3))
+    with TestClient(app) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def vl_open_client(tiny_cache: Path, media_dir: Path) -> Iterator[TestClient]:
+    """image2text where the operator allowed a local folder and the loopback host 127.0.0.1."""
+    settings = tiny_settings(
+        "image2text",
+        tiny_cache,
+        allowed_local_media_dir=media_dir,
+        allowed_media_domains=["127.0.0.1"],
+        allow_private_media_addresses=True,
+        max_image_bytes=200_000,
+        max_body_bytes=1_000_000,
+        media_fetch_timeout_s=2,
+    )
+    with TestClient(create_app(settings)) as client:
+        yield client

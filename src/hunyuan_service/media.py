@@ -1,0 +1,332 @@
+"""Safe image intake: every client image is fetched, decoded and checked here, never downstream.
+
+Accepted forms are data URIs, plain base64, uploaded bytes, URLs on the operator's allowlist, and
+paths inside the operator's allowed folder. Everything here is blocking and CPU-bound or I/O-bound,
+so routes call it from a thread pool. Each refusal is a `ServiceError` with a 4xx status.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import ipaddress
+import math
+import os
+import socket
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urljoin, urlsplit
+
+from hunyuan_service.errors import InvalidInput, PayloadTooLarge, ServiceError
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from hunyuan_service.settings import Settings
+
+ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
+MAX_REDIRECTS = 3
+
+
+class MediaNotAllowed(ServiceError):
+    status_code = 403
+    error_type = "invalid_request_error"
+    code = "media_not_allowed"
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """One client image before decoding: a string (URI, base64, URL, path) or uploaded bytes."""
+
+    value: str | bytes
+    param: str  # where it came from, for error messages: "images[0]"
+
+
+def load_images(sources: list[ImageSource], settings: Settings) -> list[Image]:
+    """Fetches, decodes, validates and normalises every image; raises a 4xx `ServiceError`."""
+    if len(sources) > settings.max_input_images:
+        raise InvalidInput(
+            f"{len(sources)} images sent; at most {settings.max_input_images} are allowed",
+            param="images",
+        )
+    return [
+        decode_image(read_source(source, settings), source.param, settings) for source in sources
+    ]
+
+
+def read_source(source: ImageSource, settings: Settings) -> bytes:
+    """Returns the raw bytes of one image, enforcing the byte cap and the media policy."""
+    value, param, limit = source.value, source.param, settings.max_image_bytes
+    if isinstance(value, bytes):
+        return _capped(value, limit, param)
+    text = value.strip()
+    if not text:
+        raise InvalidInput(f"{param}: empty image", param=param)
+    lowered = text[:16].lower()
+    if lowered.startswith("data:"):
+        header, sep, payload = text.partition(",")
+        if not sep or ";base64" not in header.lower():
+            raise InvalidInput(
+                f"{param}: a data URI must be 'data:image/...;base64,...'", param=param
+            )
+        return _b64decode(payload, limit, param)
+    if lowered.startswith(("http://", "https://")):
+        return fetch_url(text, settings, param)
+    if lowered.startswith("file://"):
+        return read_local(text[len("file://") :], settings, param)
+    decoded = _try_b64(text, limit, param)
+    if decoded is not None:
+        return decoded
+    return read_local(text, settings, param)
+
+
+def _capped(data: bytes, limit: int, param: str) -> bytes:
+    if len(data) > limit:
+        raise PayloadTooLarge(
+            f"{param}: image is {len(data)} bytes; at most {limit} are allowed", param=param
+        )
+    return data
+
+
+def _b64decode(payload: str, limit: int, param: str) -> bytes:
+    # Check the encoded length first, so an oversized image is refused before it is decoded.
+    if len(payload) > math.ceil(limit / 3) * 4 + 8:
+        raise PayloadTooLarge(f"{param}: image is over {limit} bytes", param=param)
+    try:
+        return _capped(base64.b64decode("".join(payload.split()), validate=True), limit, param)
+    except (binascii.Error, ValueError):
+        raise InvalidInput(f"{param}: invalid base64 data", param=param) from None
+
+
+def _try_b64(text: str, limit: int, param: str) -> bytes | None:
+    """Plain base64, told apart from a path: paths have dots or spaces, which base64 never has."""
+    if len(text) < 16 or "." in text or " " in text:
+        return None
+    try:
+        base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return _b64decode(text, limit, param)
+
+
+# -- local files -----------------------------------------------------------------------------
+
+
+def read_local(path_text: str, settings: Settings, param: str) -> bytes:
+    """Reads a server-local file, only from inside ALLOWED_LOCAL_MEDIA_DIR (symlinks resolved)."""
+    root = settings.allowed_local_media_dir
+    if root is None:
+        raise MediaNotAllowed(
+            f"{param}: server-local paths are disabled; send the image as base64, a data URI or "
+            "a multipart upload (operators: set ALLOWED_LOCAL_MEDIA_DIR)",
+            param=param,
+        )
+    # Relative paths are taken from the server's working directory, as the reference server did.
+    real = Path(os.path.realpath(Path(path_text).expanduser()))
+    if real != root and root not in real.parents:
+        raise MediaNotAllowed(f"{param}: path is outside the allowed media folder", param=param)
+    try:
+        with open(real, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > settings.max_image_bytes:
+                raise PayloadTooLarge(
+                    f"{param}: file is {size} bytes; at most "
+                    f"{settings.max_image_bytes} are allowed",
+                    param=param,
+                )
+            return handle.read(settings.max_image_bytes + 1)
+    except FileNotFoundError:
+        raise InvalidInput(
+            f"{param}: no such file in the allowed media folder", param=param
+        ) from None
+    except OSError:
+        raise InvalidInput(f"{param}: cannot read that file", param=param) from None
+
+
+# -- remote URLs -----------------------------------------------------------------------------
+
+
+def host_allowed(host: str, allowlist: list[str]) -> bool:
+    """Exact match, or any subdomain for entries written '.example.com' or '*.example.com'."""
+    host = host.lower().rstrip(".")
+    for entry in allowlist:
+        if entry.startswith(("*.", ".")):
+            suffix = entry.lstrip("*")
+            if host.endswith(suffix):
+                return True
+        elif host == entry:
+            return True
+    return False
+
+
+def vetted_address(host: str, port: int, settings: Settings, param: str) -> str:
+    """Resolves `host` and returns an address to connect to, refusing internal ones.
+
+    Every resolved address is checked, and the connection then goes to the checked address, so a
+    second DNS answer (DNS rebinding) cannot redirect it to an internal one.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise InvalidInput(f"{param}: cannot resolve host {host!r}", param=param) from None
+    addresses = [_unmapped(ipaddress.ip_address(str(info[4][0]).split("%")[0])) for info in infos]
+    if not settings.allow_private_media_addresses:
+        for address in addresses:
+            if not address.is_global or address.is_multicast:
+                raise MediaNotAllowed(
+                    f"{param}: {host} resolves to a private, loopback, link-local or reserved "
+                    "address, which is refused (operators: ALLOW_PRIVATE_MEDIA_ADDRESSES)",
+                    param=param,
+                )
+    return str(addresses[0])
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _unmapped(address: IPAddress) -> IPAddress:
+    """Checks '::ffff:127.0.0.1' as the IPv4 address it stands for."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def fetch_url(url: str, settings: Settings, param: str) -> bytes:
+    """Fetches an image from an allowlisted host with timeouts, a byte cap and vetted redirects."""
+    import httpx
+
+    if not settings.allowed_media_domains:
+        raise MediaNotAllowed(
+            f"{param}: remote URLs are disabled; send the image itself "
+            "(operators: set ALLOWED_MEDIA_DOMAINS)",
+            param=param,
+        )
+    timeout = httpx.Timeout(settings.media_fetch_timeout_s)
+    limit = settings.max_image_bytes
+    with httpx.Client(follow_redirects=False, timeout=timeout, trust_env=False) as client:
+        for _hop in range(MAX_REDIRECTS + 1):
+            parts = urlsplit(url)
+            host = parts.hostname or ""
+            if parts.scheme not in ("http", "https") or not host:
+                raise MediaNotAllowed(f"{param}: only http(s) URLs are fetched", param=param)
+            if not host_allowed(host, settings.allowed_media_domains):
+                raise MediaNotAllowed(
+                    f"{param}: host {host!r} is not in ALLOWED_MEDIA_DOMAINS", param=param
+                )
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            address = vetted_address(host, port, settings, param)
+            literal = f"[{address}]" if ":" in address else address
+            target = parts._replace(netloc=f"{literal}:{port}").geturl()
+            headers = {"Host": parts.netloc.rsplit("@", 1)[-1], "Accept": "image/*"}
+            try:
+                with client.stream(
+                    "GET", target, headers=headers, extensions={"sni_hostname": host}
+                ) as response:
+                    if response.is_redirect:
+                        url = urljoin(url, response.headers.get("location", ""))
+                        continue
+                    if response.status_code != 200:
+                        raise InvalidInput(
+                            f"{param}: fetching the URL gave HTTP {response.status_code}",
+                            param=param,
+                        )
+                    declared = response.headers.get("content-length", "")
+                    if declared.isdigit() and int(declared) > limit:
+                        raise PayloadTooLarge(
+                            f"{param}: remote image is over {limit} bytes", param=param
+                        )
+                    chunks, size = [], 0
+                    for chunk in response.iter_bytes():
+                        size += len(chunk)
+                        if size > limit:
+                            raise PayloadTooLarge(
+                                f"{param}: remote image is over {limit} bytes", param=param
+                            )
+                        chunks.append(chunk)
+                    return b"".join(chunks)
+            except httpx.TimeoutException:
+                raise InvalidInput(f"{param}: fetching the URL timed out", param=param) from None
+            except httpx.HTTPError as error:
+                raise InvalidInput(
+                    f"{param}: fetching the URL failed ({type(error).__name__})", param=param
+                ) from None
+    raise InvalidInput(f"{param}: too many redirects", param=param)
+
+
+# -- decoding --------------------------------------------------------------------------------
+
+
+def decode_image(data: bytes, param: str, settings: Settings) -> Image:
+    """Decodes one image safely and returns it as RGB, within the processor's pixel budget.
+
+    The pixel count is read from the header and checked before any pixel is decoded, so a small
+    file that declares 50,000 x 50,000 pixels costs nothing.
+    """
+    from PIL import Image as PILImage
+
+    try:
+        with warnings.catch_warnings():
+            # Our own pixel limit below is the check that matters; Pillow's warning is noise.
+            warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
+            image = PILImage.open(io.BytesIO(data))
+            image_format = image.format or "unknown"
+            if image_format not in ALLOWED_FORMATS:
+                raise InvalidInput(
+                    f"{param}: unsupported image format {image_format}; send "
+                    "PNG, JPEG, WebP, GIF, BMP or TIFF",
+                    param=param,
+                )
+            width, height = image.size
+            if width * height > settings.max_image_pixels:
+                raise PayloadTooLarge(
+                    f"{param}: image is {width}x{height} pixels; at most "
+                    f"{settings.max_image_pixels} pixels are allowed",
+                    param=param,
+                )
+            image.seek(0)  # an animated image is read as its first frame
+            image.load()
+    except ServiceError:
+        raise
+    except PILImage.DecompressionBombError:
+        # Pillow refuses absurd sizes (over twice its own limit) while reading the header.
+        raise PayloadTooLarge(
+            f"{param}: image declares too many pixels; at most {settings.max_image_pixels} "
+            "pixels are allowed",
+            param=param,
+        ) from None
+    except Exception:  # PIL raises many types for corrupt data; none of them is the server's fault
+        raise InvalidInput(
+            f"{param}: not a readable image (corrupt, truncated or not an image file)",
+            param=param,
+        ) from None
+    return _downscale(_to_rgb(image), settings.vl_max_pixels)
+
+
+def _to_rgb(image: Image) -> Image:
+    from PIL import Image as PILImage
+
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16- and 32-bit greyscale: scale to 8 bits rather than clip at 255.
+        peak = 65535 if image.mode.startswith("I;16") else 2**32 - 1
+        image = image.point(lambda value: value * (255 / peak)).convert("L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = PILImage.new("RGB", image.size, (255, 255, 255))
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        return background
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def _downscale(image: Image, max_pixels: int) -> Image:
+    from PIL import Image as PILImage
+
+    width, height = image.size
+    if width * height <= max_pixels:
+        return image
+    scale = math.sqrt(max_pixels / (width * height))
+    size = (max(1, int(width * scale)), max(1, int(height * scale)))
+    return image.resize(size, PILImage.Resampling.BICUBIC)

@@ -1,0 +1,130 @@
+"""/infer for image2text: JSON or multipart bodies, safe image intake, then the queue."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.types import Message, Receive
+
+from hunyuan_service.errors import InvalidInput, PayloadTooLarge
+from hunyuan_service.media import ImageSource, load_images
+from hunyuan_service.models.qwen_vl import ChatMessage, Image2TextInput
+from hunyuan_service.routes import (
+    is_multipart,
+    parse_json,
+    read_body,
+    scheduler_for,
+    wait_for_disconnect,
+)
+from hunyuan_service.schemas import Image2TextRequest, describe_validation_errors
+from hunyuan_service.service import Service, request_id_of
+
+
+async def image2text(request: Request, service: Service) -> JSONResponse:
+    scheduler = scheduler_for(service)
+    settings = service.settings
+    if is_multipart(request):
+        params, sources = await _read_multipart(request, service)
+    else:
+        body = await read_body(request, settings.max_body_bytes)
+        params = parse_json(body, Image2TextRequest, service)
+        sources = [ImageSource(v, f"images[{i}]") for i, v in enumerate(params.images)]
+    # Hold a queue place before decoding, so a request that cannot be served costs no decoding.
+    with scheduler.reserve() as reservation:
+        images = await service.run_cpu(load_images, sources, settings)
+        payload = to_model_input(params, images)
+        job = scheduler.submit(
+            payload, request_id_of(request), timeout_s=params.timeout_s, reservation=reservation
+        )
+    output = await scheduler.wait(job, wait_for_disconnect(request))
+    return JSONResponse(
+        {
+            "text": output.text,
+            "finish_reason": output.finish_reason,
+            "usage": {
+                "prompt_tokens": output.prompt_tokens,
+                "completion_tokens": output.completion_tokens,
+                "total_tokens": output.prompt_tokens + output.completion_tokens,
+            },
+            "timings": job.timings(),
+        }
+    )
+
+
+def to_model_input(params: Image2TextRequest, images: list[Any]) -> Image2TextInput:
+    return Image2TextInput(
+        messages=(ChatMessage(role="user", text=params.prompt, images=tuple(images)),),
+        max_new_tokens=params.max_new_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        repetition_penalty=params.repetition_penalty,
+        seed=params.seed,
+    )
+
+
+async def _read_multipart(
+    request: Request, service: Service
+) -> tuple[Image2TextRequest, list[ImageSource]]:
+    """Parses `-F prompt=... -F images=@cat.jpg ...`; the body cap holds for chunked uploads too."""
+    settings = service.settings
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > settings.max_body_bytes:
+        raise PayloadTooLarge(
+            f"the body is {declared} bytes; at most {settings.max_body_bytes} are accepted"
+        )
+    limited = Request(
+        request.scope, receive=_capped_receive(request.receive, settings.max_body_bytes)
+    )
+    form = await limited.form(
+        max_files=settings.max_input_images,
+        max_fields=64,
+        max_part_size=max(settings.max_prompt_chars * 4, settings.max_image_bytes * 2),
+    )
+    try:
+        fields: dict[str, Any] = {}
+        sources: list[ImageSource] = []
+        for key, value in form.multi_items():
+            if key in ("images", "image", "images[]"):
+                param = f"images[{len(sources)}]"
+                if isinstance(value, UploadFile):
+                    data = await value.read(settings.max_image_bytes + 1)
+                    sources.append(ImageSource(data, param))
+                else:
+                    sources.append(ImageSource(value, param))
+            elif isinstance(value, UploadFile):
+                raise InvalidInput(f"{key}: unexpected file; upload images as 'images'", param=key)
+            else:
+                fields[key] = value
+        try:
+            params = Image2TextRequest.model_validate(fields, context={"settings": settings})
+        except ValidationError as error:
+            message, bad_field = describe_validation_errors(list(error.errors()))
+            raise InvalidInput(message, param=bad_field) from None
+        if len(sources) > settings.max_input_images:
+            raise InvalidInput(
+                f"{len(sources)} images sent; at most {settings.max_input_images} are allowed",
+                param="images",
+            )
+        return params, sources
+    finally:
+        await form.close()
+
+
+def _capped_receive(receive: Receive, limit: int) -> Receive:
+    seen = 0
+
+    async def capped() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise PayloadTooLarge(f"the body is over {limit} bytes, the most accepted")
+        return message
+
+    return capped

@@ -1,0 +1,269 @@
+"""image2text end to end through the tiny Qwen2.5-VL model: every accepted form, every refusal."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.images import bomb_png, data_uri, png_bytes
+
+
+def assert_text_answer(response: Any) -> dict:
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert isinstance(body["text"], str)
+    assert body["usage"]["prompt_tokens"] > 0
+    assert 1 <= body["usage"]["completion_tokens"] <= 8
+    assert body["finish_reason"] in ("stop", "length")
+    assert set(body["timings"]) == {"queue_ms", "inference_ms", "total_ms"}
+    return body
+
+
+def ask(client: TestClient, images: list[str], **extra: Any) -> Any:
+    body = {"prompt": "Describe this image", "images": images, "max_new_tokens": 8, **extra}
+    return client.post("/infer", json=body)
+
+
+class RecordingServer:
+    """A loopback HTTP server that serves a PNG, redirects, and records every request it gets."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                owner.paths.append(self.path)
+                if self.path == "/red.png":
+                    data = png_bytes()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/png")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                elif self.path.startswith("/redirect-to/"):
+                    self.send_response(302)
+                    self.send_header("Location", self.path.removeprefix("/redirect-to/"))
+                    self.end_headers()
+                elif self.path == "/huge.png":
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/png")
+                    self.end_headers()  # no length: the service must count while streaming
+                    for _ in range(100):
+                        self.wfile.write(b"\0" * 65536)
+                elif self.path == "/slow.png":
+                    self.send_response(200)
+                    self.end_headers()
+                    time.sleep(5)
+                else:
+                    self.send_response(404)
+                    self.end_headers()
+
+            def log_message(self, *_args: Any) -> None:
+                return
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+
+@pytest.fixture
+def listener() -> Iterator[RecordingServer]:
+    server = RecordingServer()
+    yield server
+    server.server.shutdown()
+    server.server.server_close()
+
+
+# -- accepted forms --------------------------------------------------------------------------
+
+
+def test_data_uri(vl_client: TestClient) -> None:
+    assert_text_answer(ask(vl_client, [data_uri(png_bytes())]))
+
+
+def test_plain_base64(vl_client: TestClient) -> None:
+    assert_text_answer(ask(vl_client, [base64.b64encode(png_bytes()).decode()]))
+
+
+def test_text_only(vl_client: TestClient) -> None:
+    response = vl_client.post("/infer", json={"prompt": "Say hello", "max_new_tokens": 4})
+    assert_text_answer(response)
+
+
+def test_several_images_cost_more_prompt_tokens(vl_client: TestClient) -> None:
+    one = assert_text_answer(ask(vl_client, [data_uri(png_bytes())]))
+    two = assert_text_answer(ask(vl_client, [data_uri(png_bytes())] * 2))
+    assert two["usage"]["prompt_tokens"] > one["usage"]["prompt_tokens"]
+
+
+def test_multipart_upload(vl_client: TestClient) -> None:
+    response = vl_client.post(
+        "/infer",
+        data={"prompt": "what is this", "max_new_tokens": "6"},
+        files=[
+            ("images", ("a.png", png_bytes(), "image/png")),
+            ("images", ("b.png", png_bytes((32, 32)), "image/png")),
+        ],
+    )
+    assert_text_answer(response)
+
+
+def test_multipart_field_is_validated(vl_client: TestClient) -> None:
+    response = vl_client.post(
+        "/infer",
+        data={"prompt": "x", "max_new_tokens": "lots"},
+        files=[("images", ("a.png", png_bytes(), "image/png"))],
+    )
+    assert response.status_code == 422
+    assert response.json()["error"]["param"] == "max_new_tokens"
+
+
+def test_allowed_local_file_absolute_and_relative(
+    vl_open_client: TestClient, media_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (media_dir / "red.png").write_bytes(png_bytes())
+    assert_text_answer(ask(vl_open_client, [str(media_dir / "red.png")]))
+    assert_text_answer(ask(vl_open_client, [f"file://{media_dir / 'red.png'}"]))
+    # The reference client sends paths relative to where it runs, as the reference server read them.
+    monkeypatch.chdir(media_dir.parent)
+    assert_text_answer(ask(vl_open_client, [f"{media_dir.name}/red.png"]))
+
+
+def test_allowed_url_is_fetched_by_the_service(
+    vl_open_client: TestClient, listener: RecordingServer
+) -> None:
+    assert_text_answer(ask(vl_open_client, [listener.url("/red.png")]))
+    assert listener.paths == ["/red.png"]
+
+
+def test_generation_parameters(vl_client: TestClient) -> None:
+    image = [data_uri(png_bytes())]
+    sampled = {"temperature": 0.8, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.1, "seed": 5}
+    first = assert_text_answer(ask(vl_client, image, **sampled))
+    again = assert_text_answer(ask(vl_client, image, **sampled))
+    assert first["text"] == again["text"]  # the same seed samples the same tokens
+    long = vl_client.post("/infer", json={"prompt": "x", "max_new_tokens": 3000})
+    assert long.status_code == 422
+    assert long.json()["error"]["param"] == "max_new_tokens"
+
+
+# -- refusals, each followed by a normal request -----------------------------------------------
+
+
+def refusals(media_dir: Path, listener: RecordingServer) -> dict[str, tuple[list[str], int]]:
+    outside = media_dir.parent / "secret.png"
+    outside.write_bytes(png_bytes())
+    link = media_dir / "link.png"
+    if not link.exists():
+        os.symlink(outside, link)
+    return {
+        "etc-passwd": (["/etc/passwd"], 403),
+        "outside-folder": ([str(outside)], 403),
+        "dot-dot": ([f"{media_dir}/../secret.png"], 403),
+        "symlink-out": ([str(link)], 403),
+        "redirect-to-disallowed-host": (
+            [listener.url("/redirect-to/" + listener.url("/red.png", host="localhost"))],
+            403,
+        ),
+        "disallowed-host": ([listener.url("/red.png", host="localhost")], 403),
+        "oversized-remote": ([listener.url("/huge.png")], 413),
+        "slow-remote": ([listener.url("/slow.png")], 422),
+        "oversized-image": ([data_uri(b"\0" * 300_000)], 413),
+        "bomb": ([data_uri(bomb_png())], 413),
+        "corrupt": ([data_uri(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)], 422),
+        "truncated": ([data_uri(png_bytes((256, 256))[:200])], 422),
+        "not-an-image": ([data_uri(b"%PDF-1.4 this is not an image at all")], 422),
+        "bad-base64": (["data:image/png;base64,@@@@"], 422),
+        "too-many": ([data_uri(png_bytes())] * 9, 422),
+        "missing-file": ([str(media_dir / "nope.png")], 422),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "etc-passwd",
+        "outside-folder",
+        "dot-dot",
+        "symlink-out",
+        "redirect-to-disallowed-host",
+        "disallowed-host",
+        "oversized-remote",
+        "slow-remote",
+        "oversized-image",
+        "bomb",
+        "corrupt",
+        "truncated",
+        "not-an-image",
+        "bad-base64",
+        "too-many",
+        "missing-file",
+    ],
+)
+def test_refusal_is_a_clear_4xx_and_the_next_request_works(
+    vl_open_client: TestClient, media_dir: Path, listener: RecordingServer, case: str
+) -> None:
+    images, status = refusals(media_dir, listener)[case]
+    started = time.monotonic()
+    response = ask(vl_open_client, images)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"]
+    assert error["param"].startswith("images")
+    assert time.monotonic() - started < (3 if case == "slow-remote" else 1)
+    if case.startswith(("redirect", "disallowed")):
+        assert "/red.png" not in listener.paths  # the disallowed target was never contacted
+    assert_text_answer(ask(vl_open_client, [data_uri(png_bytes())]))
+
+
+def test_loopback_url_is_refused_by_default_without_contact(
+    vl_client: TestClient, listener: RecordingServer
+) -> None:
+    response = ask(vl_client, [listener.url("/red.png")])
+    assert response.status_code == 403
+    assert "ALLOWED_MEDIA_DOMAINS" in response.json()["error"]["message"]
+    assert listener.paths == []
+
+
+def test_allowlisted_host_on_a_private_address_is_refused_without_contact(
+    tiny_cache: Path, listener: RecordingServer
+) -> None:
+    from hunyuan_service.app import create_app
+    from tests.e2e.conftest import tiny_settings
+
+    settings = tiny_settings("image2text", tiny_cache, allowed_media_domains=["127.0.0.1"])
+    with TestClient(create_app(settings)) as client:
+        response = ask(client, [listener.url("/red.png")])
+    assert response.status_code == 403
+    assert "private" in response.json()["error"]["message"]
+    assert listener.paths == []
+
+
+def test_local_paths_are_refused_by_default(vl_client: TestClient) -> None:
+    for path in ("/etc/passwd", "file:///etc/passwd", "../../etc/passwd"):
+        response = ask(vl_client, [path])
+        assert response.status_code == 403
+        assert "ALLOWED_LOCAL_MEDIA_DIR" in response.json()["error"]["message"]
+
+
+def test_oversized_body_is_413_for_json_and_multipart(vl_open_client: TestClient) -> None:
+    big = "x" * 1_100_000
+    assert vl_open_client.post("/infer", json={"prompt": big}).status_code == 413
+    response = vl_open_client.post(
+        "/infer", data={"prompt": "x"}, files=[("images", ("a.png", big.encode(), "image/png"))]
+    )
+    assert response.status_code == 413

@@ -1,0 +1,141 @@
+"""Image decoding and the URL policy, without the model."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from PIL import Image
+
+from hunyuan_service.errors import InvalidInput, PayloadTooLarge
+from hunyuan_service.media import (
+    ImageSource,
+    MediaNotAllowed,
+    decode_image,
+    host_allowed,
+    load_images,
+    read_source,
+    vetted_address,
+)
+from tests.fakes import fake_settings
+from tests.images import bomb_png, encoded, png_bytes
+
+SETTINGS = fake_settings(model_type="image2text", vl_max_pixels=200_000)
+
+
+@pytest.mark.parametrize(
+    ("image", "fmt"),
+    [
+        (Image.new("RGBA", (40, 30), (255, 0, 0, 0)), "PNG"),
+        (Image.new("LA", (40, 30), (128, 255)), "PNG"),
+        (Image.new("P", (40, 30), 3), "PNG"),
+        (Image.new("L", (40, 30), 100), "PNG"),
+        (Image.new("CMYK", (40, 30), (0, 255, 0, 0)), "JPEG"),
+        (Image.new("I;16", (40, 30), 60000), "PNG"),
+        (Image.new("RGB", (40, 30), (1, 2, 3)), "WEBP"),
+        (Image.new("RGB", (40, 30), (1, 2, 3)), "BMP"),
+        (Image.new("RGB", (40, 30), (1, 2, 3)), "TIFF"),
+    ],
+)
+def test_every_mode_becomes_rgb(image: Image.Image, fmt: str) -> None:
+    decoded = decode_image(encoded(image, fmt), "images[0]", SETTINGS)
+    assert decoded.mode == "RGB"
+    assert decoded.size == (40, 30)
+
+
+def test_transparent_pixels_become_white_not_black() -> None:
+    clear = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    assert decode_image(encoded(clear, "PNG"), "i", SETTINGS).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped() -> None:
+    grey = Image.new("I;16", (4, 4), 32768)
+    red, green, blue = decode_image(encoded(grey, "PNG"), "i", SETTINGS).getpixel((0, 0))
+    assert red == green == blue
+    assert 120 <= red <= 135
+
+
+def test_animated_image_uses_its_first_frame() -> None:
+    frames = [Image.new("RGB", (20, 20), c) for c in ((255, 0, 0), (0, 0, 255))]
+    gif = encoded(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    first = decode_image(gif, "i", SETTINGS).getpixel((5, 5))
+    assert first[0] > 200
+    assert first[2] < 50
+
+
+def test_large_photo_is_downscaled_to_the_pixel_budget() -> None:
+    image = decode_image(encoded(Image.new("RGB", (4000, 3000)), "JPEG"), "i", SETTINGS)
+    width, height = image.size
+    assert width * height <= 200_000
+    assert abs(width / height - 4 / 3) < 0.02
+
+
+def test_bomb_is_refused_from_its_header_quickly() -> None:
+    started = time.monotonic()
+    with pytest.raises(PayloadTooLarge, match="too many pixels"):
+        decode_image(bomb_png(), "images[0]", SETTINGS)
+    assert time.monotonic() - started < 0.5
+
+
+def test_header_pixel_count_above_the_limit_is_413_not_422() -> None:
+    with pytest.raises(PayloadTooLarge, match="10000x10000 pixels"):
+        decode_image(bomb_png(10_000, 10_000), "images[0]", SETTINGS)
+
+
+def test_pixel_limit_applies_below_pillow_own_bomb_limit() -> None:
+    strict = fake_settings(max_image_pixels=10_000)
+    with pytest.raises(PayloadTooLarge, match="pixels"):
+        decode_image(png_bytes((200, 100)), "images[0]", strict)
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"hello world", b"GIF89a" + b"\0" * 10, png_bytes()[:60], b"<svg></svg>"]
+)
+def test_garbage_is_invalid_input(data: bytes) -> None:
+    with pytest.raises(InvalidInput):
+        decode_image(data, "images[0]", SETTINGS)
+
+
+def test_unsupported_format_is_named() -> None:
+    ico = encoded(Image.new("RGB", (16, 16)), "ICO")
+    with pytest.raises(InvalidInput, match="unsupported image format ICO"):
+        decode_image(ico, "images[0]", SETTINGS)
+
+
+def test_oversized_base64_is_refused_before_decoding() -> None:
+    small = fake_settings(max_image_bytes=2048)
+    with pytest.raises(PayloadTooLarge):
+        read_source(ImageSource("A" * 10_000, "images[0]"), small)
+
+
+def test_too_many_images() -> None:
+    sources = [ImageSource(png_bytes(), f"images[{i}]") for i in range(9)]
+    with pytest.raises(InvalidInput, match="at most 8"):
+        load_images(sources, SETTINGS)
+
+
+@pytest.mark.parametrize(
+    ("host", "allowlist", "allowed"),
+    [
+        ("example.com", ["example.com"], True),
+        ("EXAMPLE.com.", ["example.com"], True),
+        ("cdn.example.com", ["example.com"], False),
+        ("cdn.example.com", [".example.com"], True),
+        ("cdn.example.com", ["*.example.com"], True),
+        ("evilexample.com", ["*.example.com"], False),
+        ("example.com.evil.org", ["example.com"], False),
+    ],
+)
+def test_host_allowlist(host: str, allowlist: list[str], allowed: bool) -> None:
+    assert host_allowed(host, allowlist) is allowed
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "169.254.169.254", "10.1.2.3"])
+def test_internal_addresses_are_refused(host: str) -> None:
+    with pytest.raises(MediaNotAllowed):
+        vetted_address(host, 80, SETTINGS, "images[0]")
+
+
+def test_internal_addresses_pass_when_the_operator_allows_them() -> None:
+    relaxed = fake_settings(allow_private_media_addresses=True)
+    assert vetted_address("127.0.0.1", 80, relaxed, "images[0]") == "127.0.0.1"
