@@ -115,3 +115,42 @@ class FailingModel(FakeModel):
 
 class FakeOutOfMemoryError(RuntimeError):
     """Stands in for torch.cuda.OutOfMemoryError, which cannot be raised without CUDA."""
+
+
+class FakeImageModel(SteppingModel):
+    """A stepping model that answers text2image requests with a blank image of the asked size."""
+
+    def run(self, request: Any, ctx: JobContext) -> Any:
+        from PIL import Image
+
+        from hunyuan_service.models.flux import Text2ImageOutput
+        from hunyuan_service.models.qwen_vl import Image2TextOutput
+
+        if hasattr(request, "messages"):  # an image2text request
+            super().run(request.messages[0].text, ctx)
+            return Image2TextOutput(
+                text="fake answer", prompt_tokens=3, completion_tokens=2, finish_reason="stop"
+            )
+        if request.prompt == "boom":
+            raise ValueError("model exploded")
+        if request.prompt == "oom":
+            raise FakeOutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        super().run(request.prompt, ctx)
+        image = Image.new("RGB", (request.width, request.height), (10, 20, 30))
+        return Text2ImageOutput(image=image, seed=request.seed or 0, num_inference_steps=self.steps)
+
+    def infer(self, request: Any, ctx: JobContext) -> Any:
+        self.gate.wait(timeout=30)
+        return super().infer(request, ctx)
+
+    def __init__(self, steps: int = 5, step_s: float = 0.01, settings: Settings | None = None):
+        super().__init__(steps, step_s, settings)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.oom_recoveries = 0
+
+    def is_out_of_memory(self, error: BaseException) -> bool:
+        return isinstance(error, FakeOutOfMemoryError)
+
+    def recover_from_oom(self) -> None:
+        self.oom_recoveries += 1

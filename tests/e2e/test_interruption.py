@@ -1,0 +1,92 @@
+"""Cancellation inside the real pipelines: FLUX stops at a step, Qwen2.5-VL at a token."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hunyuan_service.errors import JobCancelled
+from hunyuan_service.models.base import JobContext
+from tests.e2e.conftest import tiny_settings
+from tests.images import png_bytes
+
+
+class StopAfter:
+    """A job context that asks the model to stop after `limit` events of `kind`."""
+
+    def __init__(self, kind: str, limit: int) -> None:
+        self.kind, self.limit = kind, limit
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def context(self) -> JobContext:
+        return JobContext(
+            should_stop=lambda: sum(e == self.kind for e, _ in self.events) >= self.limit,
+            emit=lambda event, data: self.events.append((event, data)),
+            stop_reason=lambda: "client_disconnected",
+        )
+
+
+@pytest.fixture(scope="module")
+def flux(tiny_cache: Path) -> Any:
+    from hunyuan_service.models.flux import FluxModel
+
+    model = FluxModel(tiny_settings("text2image", tiny_cache))
+    model.load()
+    return model
+
+
+@pytest.fixture(scope="module")
+def qwen(tiny_cache: Path) -> Any:
+    from hunyuan_service.models.qwen_vl import QwenVLModel
+
+    model = QwenVLModel(tiny_settings("image2text", tiny_cache))
+    model.load()
+    return model
+
+
+def test_flux_reports_every_step(flux: Any) -> None:
+    from hunyuan_service.models.flux import Text2ImageInput
+
+    stop = StopAfter("progress", 10_000)
+    output = flux.infer(
+        Text2ImageInput("a fox", 64, 64, num_inference_steps=6, seed=1), stop.context()
+    )
+    assert [d["step"] for _, d in stop.events] == [1, 2, 3, 4, 5, 6]
+    assert {d["total"] for _, d in stop.events} == {6}
+    assert output.image.size == (64, 64)
+
+
+def test_flux_stops_at_the_next_step_and_skips_the_decode(flux: Any, monkeypatch: Any) -> None:
+    from hunyuan_service.models.flux import Text2ImageInput
+
+    decodes: list[int] = []
+    original = flux.pipe.vae.decode
+    monkeypatch.setattr(
+        flux.pipe.vae, "decode", lambda *a, **k: decodes.append(1) or original(*a, **k)
+    )
+    stop = StopAfter("progress", 2)
+    with pytest.raises(JobCancelled):
+        flux.infer(Text2ImageInput("a fox", 64, 64, num_inference_steps=50), stop.context())
+    assert len(stop.events) == 2
+    assert decodes == []
+
+
+def test_qwen_streams_tokens_and_stops_at_the_next_token(qwen: Any) -> None:
+    from hunyuan_service.media import decode_image
+    from hunyuan_service.models.qwen_vl import ChatMessage, Image2TextInput
+
+    image = decode_image(png_bytes(), "images[0]", qwen.settings)
+    request = Image2TextInput(
+        messages=(ChatMessage("user", "Describe", (image,)),), max_new_tokens=40
+    )
+    free = StopAfter("token", 10_000)
+    output = qwen.infer(request, free.context())
+    assert len(free.events) > 3  # long enough that stopping after 3 is a real interruption
+    streamed = "".join(d["text"] for _, d in free.events)
+    assert streamed == output.text
+    stop = StopAfter("token", 3)
+    with pytest.raises(JobCancelled):
+        qwen.infer(request, stop.context())
+    assert len(stop.events) <= 4
