@@ -67,7 +67,7 @@ def build_model(steps: int, step_s: float) -> Any:
                 record["finished"] = True
             finally:
                 record["end"] = time.time()
-            return Text2ImageOutput(image=self.image, seed=0, num_inference_steps=steps)
+            return Text2ImageOutput(images=(self.image,), seed=0, num_inference_steps=steps)
 
     return StepModel()
 

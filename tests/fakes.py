@@ -137,7 +137,9 @@ class FakeImageModel(SteppingModel):
             raise FakeOutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         super().run(request.prompt, ctx)
         image = Image.new("RGB", (request.width, request.height), (10, 20, 30))
-        return Text2ImageOutput(image=image, seed=request.seed or 0, num_inference_steps=self.steps)
+        return Text2ImageOutput(
+            images=(image,), seed=request.seed or 0, num_inference_steps=self.steps
+        )
 
     def infer(self, request: Any, ctx: JobContext) -> Any:
         self.gate.wait(timeout=30)

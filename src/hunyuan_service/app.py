@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hunyuan_service import __version__
+from hunyuan_service.auth import ApiKeyMiddleware
 from hunyuan_service.errors import (
     InternalError,
     InvalidInput,
@@ -25,6 +26,7 @@ from hunyuan_service.errors import (
     error_body,
 )
 from hunyuan_service.models.base import InferenceModel
+from hunyuan_service.openai_api import router as openai_router
 from hunyuan_service.routes import router
 from hunyuan_service.schemas import describe_validation_errors
 from hunyuan_service.service import Phase, Service, request_id_of
@@ -137,6 +139,8 @@ def create_app(settings: Settings | None = None, model: InferenceModel | None = 
             logger.warning("DEMO MODEL in use: tiny random weights; outputs are noise")
         if settings.api_key is None:
             logger.warning("API_KEY is not set: every endpoint is open to anyone who can reach it")
+        else:
+            logger.info("API key required on every endpoint except /health and /ready")
         try:
             yield {"service": service}
         finally:
@@ -156,8 +160,12 @@ def create_app(settings: Settings | None = None, model: InferenceModel | None = 
         description="One generative model on one GPU behind an HTTP API.",
     )
     app.state.service = service
+    if settings.api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())
+    # Added last, so it runs first: even a refused request gets its id.
     app.add_middleware(RequestIdMiddleware)
     _install_error_handlers(app)
 
     app.include_router(router)
+    app.include_router(openai_router)
     return app

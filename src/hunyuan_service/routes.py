@@ -2,141 +2,26 @@
 
 from __future__ import annotations
 
-import base64
 import logging
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ValidationError
 
-from hunyuan_service.errors import InvalidInput, PayloadTooLarge, Unavailable, UnsupportedMediaType
-from hunyuan_service.imageio import MEDIA_TYPES, encode_image
-from hunyuan_service.schemas import Text2ImageRequest, describe_validation_errors
-from hunyuan_service.service import Phase, Service, ServiceDep, request_id_of
-from hunyuan_service.worker import Scheduler
+from hunyuan_service.image2text_api import infer_image2text
+from hunyuan_service.service import Phase, ServiceDep
+from hunyuan_service.text2image_api import infer_text2image
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter()
 
 
-# -- request helpers ---------------------------------------------------------------------------
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """Reads the body, refusing it with 413 as soon as it passes `limit` bytes."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the body is {declared} bytes; at most {limit} are accepted")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the body is over {limit} bytes, the most accepted")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def parse_json(body: bytes, schema: type[BaseModel], service: Service) -> Any:
-    """Validates a JSON body against `schema` and the operator's limits; 422 names the field."""
-    try:
-        return schema.model_validate_json(body or b"{}", context={"settings": service.settings})
-    except ValidationError as error:
-        message, param = describe_validation_errors(list(error.errors()))
-        raise InvalidInput(message, param=param) from None
-
-
-async def wait_for_disconnect(request: Request) -> None:
-    """Returns when the client goes away. Only valid once the body has been read."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-def requested_image_type(accept: str) -> str | None:
-    """The image format an `Accept: image/...` header asks for, or None for JSON."""
-    for part in accept.split(","):
-        media_type = part.split(";", 1)[0].strip().lower()
-        for fmt, known in MEDIA_TYPES.items():
-            if media_type == known:
-                return fmt
-    return None
-
-
-def is_multipart(request: Request) -> bool:
-    return request.headers.get("content-type", "").lower().startswith("multipart/form-data")
-
-
-# -- /infer ------------------------------------------------------------------------------------
-
-
 @router.post("/infer", response_model=None)
 async def infer(request: Request, service: ServiceDep) -> Response:
     """Runs one request on the loaded model: text2image or image2text, by MODEL_TYPE."""
     if service.settings.model_type == "text2image":
-        return await _text2image(request, service)
-    from hunyuan_service.vision_routes import image2text
-
-    return await image2text(request, service)
-
-
-async def _text2image(request: Request, service: Service) -> Response:
-    from hunyuan_service.models.flux import Text2ImageInput
-
-    scheduler = scheduler_for(service)
-    # Any non-multipart body is read as JSON: curl's `-d` sends a form content type by default.
-    if is_multipart(request):
-        raise UnsupportedMediaType("text2image takes a JSON body, not multipart/form-data")
-    body = await read_body(request, service.settings.max_body_bytes)
-    params: Text2ImageRequest = parse_json(body, Text2ImageRequest, service)
-    raw_format = requested_image_type(request.headers.get("accept", ""))
-    fmt = raw_format or params.output_format
-    payload = Text2ImageInput(
-        prompt=params.prompt,
-        width=params.width,
-        height=params.height,
-        num_inference_steps=params.num_inference_steps,
-        guidance_scale=params.guidance_scale,
-        seed=params.seed,
-    )
-    job = scheduler.submit(payload, request_id_of(request), timeout_s=params.timeout_s)
-    output = await scheduler.wait(job, wait_for_disconnect(request))
-    data = await service.run_cpu(encode_image, output.image, fmt)
-    timings = job.timings()
-    if raw_format is not None:
-        return Response(
-            data,
-            media_type=MEDIA_TYPES[fmt],
-            headers={"X-Seed": str(output.seed), "Server-Timing": _server_timing(timings)},
-        )
-    image_base64 = await service.run_cpu(_b64, data)
-    width, height = output.image.size
-    return JSONResponse(
-        {
-            "image_base64": image_base64,
-            "format": fmt,
-            "width": width,
-            "height": height,
-            "seed": output.seed,
-            "timings": timings,
-        }
-    )
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _server_timing(timings: dict[str, float]) -> str:
-    return ", ".join(f"{name.removesuffix('_ms')};dur={value}" for name, value in timings.items())
-
-
-def scheduler_for(service: Service) -> Scheduler:
-    if service.scheduler is None or service.phase is not Phase.READY:
-        raise Unavailable(f"the service is {service.phase.value}; retry shortly", retry_after_s=1)
-    return service.scheduler
+        return await infer_text2image(request, service)
+    return await infer_image2text(request, service)
 
 
 # -- health and metrics ------------------------------------------------------------------------

@@ -24,6 +24,7 @@ class RequestBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1)
+    stream: bool = False
     timeout_s: float | None = Field(
         None, gt=0, description="A shorter deadline than REQUEST_TIMEOUT_S; never a longer one."
     )
@@ -50,21 +51,29 @@ class Text2ImageRequest(RequestBase):
     @field_validator("width", "height")
     @classmethod
     def _side(cls, value: int, info: ValidationInfo) -> int:
-        settings = _limits(info)
-        low, high = settings.min_image_side, settings.max_image_side
-        if value % 16:
-            raise ValueError(f"must be a multiple of 16 (got {value})")
-        if not low <= value <= high:
-            raise ValueError(f"must be between {low} and {high} (got {value})")
-        return value
+        return check_side(value, _limits(info))
 
     @field_validator("num_inference_steps")
     @classmethod
     def _steps(cls, value: int | None, info: ValidationInfo) -> int | None:
-        limit = _limits(info).max_inference_steps
-        if value is not None and value > limit:
-            raise ValueError(f"must be at most {limit} (got {value})")
-        return value
+        return check_steps(value, _limits(info))
+
+
+def check_side(value: int, settings: Settings) -> int:
+    """The size rule of text2image: a multiple of 16 within the operator's bounds."""
+    low, high = settings.min_image_side, settings.max_image_side
+    if value % 16:
+        raise ValueError(f"must be a multiple of 16 (got {value})")
+    if not low <= value <= high:
+        raise ValueError(f"must be between {low} and {high} (got {value})")
+    return value
+
+
+def check_steps(value: int | None, settings: Settings) -> int | None:
+    limit = settings.max_inference_steps
+    if value is not None and value > limit:
+        raise ValueError(f"must be at most {limit} (got {value})")
+    return value
 
 
 class Image2TextRequest(RequestBase):
@@ -115,8 +124,12 @@ def describe_validation_errors(errors: list[Any]) -> tuple[str, str | None]:
     parts, first = [], None
     for item in errors:
         loc = ".".join(str(p) for p in item.get("loc", ()) if p != "body") or "body"
-        first = first or loc
         message = str(item.get("msg", "invalid")).removeprefix("Value error, ")
+        name, sep, rest = message.partition(": ")
+        if loc == "body" and sep and name.replace("_", "").isalnum():
+            # A whole-body check that names its field, e.g. "tools: tool calling is not supported".
+            loc, message = name, rest
+        first = first or loc
         if item.get("type") == "extra_forbidden":
             message = "is not a known field"
         parts.append(f"{loc}: {message}")

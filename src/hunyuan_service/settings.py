@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     max_queue_size: int = Field(8, ge=1, le=10_000)
     request_timeout_s: float = Field(300.0, gt=0, le=86_400)
     shutdown_timeout_s: float = Field(30.0, ge=0, le=3_600)
+    stream_keepalive_s: float = Field(5.0, gt=0, le=300)
 
     # Input limits shared by both model types.
     max_prompt_chars: int = Field(4_000, ge=1, le=1_000_000)

@@ -54,6 +54,7 @@ class Job:
     finished_at: float | None = None
     sink: EventSink | None = None
     stop_reason: StopReason | None = None
+    admitted_position: int = 0  # 1 = next to run; see Scheduler.position
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def should_stop(self) -> bool:
@@ -229,6 +230,7 @@ class Scheduler:
             sink=sink,
         )
         self._queue.put_nowait(job)
+        job.admitted_position = self._queue.qsize()
         self.counters["admitted"] += 1
         self._notify_queue_changed()
         return job

@@ -85,7 +85,10 @@ def test_overflow_gets_503_with_numeric_retry_after(serve: Any) -> None:
     model.gate.clear()
     url = serve(model, max_queue_size=2)
     results: dict = {}
-    threads = [post_in_background(url, {"prompt": f"p{i}", **SMALL}, results, i) for i in range(3)]
+    threads = []
+    for i in range(3):  # one at a time, so the first is running before the others queue
+        threads.append(post_in_background(url, {"prompt": f"p{i}", **SMALL}, results, i))
+        wait_until(lambda i=i: counter(url, "admitted") == i + 1)
     wait_until(lambda: queue_depth(url) == 2)
     started = time.monotonic()
     response = httpx.post(f"{url}/infer", json={"prompt": "overflow", **SMALL})
@@ -193,7 +196,10 @@ def test_full_queue_refuses_before_fetching_or_decoding_images(serve: Any) -> No
     model.gate.clear()
     url = serve(model, model_type="image2text", max_queue_size=1)
     results: dict = {}
-    threads = [post_in_background(url, {"prompt": f"p{i}"}, results, i) for i in range(2)]
+    threads = []
+    for i in range(2):
+        threads.append(post_in_background(url, {"prompt": f"p{i}"}, results, i))
+        wait_until(lambda i=i: counter(url, "admitted") == i + 1)
     wait_until(lambda: queue_depth(url) == 1)
     for image in (data_uri(bomb_png()), "http://169.254.169.254/latest/meta-data"):
         response = httpx.post(f"{url}/infer", json={"prompt": "x", "images": [image]})

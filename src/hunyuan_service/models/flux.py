@@ -44,13 +44,18 @@ class Text2ImageInput:
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
     seed: int | None = None
+    count: int = 1  # images to make; image i uses seed + i
 
 
 @dataclass(frozen=True)
 class Text2ImageOutput:
-    image: Image
+    images: tuple[Image, ...]
     seed: int
     num_inference_steps: int
+
+    @property
+    def image(self) -> Image:
+        return self.images[0]
 
 
 class FluxModel(InferenceModel[Text2ImageInput, Text2ImageOutput]):
@@ -95,30 +100,36 @@ class FluxModel(InferenceModel[Text2ImageInput, Text2ImageOutput]):
             if request.guidance_scale is not None
             else self.defaults.guidance_scale
         )
-        # A CPU generator gives the same image for the same seed on every device type.
-        generator = torch.Generator("cpu").manual_seed(seed)
-
-        def on_step_end(_pipe: Any, step: int, _timestep: Any, kwargs: dict) -> dict:
-            ctx.emit("progress", {"step": step + 1, "total": steps})
-            # Raising stops the pipeline at once; setting pipe._interrupt would still run the
-            # remaining loop iterations and a full-size VAE decode.
-            ctx.raise_if_stopped()
-            return kwargs
-
+        total = steps * request.count
+        images = []
         ctx.raise_if_stopped()
-        with torch.inference_mode():
-            result = self.pipe(
-                prompt=request.prompt,
-                width=request.width,
-                height=request.height,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                max_sequence_length=self.defaults.max_sequence_length,
-                generator=generator,
-                callback_on_step_end=on_step_end,
-                output_type="pil",
-            )
-        return Text2ImageOutput(image=result.images[0], seed=seed, num_inference_steps=steps)
+        for index in range(request.count):
+
+            def on_step_end(
+                _pipe: Any, step: int, _timestep: Any, kwargs: dict, done: int = index * steps
+            ) -> dict:
+                ctx.emit("progress", {"step": done + step + 1, "total": total})
+                # Raising stops the pipeline at once; setting pipe._interrupt would still run
+                # the remaining loop iterations and a full-size VAE decode.
+                ctx.raise_if_stopped()
+                return kwargs
+
+            # A CPU generator gives the same image for the same seed on every device type.
+            generator = torch.Generator("cpu").manual_seed((seed + index) % 2**63)
+            with torch.inference_mode():
+                result = self.pipe(
+                    prompt=request.prompt,
+                    width=request.width,
+                    height=request.height,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    max_sequence_length=self.defaults.max_sequence_length,
+                    generator=generator,
+                    callback_on_step_end=on_step_end,
+                    output_type="pil",
+                )
+            images.append(result.images[0])
+        return Text2ImageOutput(images=tuple(images), seed=seed, num_inference_steps=steps)
 
     def is_out_of_memory(self, error: BaseException) -> bool:
         return torch_is_out_of_memory(error)

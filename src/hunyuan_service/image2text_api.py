@@ -1,30 +1,32 @@
-"""/infer for image2text: JSON or multipart bodies, safe image intake, then the queue."""
+"""/infer for image2text: JSON or multipart bodies, safe image intake, the queue, JSON or SSE."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.types import Message, Receive
 
 from hunyuan_service.errors import InvalidInput, PayloadTooLarge
-from hunyuan_service.media import ImageSource, load_images
-from hunyuan_service.models.qwen_vl import ChatMessage, Image2TextInput
-from hunyuan_service.routes import (
+from hunyuan_service.http_io import (
     is_multipart,
     parse_json,
     read_body,
     scheduler_for,
-    wait_for_disconnect,
+    wants_event_stream,
 )
+from hunyuan_service.media import ImageSource, load_images
+from hunyuan_service.models.qwen_vl import ChatMessage, Image2TextInput, Image2TextOutput
 from hunyuan_service.schemas import Image2TextRequest, describe_validation_errors
-from hunyuan_service.service import Service, request_id_of
+from hunyuan_service.service import Service
+from hunyuan_service.streaming import submit_and_respond
+from hunyuan_service.worker import Job
 
 
-async def image2text(request: Request, service: Service) -> JSONResponse:
+async def infer_image2text(request: Request, service: Service) -> Response:
     scheduler = scheduler_for(service)
     settings = service.settings
     if is_multipart(request):
@@ -36,23 +38,32 @@ async def image2text(request: Request, service: Service) -> JSONResponse:
     # Hold a queue place before decoding, so a request that cannot be served costs no decoding.
     with scheduler.reserve() as reservation:
         images = await service.run_cpu(load_images, sources, settings)
-        payload = to_model_input(params, images)
-        job = scheduler.submit(
-            payload, request_id_of(request), timeout_s=params.timeout_s, reservation=reservation
+        return await submit_and_respond(
+            request,
+            service,
+            to_model_input(params, images),
+            timeout_s=params.timeout_s,
+            stream=wants_event_stream(request, params.stream),
+            render=render_text,
+            reservation=reservation,
         )
-    output = await scheduler.wait(job, wait_for_disconnect(request))
-    return JSONResponse(
-        {
-            "text": output.text,
-            "finish_reason": output.finish_reason,
-            "usage": {
-                "prompt_tokens": output.prompt_tokens,
-                "completion_tokens": output.completion_tokens,
-                "total_tokens": output.prompt_tokens + output.completion_tokens,
-            },
-            "timings": job.timings(),
-        }
-    )
+
+
+async def render_text(output: Image2TextOutput, job: Job) -> dict[str, Any]:
+    return {
+        "text": output.text,
+        "finish_reason": output.finish_reason,
+        "usage": usage(output),
+        "timings": job.timings(),
+    }
+
+
+def usage(output: Image2TextOutput) -> dict[str, int]:
+    return {
+        "prompt_tokens": output.prompt_tokens,
+        "completion_tokens": output.completion_tokens,
+        "total_tokens": output.prompt_tokens + output.completion_tokens,
+    }
 
 
 def to_model_input(params: Image2TextRequest, images: list[Any]) -> Image2TextInput:

@@ -1,0 +1,174 @@
+"""Request bodies of the OpenAI-compatible endpoints, with clear refusals of what is unsupported."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from hunyuan_service.schemas import ImageFormat, check_side, check_steps
+from hunyuan_service.settings import Settings
+
+# Accepted and ignored: they do not change what this server produces.
+IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "quality", "style"}
+
+
+def _settings(info: ValidationInfo) -> Settings:
+    return (info.context or {})["settings"]
+
+
+def _refuse_extras(model: BaseModel, explain: dict[str, str]) -> None:
+    for name, value in (model.model_extra or {}).items():
+        if name in IGNORED_FIELDS:
+            continue
+        if name in explain:
+            if value in (None, False, 0, [], "text", {"type": "text"}, ["text"]):
+                continue  # the default value asks for nothing unsupported
+            raise ValueError(f"{name}: {explain[name]}")
+        raise ValueError(f"{name}: unknown field")
+
+
+class ImageURL(BaseModel):
+    url: str
+    detail: str | None = None
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageURL | None = None
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+CHAT_UNSUPPORTED = {
+    "tools": "tool calling is not supported",
+    "tool_choice": "tool calling is not supported",
+    "parallel_tool_calls": "tool calling is not supported",
+    "functions": "function calling is not supported",
+    "function_call": "function calling is not supported",
+    "logprobs": "logprobs are not supported",
+    "top_logprobs": "logprobs are not supported",
+    "logit_bias": "logit_bias is not supported",
+    "response_format": "only plain text responses are supported",
+    "modalities": "only text output is supported",
+    "audio": "audio output is not supported",
+    "prediction": "predicted outputs are not supported",
+    "frequency_penalty": "only 0 is supported",
+    "presence_penalty": "only 0 is supported",
+    "reasoning_effort": "not supported",
+}
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: str | list[str] | None = None
+    n: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value: int | None) -> int | None:
+        if value not in (None, 1):
+            raise ValueError("only n=1 is supported; send separate requests for more choices")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> list[str]:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("at most 4 non-empty stop sequences are allowed")
+        return stops
+
+    @model_validator(mode="after")
+    def _limits(self, info: ValidationInfo) -> ChatCompletionRequest:
+        _refuse_extras(self, CHAT_UNSUPPORTED)
+        limit = _settings(info).max_new_tokens_limit
+        if (self.max_completion_tokens or self.max_tokens or 0) > limit:
+            raise ValueError(f"max_tokens: must be at most {limit}")
+        return self
+
+    def token_budget(self, settings: Settings) -> int:
+        return (
+            self.max_completion_tokens or self.max_tokens or min(512, settings.max_new_tokens_limit)
+        )
+
+
+IMAGES_UNSUPPORTED = {
+    "response_format": "only b64_json is supported; this server keeps no image URLs",
+    "background": "not supported",
+    "moderation": "not supported",
+    "output_compression": "not supported",
+    "partial_images": "not supported",
+    "stream": "image streaming is not supported here; use POST /infer with stream=true",
+}
+
+
+class ImageGenerationRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str = Field(min_length=1)
+    model: str | None = None
+    n: int = Field(1, ge=1)
+    size: str = "1024x1024"
+    output_format: ImageFormat = "png"
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    num_inference_steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = Field(None, ge=0, le=30)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _b64_json_is_the_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("response_format") in (None, "b64_json"):
+            data = {k: v for k, v in data.items() if k != "response_format"}
+        return data
+
+    @model_validator(mode="after")
+    def _limits(self, info: ValidationInfo) -> ImageGenerationRequest:
+        _refuse_extras(self, IMAGES_UNSUPPORTED)
+        settings = _settings(info)
+        if len(self.prompt) > settings.max_prompt_chars:
+            raise ValueError(f"prompt: at most {settings.max_prompt_chars} characters")
+        if self.n > settings.max_images_per_request:
+            raise ValueError(f"n: at most {settings.max_images_per_request} images per request")
+        try:
+            check_steps(self.num_inference_steps, settings)
+        except ValueError as error:
+            raise ValueError(f"num_inference_steps: {error}") from None
+        match = re.fullmatch(r"(\d{1,5})x(\d{1,5})", self.size)
+        if match is None:
+            raise ValueError(f"size: must look like '1024x768' (got {self.size!r})")
+        for value in match.groups():
+            try:
+                check_side(int(value), settings)
+            except ValueError as error:
+                raise ValueError(f"size: each side {error}") from None
+        return self
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        width, height = self.size.split("x")
+        return int(width), int(height)

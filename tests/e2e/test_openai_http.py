@@ -1,0 +1,108 @@
+"""The OpenAI-compatible routes and API keys, in-process: shapes, stop sequences, auth."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from hunyuan_service.app import create_app
+from tests.e2e.conftest import tiny_settings
+from tests.sse import parse_sse
+
+
+def test_models_lists_the_model_id(vl_client: TestClient) -> None:
+    body = vl_client.get("/v1/models").json()
+    assert body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == ["tiny"]
+
+
+def test_images_endpoint_refused_on_image2text(vl_client: TestClient) -> None:
+    response = vl_client.post("/v1/images/generations", json={"prompt": "x"})
+    assert response.status_code == 404
+    assert "/v1/chat/completions" in response.json()["error"]["message"]
+
+
+def test_stop_sequence_cuts_streamed_and_plain_text_alike(vl_client: TestClient) -> None:
+    base = {"model": "tiny", "messages": [{"role": "user", "content": "go"}], "max_tokens": 12}
+    full = vl_client.post("/v1/chat/completions", json=base).json()["choices"][0]["message"]
+    text = full["content"]
+    assert len(text) >= 4
+    stop = text[2:4]
+    expected = text[: text.index(stop)]
+    plain = vl_client.post("/v1/chat/completions", json={**base, "stop": [stop]}).json()
+    assert plain["choices"][0]["message"]["content"] == expected
+    streamed = vl_client.post("/v1/chat/completions", json={**base, "stop": stop, "stream": True})
+    events = parse_sse(streamed.text)
+    assert events[-1] == ("message", "[DONE]")
+    pieces = [
+        e[1]["choices"][0]["delta"].get("content", "")
+        for e in events[:-1]
+        if e[0] == "message" and e[1]["choices"]
+    ]
+    assert "".join(pieces) == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": [{"role": "user", "content": "x"}]}, "model"),
+        ({"model": "tiny", "messages": []}, "messages"),
+        ({"model": "tiny", "messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+        (
+            {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 100000},
+            "max_tokens",
+        ),
+        (
+            {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": True},
+            "logprobs",
+        ),
+        (
+            {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "frobnicate": 1},
+            "frobnicate",
+        ),
+    ],
+)
+def test_chat_validation_is_400_naming_the_field(
+    vl_client: TestClient, body: dict, param: str
+) -> None:
+    response = vl_client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == param
+
+
+@pytest.fixture(scope="module")
+def locked(tiny_cache: Path) -> TestClient:
+    settings = tiny_settings("text2image", tiny_cache, api_key="s3cret")
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+@pytest.mark.parametrize("path", ["/health", "/ready"])
+def test_probes_need_no_key(locked: TestClient, path: str) -> None:
+    assert locked.get(path).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong"}, {"X-API-Key": "s3cre"}, {"Authorization": "s3cret"}],
+)
+def test_every_other_route_needs_the_key(locked: TestClient, headers: dict) -> None:
+    for method, path in [
+        ("post", "/infer"),
+        ("get", "/metrics"),
+        ("get", "/v1/models"),
+        ("post", "/v1/images/generations"),
+        ("get", "/docs"),
+    ]:
+        response = getattr(locked, method)(path, headers=headers)
+        assert response.status_code == 401, path
+        assert response.json()["error"]["type"] == "authentication_error"
+        assert response.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize("headers", [{"Authorization": "Bearer s3cret"}, {"X-API-Key": "s3cret"}])
+def test_either_header_carries_the_key(locked: TestClient, headers: dict) -> None:
+    body = {"prompt": "x", "width": 64, "height": 64}
+    assert locked.post("/infer", json=body, headers=headers).status_code == 200

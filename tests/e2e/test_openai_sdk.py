@@ -1,0 +1,184 @@
+"""The official OpenAI SDK, unmodified, against real `hunyuan-service` processes."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from tests.images import data_uri, png_bytes
+from tests.service_process import ServiceProcess
+
+pytestmark = pytest.mark.slow
+KEY = "test-key-123"
+
+
+def sdk(service: ServiceProcess, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{service.url}/v1", api_key=key, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def flux_service(tiny_cache: Path) -> Iterator[ServiceProcess]:
+    env = {
+        "MODEL_ID": "tiny",
+        "DEVICE": "cpu",
+        "CACHE_DIR": str(tiny_cache),
+        "API_KEY": KEY,
+        "MAX_QUEUE_SIZE": "1",
+    }
+    with ServiceProcess(env) as service:
+        yield service
+
+
+@pytest.fixture(scope="module")
+def qwen_service(tiny_cache: Path) -> Iterator[ServiceProcess]:
+    env = {
+        "MODEL_TYPE": "image2text",
+        "MODEL_ID": "tiny",
+        "DEVICE": "cpu",
+        "CACHE_DIR": str(tiny_cache),
+        "API_KEY": KEY,
+    }
+    with ServiceProcess(env) as service:
+        yield service
+
+
+def test_images_generate_decodes_to_the_requested_size(flux_service: ServiceProcess) -> None:
+    client = sdk(flux_service)
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    result = client.images.generate(
+        model="tiny", prompt="a red fox", size="128x64", n=2, extra_body={"seed": 11}
+    )
+    assert len(result.data) == 2
+    images = [Image.open(io.BytesIO(base64.b64decode(d.b64_json))) for d in result.data]
+    assert [(i.format, i.size) for i in images] == [("PNG", (128, 64))] * 2
+    assert images[0].tobytes() != images[1].tobytes()  # seeds 11 and 12
+
+
+def test_images_refusals_raise_the_sdk_exceptions(flux_service: ServiceProcess) -> None:
+    client = sdk(flux_service)
+    with pytest.raises(openai.BadRequestError, match="size"):
+        client.images.generate(prompt="x", size="100x100")
+    with pytest.raises(openai.BadRequestError, match="b64_json"):
+        client.images.generate(prompt="x", size="64x64", response_format="url")
+    with pytest.raises(openai.NotFoundError, match="/v1/images/generations"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.NotFoundError, match="model"):
+        client.images.generate(model="dall-e-3", prompt="x", size="64x64")
+
+
+def test_wrong_key_raises_authentication_error(flux_service: ServiceProcess) -> None:
+    with pytest.raises(openai.AuthenticationError):
+        sdk(flux_service, key="wrong").images.generate(prompt="x", size="64x64")
+    assert httpx.get(f"{flux_service.url}/health").status_code == 200  # probes stay open
+
+
+def test_overflow_surfaces_as_the_sdk_503_error(flux_service: ServiceProcess) -> None:
+    slow = {"prompt": "slow", "width": 256, "height": 256, "num_inference_steps": 100}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    threads = [
+        threading.Thread(
+            target=httpx.post,
+            args=(f"{flux_service.url}/infer",),
+            kwargs={"json": slow, "headers": headers, "timeout": 120},
+        )
+        for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.3)
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{flux_service.url}/health").json()["queue_depth"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    with pytest.raises(openai.InternalServerError) as caught:
+        sdk(flux_service).images.generate(prompt="x", size="64x64")
+    assert caught.value.status_code == 503
+    assert int(caught.value.response.headers["retry-after"]) >= 1
+    for thread in threads:
+        thread.join()
+
+
+def chat_messages() -> list[dict]:
+    return [
+        {"role": "system", "content": "Answer briefly."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is in this image?"},
+                {"type": "image_url", "image_url": {"url": data_uri(png_bytes())}},
+            ],
+        },
+    ]
+
+
+def test_chat_with_an_image_non_streamed(qwen_service: ServiceProcess) -> None:
+    client = sdk(qwen_service)
+    completion = client.chat.completions.create(
+        model="tiny", messages=chat_messages(), max_tokens=6
+    )
+    assert completion.object == "chat.completion"
+    assert isinstance(completion.choices[0].message.content, str)
+    assert completion.choices[0].finish_reason in ("stop", "length")
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens <= 6
+    text_only = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6
+    )
+    assert completion.usage.prompt_tokens > text_only.usage.prompt_tokens  # the image counted
+
+
+def test_chat_with_an_image_streamed_with_usage(qwen_service: ServiceProcess) -> None:
+    client = sdk(qwen_service)
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=chat_messages(),
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] in ("stop", "length")
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens <= 6
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    same = client.chat.completions.create(model="tiny", messages=chat_messages(), max_tokens=6)
+    assert streamed == same.choices[0].message.content  # greedy: the same text either way
+
+
+def test_chat_refusals(qwen_service: ServiceProcess) -> None:
+    client = sdk(qwen_service)
+    hello = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.BadRequestError, match="n=1"):
+        client.chat.completions.create(model="tiny", messages=hello, n=2)
+    with pytest.raises(openai.BadRequestError, match="tool"):
+        client.chat.completions.create(
+            model="tiny",
+            messages=hello,
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        )
+    with pytest.raises(openai.PermissionDeniedError, match="ALLOWED_MEDIA_DOMAINS"):
+        client.chat.completions.create(
+            model="tiny",
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "http://127.0.0.1:1/x.png"}}
+                    ],
+                }
+            ],
+        )
+    with pytest.raises(openai.AuthenticationError):
+        sdk(qwen_service, key="nope").chat.completions.create(model="tiny", messages=hello)

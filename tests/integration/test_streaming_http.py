@@ -1,0 +1,66 @@
+"""Streaming mechanics over real HTTP with fake models: keep-alive, positions, disconnects."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import httpx
+
+from tests.fakes import FakeImageModel
+from tests.integration.test_reliability_http import (
+    SMALL,
+    counter,
+    post_in_background,
+    queue_depth,
+    serve,  # noqa: F401  (fixture)
+    wait_until,
+)
+from tests.sse import parse_sse
+
+
+def test_queued_stream_gets_keepalives_and_position_updates(serve: Any) -> None:  # noqa: F811
+    model = FakeImageModel(steps=3, step_s=0.001)
+    model.gate.clear()
+    url = serve(model, stream_keepalive_s=0.1)
+    results: dict = {}
+    blockers = [post_in_background(url, {"prompt": f"b{i}", **SMALL}, results, i) for i in (0, 1)]
+    wait_until(lambda: counter(url, "admitted") == 2)
+    collected: list[str] = []
+
+    def stream() -> None:
+        body = {"prompt": "watcher", "stream": True, **SMALL}
+        with httpx.stream("POST", f"{url}/infer", json=body, timeout=30) as response:
+            collected.extend(response.iter_text())
+
+    watcher = threading.Thread(target=stream)
+    watcher.start()
+    time.sleep(0.5)  # queued behind two jobs, the gate closed: only keep-alives can flow
+    model.gate.set()
+    watcher.join()
+    for thread in blockers:
+        thread.join()
+    events = parse_sse("".join(collected))
+    kinds = [name for name, _ in events]
+    assert kinds.index("comment") < kinds.index("started")
+    assert kinds.count("comment") >= 3
+    positions = [data["position"] for name, data in events if name == "queued"]
+    assert positions[0] == 2
+    assert positions == sorted(positions, reverse=True)
+    assert positions[-1] == 1
+    assert kinds[-1] == "result"
+
+
+def test_dropping_a_stream_cancels_its_running_job(serve: Any) -> None:  # noqa: F811
+    model = FakeImageModel(steps=1000, step_s=0.01)
+    url = serve(model)
+    body = {"prompt": "watched", "stream": True, **SMALL}
+    with httpx.stream("POST", f"{url}/infer", json=body, timeout=30) as response:
+        for line in response.iter_lines():
+            if line.startswith("event: progress"):
+                break  # the client leaves mid-job
+    wait_until(lambda: counter(url, "cancelled_running_client_disconnected") == 1, timeout=5)
+    assert model.log.stopped_early == ["watched"]
+    assert model.log.steps_run < 100
+    assert queue_depth(url) == 0
