@@ -33,7 +33,7 @@ async def infer_image2text(request: Request, service: Service) -> Response:
         params, sources = await _read_multipart(request, service)
     else:
         body = await read_body(request, settings.max_body_bytes)
-        params = parse_json(body, Image2TextRequest, service)
+        params = await parse_json(body, Image2TextRequest, service)
         sources = [ImageSource(v, f"images[{i}]") for i, v in enumerate(params.images)]
     # Hold a queue place before decoding, so a request that cannot be served costs no decoding.
     with scheduler.reserve() as reservation:

@@ -66,7 +66,7 @@ async def chat_completions(request: Request, service: ServiceDep) -> Response:
     scheduler = scheduler_for(service)
     settings = service.settings
     body = await read_body(request, settings.max_body_bytes)
-    params: ChatCompletionRequest = parse_json(
+    params: ChatCompletionRequest = await parse_json(
         body, ChatCompletionRequest, service, status_400=True
     )
     _require(service, "image2text", params.model)
@@ -212,7 +212,7 @@ async def images_generations(request: Request, service: ServiceDep) -> JSONRespo
     _require(service, "text2image", None)
     scheduler = scheduler_for(service)
     body = await read_body(request, service.settings.max_body_bytes)
-    params: ImageGenerationRequest = parse_json(
+    params: ImageGenerationRequest = await parse_json(
         body, ImageGenerationRequest, service, status_400=True
     )
     _require(service, "text2image", params.model)

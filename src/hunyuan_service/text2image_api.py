@@ -33,7 +33,7 @@ async def infer_text2image(request: Request, service: Service) -> Response:
     if is_multipart(request):
         raise UnsupportedMediaType("text2image takes a JSON body, not multipart/form-data")
     body = await read_body(request, service.settings.max_body_bytes)
-    params: Text2ImageRequest = parse_json(body, Text2ImageRequest, service)
+    params: Text2ImageRequest = await parse_json(body, Text2ImageRequest, service)
     payload = Text2ImageInput(
         prompt=params.prompt,
         width=params.width,

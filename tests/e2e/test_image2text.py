@@ -267,3 +267,24 @@ def test_oversized_body_is_413_for_json_and_multipart(vl_open_client: TestClient
         "/infer", data={"prompt": "x"}, files=[("images", ("a.png", big.encode(), "image/png"))]
     )
     assert response.status_code == 413
+
+
+def test_five_concurrent_reference_clients_with_allowed_files(
+    vl_open_client: TestClient, media_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reference client: {"images": ["<folder>/http_output_N.png"], "prompt"}, five at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for i in range(1, 6):
+        (media_dir / f"http_output_{i}.png").write_bytes(png_bytes((32 * i, 32)))
+    monkeypatch.chdir(media_dir.parent)
+
+    def client(i: int) -> Any:
+        path = f"{media_dir.name}/http_output_{i}.png"
+        body = {"images": [path], "prompt": "Describe this image"}
+        return vl_open_client.post("/infer", json=body)
+
+    with ThreadPoolExecutor(5) as pool:
+        responses = list(pool.map(client, range(1, 6)))
+    assert [r.status_code for r in responses] == [200] * 5
+    assert all(isinstance(r.json()["text"], str) for r in responses)

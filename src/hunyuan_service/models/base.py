@@ -80,6 +80,28 @@ class InferenceModel(abc.ABC, Generic[InputT, OutputT]):
         return False
 
 
+class TorchModel(InferenceModel[InputT, OutputT]):
+    """A model on a torch device: picks the device and dtype, and recovers from out-of-memory."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.device = "cpu"
+
+    def place(self) -> Any:
+        """Resolves DEVICE and DTYPE, records them for /health, and returns the torch dtype."""
+        self.device = resolve_device(self.settings.device)
+        dtype = resolve_dtype(self.settings.dtype, self.device)
+        self.info.device = self.device
+        self.info.dtype = str(dtype).removeprefix("torch.")
+        return dtype
+
+    def is_out_of_memory(self, error: BaseException) -> bool:
+        return torch_is_out_of_memory(error)
+
+    def recover_from_oom(self) -> None:
+        torch_empty_cache(self.device)
+
+
 def resolve_device(requested: str) -> str:
     """Picks cuda, then mps, then cpu for 'auto'; refuses a device that is not present."""
     import torch

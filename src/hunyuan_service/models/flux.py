@@ -7,14 +7,7 @@ import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from hunyuan_service.models.base import (
-    InferenceModel,
-    JobContext,
-    resolve_device,
-    resolve_dtype,
-    torch_empty_cache,
-    torch_is_out_of_memory,
-)
+from hunyuan_service.models.base import JobContext, TorchModel
 from hunyuan_service.models.loading import quiet_hf_progress, resolve_checkpoint
 
 if TYPE_CHECKING:
@@ -58,7 +51,7 @@ class Text2ImageOutput:
         return self.images[0]
 
 
-class FluxModel(InferenceModel[Text2ImageInput, Text2ImageOutput]):
+class FluxModel(TorchModel[Text2ImageInput, Text2ImageOutput]):
     """FLUX.1 (schnell or dev) on one device; the step callback makes it cancellable per step."""
 
     model_type = "text2image"
@@ -66,7 +59,6 @@ class FluxModel(InferenceModel[Text2ImageInput, Text2ImageOutput]):
     def __init__(self, settings: Any) -> None:
         super().__init__(settings)
         self.pipe: Any = None
-        self.device = "cpu"
         self.defaults = SCHNELL_DEFAULTS
 
     def load(self) -> None:
@@ -75,15 +67,12 @@ class FluxModel(InferenceModel[Text2ImageInput, Text2ImageOutput]):
 
         quiet_hf_progress()
         diffusers_logging.disable_progress_bar()
-        self.device = resolve_device(self.settings.device)
-        dtype = resolve_dtype(self.settings.dtype, self.device)
+        dtype = self.place()
         source = resolve_checkpoint(self.settings)
         self.pipe = FluxPipeline.from_pretrained(source, dtype=dtype).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         guidance = bool(getattr(self.pipe.transformer.config, "guidance_embeds", False))
         self.defaults = DEV_DEFAULTS if guidance else SCHNELL_DEFAULTS
-        self.info.device = self.device
-        self.info.dtype = str(dtype).removeprefix("torch.")
         self.info.extra = {
             "variant": "dev" if guidance else "schnell",
             "default_steps": self.defaults.num_inference_steps,
@@ -130,9 +119,3 @@ class FluxModel(InferenceModel[Text2ImageInput, Text2ImageOutput]):
                 )
             images.append(result.images[0])
         return Text2ImageOutput(images=tuple(images), seed=seed, num_inference_steps=steps)
-
-    def is_out_of_memory(self, error: BaseException) -> bool:
-        return torch_is_out_of_memory(error)
-
-    def recover_from_oom(self) -> None:
-        torch_empty_cache(self.device)

@@ -6,14 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from hunyuan_service.models.base import (
-    InferenceModel,
-    JobContext,
-    resolve_device,
-    resolve_dtype,
-    torch_empty_cache,
-    torch_is_out_of_memory,
-)
+from hunyuan_service.models.base import JobContext, TorchModel
 from hunyuan_service.models.loading import quiet_hf_progress, resolve_checkpoint
 
 if TYPE_CHECKING:
@@ -52,7 +45,7 @@ class Image2TextOutput:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class QwenVLModel(InferenceModel[Image2TextInput, Image2TextOutput]):
+class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
     """Qwen2.5-VL on one device; a stopping criterion makes generation cancellable per token."""
 
     model_type = "image2text"
@@ -61,14 +54,12 @@ class QwenVLModel(InferenceModel[Image2TextInput, Image2TextOutput]):
         super().__init__(settings)
         self.model: Any = None
         self.processor: Any = None
-        self.device = "cpu"
 
     def load(self) -> None:
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
         quiet_hf_progress()
-        self.device = resolve_device(self.settings.device)
-        dtype = resolve_dtype(self.settings.dtype, self.device)
+        dtype = self.place()
         attention = self.settings.attn_implementation
         if attention == "flash_attention_2" and not _has_flash_attention():
             raise RuntimeError(
@@ -81,8 +72,6 @@ class QwenVLModel(InferenceModel[Image2TextInput, Image2TextOutput]):
         )
         self.model = model.to(self.device).eval()
         self.processor = AutoProcessor.from_pretrained(source)
-        self.info.device = self.device
-        self.info.dtype = str(dtype).removeprefix("torch.")
         self.info.extra = {"attn_implementation": attention, "vl_max_pixels": self._max_pixels}
 
     @property
@@ -169,12 +158,6 @@ class QwenVLModel(InferenceModel[Image2TextInput, Image2TextOutput]):
             completion_tokens=completion_tokens,
             finish_reason=finish,
         )
-
-    def is_out_of_memory(self, error: BaseException) -> bool:
-        return torch_is_out_of_memory(error)
-
-    def recover_from_oom(self) -> None:
-        torch_empty_cache(self.device)
 
 
 class _DeltaStreamer:
