@@ -12,8 +12,9 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hunyuan_service import __version__
@@ -21,6 +22,7 @@ from hunyuan_service.auth import ApiKeyMiddleware
 from hunyuan_service.errors import (
     InternalError,
     InvalidInput,
+    ModelLoadError,
     NotFound,
     ServiceError,
     error_body,
@@ -94,6 +96,14 @@ def _install_error_handlers(app: FastAPI) -> None:
             mapped.code = "http_error"
         return error_response(mapped, request)
 
+    @app.exception_handler(ClientDisconnect)
+    async def _client_left(request: Request, _error: ClientDisconnect) -> Response:
+        # The client hung up while sending its body; nobody is left to read an answer.
+        logger.info(
+            "client disconnected during upload", extra={"request_id": request_id_of(request)}
+        )
+        return Response(status_code=499)
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
         request_id = request_id_of(request)
@@ -124,6 +134,10 @@ def create_app(settings: Settings | None = None, model: InferenceModel | None = 
         )
         try:
             await asyncio.to_thread(service.model.load)
+        except ModelLoadError as error:
+            service.phase = Phase.FAILED
+            logger.error("cannot start: %s", error)  # uvicorn logs the traceback once more
+            raise
         except Exception:
             service.phase = Phase.FAILED
             logger.exception("model failed to load; the service will not start")

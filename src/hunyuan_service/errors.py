@@ -118,3 +118,7 @@ def error_body(error: ServiceError, request_id: str | None) -> dict[str, Any]:
     if request_id:
         body["request_id"] = request_id
     return {"error": body}
+
+
+class ModelLoadError(RuntimeError):
+    """A model cannot load for a reason the operator can fix (a missing device or package)."""

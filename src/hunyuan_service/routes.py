@@ -63,4 +63,21 @@ async def metrics(service: ServiceDep) -> Response:
     }
     for name, (value, help_text) in gauges.items():
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value}"]
+    if scheduler is not None:
+        histograms = {
+            "hunyuan_inference_seconds": (
+                scheduler.inference_seconds,
+                "Run time of completed jobs.",
+            ),
+            "hunyuan_queue_wait_seconds": (scheduler.queue_wait_seconds, "Wait before a job ran."),
+        }
+        for name, (histogram, help_text) in histograms.items():
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+            for bound, count in zip(histogram.BUCKETS, histogram.counts, strict=True):
+                lines.append(f'{name}_bucket{{le="{bound:g}"}} {count}')
+            lines += [
+                f'{name}_bucket{{le="+Inf"}} {histogram.total}',
+                f"{name}_sum {histogram.sum:.6f}",
+                f"{name}_count {histogram.total}",
+            ]
     return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")

@@ -111,11 +111,11 @@ def _check_local_model_id(model_id: str) -> None:
     )
     if path.exists():
         if not path.is_dir():
-            raise ValueError(f"MODEL_ID {model_id!r} is a file; give a model folder or a hub id")
+            raise ValueError(f"MODEL_ID: {model_id!r} is a file; give a model folder or a hub id")
         return
     if looks_local:
         raise ValueError(
-            f"MODEL_ID folder {model_id!r} does not exist (a hub id looks like 'org/name')"
+            f"MODEL_ID: folder {model_id!r} does not exist (a hub id looks like 'org/name')"
         )
 
 
@@ -123,9 +123,12 @@ def describe_settings_error(error: ValidationError) -> str:
     """One line naming each bad variable and what it accepts."""
     parts = []
     for item in error.errors():
-        name = "_".join(str(p) for p in item["loc"]).upper() or "settings"
         message = item["msg"].removeprefix("Value error, ")
+        if not item["loc"]:  # a check across fields; its message names the variable itself
+            parts.append(message)
+            continue
+        name = "_".join(str(p) for p in item["loc"]).upper()
         given = item.get("input")
-        shown = f" (got {given!r})" if isinstance(given, (str, int, float)) and item["loc"] else ""
+        shown = f" (got {given!r})" if isinstance(given, (str, int, float)) else ""
         parts.append(f"{name}: {message}{shown}")
     return "invalid configuration: " + "; ".join(parts)

@@ -131,6 +131,8 @@ class Scheduler:
         self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._avg_job_s: float | None = None
+        self.inference_seconds = Histogram()
+        self.queue_wait_seconds = Histogram()
         self._queue_changed: set[Callable[[], None]] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -344,6 +346,7 @@ class Scheduler:
             return
         self.current = job
         job.started_at = time.monotonic()
+        self.queue_wait_seconds.observe(job.started_at - job.enqueued_at)
         job.emit("started", {})
         ctx = JobContext(
             should_stop=job.should_stop,
@@ -384,6 +387,7 @@ class Scheduler:
             job.finished_at = time.monotonic()
             self.counters["completed"] += 1
             self._record_duration(job.finished_at - job.started_at)
+            self.inference_seconds.observe(job.finished_at - job.started_at)
             self._resolve(job, result=result)
             logger.info("job done", extra=_log(job, **job.timings()))
 
@@ -402,6 +406,24 @@ class Scheduler:
             job.future.set_exception(error)
         else:
             job.future.set_result(result)
+
+
+class Histogram:
+    """Cumulative bucket counts for Prometheus; observed on the event loop only."""
+
+    BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(self.BUCKETS)
+        self.total = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.total += 1
+        self.sum += value
+        for index, bound in enumerate(self.BUCKETS):
+            if value <= bound:
+                self.counts[index] += 1
 
 
 class Reservation:

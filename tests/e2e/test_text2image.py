@@ -169,6 +169,15 @@ def test_metrics_count_completed_jobs(flux_client: TestClient) -> None:
     before = completed()
     flux_client.post("/infer", json={"prompt": "x", "width": 64, "height": 64})
     assert completed() == before + 1
+    text = flux_client.get("/metrics").text
+    buckets = [
+        int(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("hunyuan_inference_seconds_bucket")
+    ]
+    assert buckets == sorted(buckets)  # cumulative
+    assert buckets[-1] == completed()  # the +Inf bucket counts every completed job
+    assert f"hunyuan_inference_seconds_count {completed()}" in text
 
 
 def test_unknown_route_uses_the_error_shape(flux_client: TestClient) -> None:

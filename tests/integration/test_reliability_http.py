@@ -208,3 +208,22 @@ def test_full_queue_refuses_before_fetching_or_decoding_images(serve: Any) -> No
     for thread in threads:
         thread.join()
     assert [results[i].json()["text"] for i in range(2)] == ["fake answer"] * 2
+
+
+def test_client_hanging_up_mid_upload_is_not_a_server_error(
+    serve: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import socket
+    from urllib.parse import urlsplit
+
+    url = serve(FakeImageModel())
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port)) as sock:
+        sock.sendall(
+            b"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 5000\r\n\r\n{"prompt": "x'
+        )
+        time.sleep(0.2)
+    time.sleep(0.3)
+    assert httpx.post(f"{url}/infer", json={"prompt": "after", **SMALL}).status_code == 200
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]

@@ -57,7 +57,7 @@ def test_media_domains_are_comma_separated(monkeypatch: pytest.MonkeyPatch) -> N
         ({"PORT": "70000"}, "PORT: Input should be less than or equal to 65535"),
         ({"MAX_QUEUE_SIZE": "0"}, "MAX_QUEUE_SIZE: Input should be greater than or equal to 1"),
         ({"REQUEST_TIMEOUT_S": "-1"}, "REQUEST_TIMEOUT_S: Input should be greater than 0"),
-        ({"MODEL_ID": "/no/such/folder"}, "MODEL_ID folder '/no/such/folder' does not exist"),
+        ({"MODEL_ID": "/no/such/folder"}, "MODEL_ID: folder '/no/such/folder' does not exist"),
         ({"MODEL_ID": "./missing"}, "does not exist"),
         ({"ALLOWED_LOCAL_MEDIA_DIR": "/no/such/dir"}, "ALLOWED_LOCAL_MEDIA_DIR: folder"),
     ],

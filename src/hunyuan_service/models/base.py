@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
-from hunyuan_service.errors import JobCancelled
+from hunyuan_service.errors import JobCancelled, ModelLoadError
 
 if TYPE_CHECKING:
     from hunyuan_service.settings import Settings
@@ -113,9 +113,9 @@ def resolve_device(requested: str) -> str:
             return "mps"
         return "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("DEVICE=cuda but no CUDA device is available")
+        raise ModelLoadError("DEVICE=cuda but no CUDA device is available")
     if requested == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError("DEVICE=mps but MPS is not available")
+        raise ModelLoadError("DEVICE=mps but MPS is not available")
     return requested
 
 

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from hunyuan_service.errors import ModelLoadError
 from hunyuan_service.models.base import JobContext, TorchModel
 from hunyuan_service.models.loading import quiet_hf_progress, resolve_checkpoint
 
@@ -62,7 +63,7 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
         dtype = self.place()
         attention = self.settings.attn_implementation
         if attention == "flash_attention_2" and not _has_flash_attention():
-            raise RuntimeError(
+            raise ModelLoadError(
                 "ATTN_IMPLEMENTATION=flash_attention_2 needs the flash-attn package; "
                 "install it or use sdpa"
             )
