@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -31,7 +30,7 @@ from hunyuan_service.models.base import InferenceModel
 from hunyuan_service.openai_api import router as openai_router
 from hunyuan_service.routes import router
 from hunyuan_service.schemas import describe_validation_errors
-from hunyuan_service.service import Phase, Service, request_id_of
+from hunyuan_service.service import Phase, Service, new_request_id, request_id_of
 from hunyuan_service.settings import Settings
 from hunyuan_service.worker import Scheduler
 
@@ -55,7 +54,7 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if _SAFE_ID.match(given) else uuid.uuid4().hex
+        request_id = given if _SAFE_ID.match(given) else new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
         header = (b"x-request-id", request_id.encode("latin-1"))
 

@@ -18,12 +18,12 @@ from hunyuan_service.http_io import (
     scheduler_for,
     wants_event_stream,
 )
+from hunyuan_service.jobs import Job
 from hunyuan_service.media import ImageSource, load_images
 from hunyuan_service.models.qwen_vl import ChatMessage, Image2TextInput, Image2TextOutput
 from hunyuan_service.schemas import Image2TextRequest, describe_validation_errors
 from hunyuan_service.service import Service
 from hunyuan_service.streaming import submit_and_respond
-from hunyuan_service.worker import Job
 
 
 async def infer_image2text(request: Request, service: Service) -> Response:
@@ -37,7 +37,7 @@ async def infer_image2text(request: Request, service: Service) -> Response:
         sources = [ImageSource(v, f"images[{i}]") for i, v in enumerate(params.images)]
     # Hold a queue place before decoding, so a request that cannot be served costs no decoding.
     with scheduler.reserve() as reservation:
-        images = await service.run_cpu(load_images, sources, settings)
+        images = await service.run_cpu(load_images, sources, settings) if sources else []
         return await submit_and_respond(
             request,
             service,

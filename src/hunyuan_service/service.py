@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
+import itertools
 import logging
 import uuid
 from collections.abc import Callable
@@ -80,12 +81,27 @@ class Service:
         return body
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
+    # async on purpose: FastAPI runs a plain `def` dependency in a thread pool, which costs two
+    # thread hops on every request.
     return request.app.state.service
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
+_ID_PREFIX = uuid.uuid4().hex[:12]
+_id_counter = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """A unique id: a random per-process prefix plus a counter.
+
+    uuid4() reads os.urandom, which took ~100 microseconds per call on the development VMs; that
+    is a third of a bare FastAPI request.
+    """
+    return f"{_ID_PREFIX}{next(_id_counter):012x}"
+
+
 def request_id_of(request: Request) -> str:
-    return getattr(request.state, "request_id", None) or uuid.uuid4().hex
+    return getattr(request.state, "request_id", None) or new_request_id()

@@ -24,8 +24,9 @@ from hunyuan_service.errors import (
     error_body,
 )
 from hunyuan_service.http_io import scheduler_for, wait_for_disconnect
+from hunyuan_service.jobs import Job, StopReason
 from hunyuan_service.service import Service, request_id_of
-from hunyuan_service.worker import Job, Reservation, Scheduler, StopReason
+from hunyuan_service.worker import Reservation, Scheduler
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 

@@ -20,11 +20,11 @@ from hunyuan_service.http_io import (
     wants_event_stream,
 )
 from hunyuan_service.imageio import MEDIA_TYPES, encode_image
+from hunyuan_service.jobs import Job
 from hunyuan_service.models.flux import Text2ImageInput, Text2ImageOutput
 from hunyuan_service.schemas import Text2ImageRequest
 from hunyuan_service.service import Service, request_id_of
 from hunyuan_service.streaming import submit_and_respond
-from hunyuan_service.worker import Job
 
 
 async def infer_text2image(request: Request, service: Service) -> Response:

@@ -16,7 +16,8 @@ from hunyuan_service.errors import (
     QueueFull,
     Unavailable,
 )
-from hunyuan_service.worker import Scheduler, StopReason
+from hunyuan_service.jobs import StopReason
+from hunyuan_service.worker import Scheduler
 from tests.fakes import BlockingModel, FailingModel, FakeModel, SteppingModel
 
 

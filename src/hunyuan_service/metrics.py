@@ -1,0 +1,64 @@
+"""Prometheus exposition: job counters, latency histograms and gauges, written by hand.
+
+The format is a few lines of text; a client library would add a dependency and a global
+registry for what fits in this file.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hunyuan_service.worker import Scheduler
+
+
+class Histogram:
+    """Cumulative bucket counts for Prometheus; observed on the event loop only."""
+
+    BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+    def __init__(self) -> None:
+        self._hits = [0] * (len(self.BUCKETS) + 1)
+        self.total = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.total += 1
+        self.sum += value
+        self._hits[bisect.bisect_left(self.BUCKETS, value)] += 1
+
+    @property
+    def counts(self) -> list[int]:
+        """Cumulative counts per bucket bound, as Prometheus wants them."""
+        return list(itertools.accumulate(self._hits[:-1]))
+
+
+def render_prometheus(scheduler: Scheduler | None, *, ready: bool) -> str:
+    lines = ["# HELP hunyuan_jobs_total Jobs by outcome.", "# TYPE hunyuan_jobs_total counter"]
+    counters = dict(scheduler.counters) if scheduler else {}
+    for outcome, count in sorted(counters.items()):
+        lines.append(f'hunyuan_jobs_total{{outcome="{outcome}"}} {count}')
+    gauges = {
+        "hunyuan_queue_depth": (scheduler.queue_depth if scheduler else 0, "Jobs waiting."),
+        "hunyuan_busy": (int(scheduler.busy) if scheduler else 0, "1 while a job runs."),
+        "hunyuan_ready": (int(ready), "1 while accepting requests."),
+    }
+    for name, (value, help_text) in gauges.items():
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value}"]
+    if scheduler is not None:
+        histograms = {
+            "hunyuan_inference_seconds": (scheduler.inference_seconds, "Run time of jobs done."),
+            "hunyuan_queue_wait_seconds": (scheduler.queue_wait_seconds, "Wait before a run."),
+        }
+        for name, (histogram, help_text) in histograms.items():
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+            for bound, count in zip(histogram.BUCKETS, histogram.counts, strict=True):
+                lines.append(f'{name}_bucket{{le="{bound:g}"}} {count}')
+            lines += [
+                f'{name}_bucket{{le="+Inf"}} {histogram.total}',
+                f"{name}_sum {histogram.sum:.6f}",
+                f"{name}_count {histogram.total}",
+            ]
+    return "\n".join(lines) + "\n"
