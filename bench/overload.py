@@ -21,7 +21,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from contextlib import asynccontextmanager
 from typing import Any
@@ -293,5 +292,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    threading.current_thread().name = "bench"
     main()
