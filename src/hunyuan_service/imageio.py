@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import io
 from typing import TYPE_CHECKING
 
@@ -21,7 +20,3 @@ def encode_image(image: Image, fmt: str) -> bytes:
     options = {"quality": 95} if fmt in ("jpeg", "webp") else {}
     image.save(buffer, format=_PIL_FORMATS[fmt], **options)
     return buffer.getvalue()
-
-
-def encode_image_base64(image: Image, fmt: str) -> str:
-    return base64.b64encode(encode_image(image, fmt)).decode("ascii")

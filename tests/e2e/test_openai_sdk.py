@@ -81,8 +81,16 @@ def test_wrong_key_raises_authentication_error(flux_service: ServiceProcess) -> 
     assert httpx.get(f"{flux_service.url}/health").status_code == 200  # probes stay open
 
 
+def wait_for(service: ServiceProcess, key: str, value: object, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while httpx.get(f"{service.url}/health").json()[key] != value:
+        assert time.monotonic() < deadline, f"/health never showed {key}={value}"
+        time.sleep(0.02)
+
+
 def test_overflow_surfaces_as_the_sdk_503_error(flux_service: ServiceProcess) -> None:
-    slow = {"prompt": "slow", "width": 256, "height": 256, "num_inference_steps": 100}
+    # About 4 s per job on the development machines: one runs, one waits, the queue is full.
+    slow = {"prompt": "slow", "width": 1024, "height": 1024, "num_inference_steps": 30}
     headers = {"Authorization": f"Bearer {KEY}"}
     threads = [
         threading.Thread(
@@ -92,13 +100,10 @@ def test_overflow_surfaces_as_the_sdk_503_error(flux_service: ServiceProcess) ->
         )
         for _ in range(2)
     ]
-    for thread in threads:
-        thread.start()
-        time.sleep(0.3)
-    deadline = time.monotonic() + 30
-    while httpx.get(f"{flux_service.url}/health").json()["queue_depth"] < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    threads[0].start()
+    wait_for(flux_service, "busy", True)
+    threads[1].start()
+    wait_for(flux_service, "queue_depth", 1)
     with pytest.raises(openai.InternalServerError) as caught:
         sdk(flux_service).images.generate(prompt="x", size="64x64")
     assert caught.value.status_code == 503

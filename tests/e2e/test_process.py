@@ -64,20 +64,26 @@ def test_health_reports_the_demo(flux_process: ServiceProcess) -> None:
 
 def test_sigterm_drains_admitted_jobs_then_exits_zero(tiny_cache: Path) -> None:
     with ServiceProcess(tiny_env(tiny_cache, SHUTDOWN_TIMEOUT_S="60")) as service:
-        body = {"prompt": "slow", "width": 256, "height": 256, "num_inference_steps": 60}
+        # About 1.8 s per job on the development machines, so all three are in flight at once.
+        body = {"prompt": "slow", "width": 512, "height": 512, "num_inference_steps": 100}
         outcomes: dict[int, int] = {}
 
         def client(i: int) -> None:
             response = httpx.post(f"{service.url}/infer", json=body, timeout=120)
             outcomes[i] = response.status_code
 
+        def health() -> dict:
+            return httpx.get(f"{service.url}/health").json()
+
         threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
-        for thread in threads:
-            thread.start()
         deadline = time.monotonic() + 30
-        while httpx.get(f"{service.url}/health").json()["queue_depth"] < 2:
-            assert time.monotonic() < deadline, "jobs never queued"
-            time.sleep(0.02)
+        for i, thread in enumerate(threads):
+            thread.start()
+            # Admit one at a time: the first runs, the others wait in the queue.
+            while health()["queue_depth"] + int(health()["busy"]) < i + 1:
+                assert time.monotonic() < deadline, "jobs never queued"
+                time.sleep(0.01)
+        assert health()["queue_depth"] == 2
         service.terminate()
         time.sleep(0.05)
         try:

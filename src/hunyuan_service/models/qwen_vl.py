@@ -79,9 +79,6 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
     def _max_pixels(self) -> int:
         return int(self.settings.vl_max_pixels)
 
-    def count_prompt_tokens(self, text: str) -> int:
-        return len(self.processor.tokenizer(text).input_ids)
-
     def infer(self, request: Image2TextInput, ctx: JobContext) -> Image2TextOutput:
         import torch
         from qwen_vl_utils import fetch_image
