@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import sys
 from types import FrameType
 
@@ -41,7 +42,9 @@ def main() -> int:
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             service.begin_drain()
-            if self.should_exit:
+            # Only a second Ctrl+C forces an exit. SIGTERM often arrives twice (`uv run`
+            # forwards it to its child, and `pkill -f` signals both), and must still drain.
+            if self.should_exit and sig == signal.SIGINT:
                 self.force_exit = True
             self.should_exit = True
 

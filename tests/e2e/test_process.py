@@ -85,6 +85,7 @@ def test_sigterm_drains_admitted_jobs_then_exits_zero(tiny_cache: Path) -> None:
                 time.sleep(0.01)
         assert health()["queue_depth"] == 2
         service.terminate()
+        service.terminate()  # as `uv run` forwarding plus `pkill -f` deliver it: twice
         time.sleep(0.05)
         try:
             late = httpx.post(f"{service.url}/infer", json=body, timeout=5).status_code
