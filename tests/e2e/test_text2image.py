@@ -184,3 +184,13 @@ def test_unknown_route_uses_the_error_shape(flux_client: TestClient) -> None:
     response = flux_client.get("/nope")
     assert response.status_code == 404
     assert response.json()["error"]["type"] == "not_found_error"
+
+
+def test_openapi_documents_the_infer_bodies_without_dangling_refs(flux_client: TestClient) -> None:
+    spec = flux_client.get("/openapi.json").json()
+    body = spec["paths"]["/infer"]["post"]["requestBody"]["content"]
+    titles = [schema["title"] for schema in body["application/json"]["schema"]["oneOf"]]
+    assert titles == ["Text2ImageRequest", "Image2TextRequest"]
+    assert "multipart/form-data" in body
+    assert "#/$defs/" not in flux_client.get("/openapi.json").text
+    assert flux_client.get("/docs").status_code == 200
