@@ -13,6 +13,7 @@ from starlette.types import Message, Receive
 from hunyuan_service.errors import InvalidInput, PayloadTooLarge
 from hunyuan_service.http_io import (
     is_multipart,
+    json_bytes,
     parse_json,
     read_body,
     scheduler_for,
@@ -37,7 +38,7 @@ async def infer_image2text(request: Request, service: Service) -> Response:
         sources = [ImageSource(v, f"images[{i}]") for i, v in enumerate(params.images)]
     # Hold a queue place before decoding, so a request that cannot be served costs no decoding.
     with scheduler.reserve() as reservation:
-        images = await service.run_cpu(load_images, sources, settings) if sources else []
+        images = await decode_images(service, sources)
         return await submit_and_respond(
             request,
             service,
@@ -49,13 +50,23 @@ async def infer_image2text(request: Request, service: Service) -> Response:
         )
 
 
-async def render_text(output: Image2TextOutput, job: Job) -> dict[str, Any]:
-    return {
-        "text": output.text,
-        "finish_reason": output.finish_reason,
-        "usage": usage(output),
-        "timings": job.timings(),
-    }
+async def decode_images(service: Service, sources: list[ImageSource]) -> list[Any]:
+    """Fetches and decodes client images on the CPU pool; a text-only request skips the hop."""
+    if not sources:
+        return []
+    return await service.run_cpu(load_images, sources, service.settings)
+
+
+async def render_text(output: Image2TextOutput, job: Job) -> bytes:
+    # A text answer is small enough to serialise on the loop; a thread hop would cost more.
+    return json_bytes(
+        {
+            "text": output.text,
+            "finish_reason": output.finish_reason,
+            "usage": usage(output),
+            "timings": job.timings(),
+        }
+    )
 
 
 def usage(output: Image2TextOutput) -> dict[str, int]:

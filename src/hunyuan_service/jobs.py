@@ -27,6 +27,7 @@ class Job:
     request_id: str
     payload: Any
     deadline: float
+    budget_s: float  # the time the job was granted: REQUEST_TIMEOUT_S, or the request's shorter one
     future: asyncio.Future[Any]
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None

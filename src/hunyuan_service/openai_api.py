@@ -14,15 +14,22 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from hunyuan_service.errors import NotFound, ServiceError, error_body
-from hunyuan_service.http_io import b64, parse_json, read_body, scheduler_for, wait_for_disconnect
-from hunyuan_service.image2text_api import usage
-from hunyuan_service.imageio import encode_image
-from hunyuan_service.media import ImageSource, load_images
-from hunyuan_service.models.flux import Text2ImageInput
+from hunyuan_service.http_io import json_bytes, json_object, parse_json, read_body, scheduler_for
+from hunyuan_service.image2text_api import decode_images, usage
+from hunyuan_service.imageio import base64_json_string
+from hunyuan_service.jobs import Job
+from hunyuan_service.media import ImageSource
+from hunyuan_service.models.flux import Text2ImageInput, Text2ImageOutput
 from hunyuan_service.models.qwen_vl import ChatMessage, Image2TextInput, Image2TextOutput
 from hunyuan_service.openai_schemas import ChatCompletionRequest, ImageGenerationRequest
 from hunyuan_service.service import Service, ServiceDep, request_id_of
-from hunyuan_service.streaming import SSE_HEADERS, JobEvents, job_events
+from hunyuan_service.streaming import (
+    KEEPALIVE,
+    SSE_HEADERS,
+    JobEvents,
+    job_events,
+    submit_and_respond,
+)
 
 router = APIRouter(prefix="/v1")
 
@@ -50,7 +57,7 @@ async def list_models(service: ServiceDep) -> JSONResponse:
     entry = {
         "id": service.settings.model_id,
         "object": "model",
-        "created": 0,
+        "created": int(service.started_at),
         "owned_by": "hunyuan-service",
     }
     return JSONResponse({"object": "list", "data": [entry]})
@@ -88,7 +95,7 @@ async def chat_completions(request: Request, service: ServiceDep) -> Response:
         )
     flat = [source for group in sources for source in group]
     with scheduler.reserve() as reservation:
-        images = iter(await service.run_cpu(load_images, flat, settings))
+        images = iter(await decode_images(service, flat))
         messages = tuple(
             ChatMessage(role=m.role, text=text, images=tuple(next(images) for _ in group))
             for m, text, group in zip(params.messages, texts, sources, strict=True)
@@ -106,24 +113,33 @@ async def chat_completions(request: Request, service: ServiceDep) -> Response:
         created = int(time.time())
         model_id = settings.model_id
         if not params.stream:
-            job = scheduler.submit(payload, request_id, reservation=reservation)
-            output: Image2TextOutput = await scheduler.wait(job, wait_for_disconnect(request))
-            return JSONResponse(
-                {
-                    "id": completion_id,
-                    "object": "chat.completion",
-                    "created": created,
-                    "model": model_id,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": {"role": "assistant", "content": output.text},
-                            "finish_reason": output.finish_reason,
-                            "logprobs": None,
-                        }
-                    ],
-                    "usage": usage(output),
+
+            async def render(output: Image2TextOutput, _job: Job) -> bytes:
+                choice = {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": output.text},
+                    "finish_reason": output.finish_reason,
+                    "logprobs": None,
                 }
+                return json_bytes(
+                    {
+                        "id": completion_id,
+                        "object": "chat.completion",
+                        "created": created,
+                        "model": model_id,
+                        "choices": [choice],
+                        "usage": usage(output),
+                    }
+                )
+
+            return await submit_and_respond(
+                request,
+                service,
+                payload,
+                timeout_s=None,
+                stream=False,
+                render=render,
+                reservation=reservation,
             )
         events = JobEvents()
         job = scheduler.submit(payload, request_id, sink=events.sink, reservation=reservation)
@@ -131,43 +147,38 @@ async def chat_completions(request: Request, service: ServiceDep) -> Response:
     include_usage = bool(params.stream_options and params.stream_options.include_usage)
     stops = list(params.stop or ())
 
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+    def chunk(choices: list[dict[str, Any]], usage_body: dict[str, int] | None = None) -> str:
         body: dict[str, Any] = {
             "id": completion_id,
             "object": "chat.completion.chunk",
             "created": created,
             "model": model_id,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+            "choices": choices,
         }
         if include_usage:
-            body["usage"] = None
+            body["usage"] = usage_body
         return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
 
+    def delta(content: dict[str, Any], finish: str | None = None) -> str:
+        return chunk([{"index": 0, "delta": content, "finish_reason": finish, "logprobs": None}])
+
     async def stream() -> AsyncIterator[str]:
-        yield chunk({"role": "assistant", "content": ""})
+        yield delta({"role": "assistant", "content": ""})
         holdback = _StopHoldback(stops)
         async for kind, data in job_events(scheduler, job, events, settings.stream_keepalive_s):
             if kind == "keepalive":
-                yield ": keep-alive\n\n"
+                yield KEEPALIVE
             elif kind == "token":
                 text = holdback.feed(data["text"])
                 if text:
-                    yield chunk({"content": text})
+                    yield delta({"content": text})
             elif kind == "result":
                 tail = holdback.flush()
                 if tail:
-                    yield chunk({"content": tail})
-                yield chunk({}, data.finish_reason)
+                    yield delta({"content": tail})
+                yield delta({}, data.finish_reason)
                 if include_usage:
-                    final = {
-                        "id": completion_id,
-                        "object": "chat.completion.chunk",
-                        "created": created,
-                        "model": model_id,
-                        "choices": [],
-                        "usage": usage(data),
-                    }
-                    yield f"data: {json.dumps(final, separators=(',', ':'))}\n\n"
+                    yield chunk([], usage(data))
             elif kind == "error":
                 assert isinstance(data, ServiceError)
                 yield f"data: {json.dumps(error_body(data, request_id))}\n\n"
@@ -207,10 +218,10 @@ class _StopHoldback:
 
 
 @router.post("/images/generations", response_model=None)
-async def images_generations(request: Request, service: ServiceDep) -> JSONResponse:
+async def images_generations(request: Request, service: ServiceDep) -> Response:
     """Generates `n` images in one job; the response carries them as b64_json."""
     _require(service, "text2image", None)
-    scheduler = scheduler_for(service)
+    scheduler_for(service)  # refuse at once while starting or draining, before reading the body
     body = await read_body(request, service.settings.max_body_bytes)
     params: ImageGenerationRequest = await parse_json(
         body, ImageGenerationRequest, service, status_400=True
@@ -226,20 +237,24 @@ async def images_generations(request: Request, service: ServiceDep) -> JSONRespo
         seed=params.seed,
         count=params.n,
     )
-    job = scheduler.submit(payload, request_id_of(request))
-    output = await scheduler.wait(job, wait_for_disconnect(request))
-    data = []
-    for image in output.images:
-        encoded = await service.run_cpu(encode_image, image, params.output_format)
-        data.append(
-            {"b64_json": await service.run_cpu(b64, encoded), "revised_prompt": params.prompt}
-        )
-    return JSONResponse(
-        {
-            "created": int(time.time()),
-            "data": data,
-            "output_format": params.output_format,
-            "size": params.size,
-            "seed": output.seed,
-        }
+
+    async def render(output: Text2ImageOutput, _job: Job) -> bytes:
+        extra = {"output_format": params.output_format, "size": params.size, "seed": output.seed}
+        return await service.run_cpu(_images_json, output.images, params, extra)
+
+    return await submit_and_respond(
+        request, service, payload, timeout_s=None, stream=False, render=render
     )
+
+
+def _images_json(images: Any, params: ImageGenerationRequest, extra: dict[str, Any]) -> bytes:
+    """Encodes every image and builds the whole body in one CPU-pool call."""
+    items = [
+        json_object(
+            {"revised_prompt": params.prompt},
+            {"b64_json": base64_json_string(image, params.output_format)},
+        )
+        for image in images
+    ]
+    data = b"[" + b",".join(items) + b"]"
+    return json_object({"created": int(time.time()), **extra}, {"data": data})

@@ -7,6 +7,7 @@ import enum
 import functools
 import itertools
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,7 @@ class Service:
         self.model = model
         self.scheduler: Scheduler | None = None
         self.phase = Phase.STARTING
+        self.started_at = time.time()
         # Decoding client images and encoding results run here, not on the event loop and not
         # in the default pool that `asyncio.to_thread(model.infer)` uses, so they never delay a job.
         self.cpu_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hunyuan-cpu")

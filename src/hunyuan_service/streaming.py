@@ -14,10 +14,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from hunyuan_service.errors import (
-    DeadlineExceeded,
     InternalError,
     JobCancelled,
     ServiceError,
@@ -64,8 +63,7 @@ async def job_events(
                 break
             remaining = job.deadline - time.monotonic()
             if remaining <= 0:
-                scheduler.cancel(job, StopReason.DEADLINE)
-                yield "error", DeadlineExceeded("the request did not finish within its deadline")
+                yield "error", scheduler.expire(job)
                 return
             try:
                 kind, data = await asyncio.wait_for(
@@ -108,33 +106,34 @@ async def submit_and_respond(
     *,
     timeout_s: float | None,
     stream: bool,
-    render: Callable[[Any, Job], Awaitable[dict[str, Any]]],
+    render: Callable[[Any, Job], Awaitable[bytes]],
     reservation: Reservation | None = None,
 ) -> Response:
     """Queues `payload` and answers with one JSON body, or with SSE events when `stream`.
 
-    `render(output, job)` builds the JSON body of a successful result; the SSE `result` event
-    carries the same body, and the `error` event the same error body as a non-streamed request.
+    `render(output, job)` returns the JSON body of a successful result, already serialised (off
+    the event loop when it is large); the SSE `result` event carries the same body, and the
+    `error` event the same error body as a non-streamed request.
     """
     scheduler = scheduler_for(service)
     request_id = request_id_of(request)
     if not stream:
         job = scheduler.submit(payload, request_id, timeout_s=timeout_s, reservation=reservation)
         output = await scheduler.wait(job, wait_for_disconnect(request))
-        return JSONResponse(await render(output, job))
+        return Response(await render(output, job), media_type="application/json")
 
     events = JobEvents()
     job = scheduler.submit(
         payload, request_id, timeout_s=timeout_s, sink=events.sink, reservation=reservation
     )
 
-    async def body() -> AsyncIterator[str]:
+    async def body() -> AsyncIterator[str | bytes]:
         keepalive = service.settings.stream_keepalive_s
         async for kind, data in job_events(scheduler, job, events, keepalive):
             if kind == "keepalive":
                 yield KEEPALIVE
             elif kind == "result":
-                yield sse("result", await render(data, job))
+                yield b"event: result\ndata: " + await render(data, job) + b"\n\n"
             elif kind == "error":
                 yield sse("error", error_body(data, request_id))
             else:

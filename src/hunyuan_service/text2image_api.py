@@ -9,8 +9,8 @@ from fastapi.responses import Response
 
 from hunyuan_service.errors import UnsupportedMediaType
 from hunyuan_service.http_io import (
-    b64,
     is_multipart,
+    json_object,
     parse_json,
     read_body,
     requested_image_type,
@@ -19,7 +19,7 @@ from hunyuan_service.http_io import (
     wait_for_disconnect,
     wants_event_stream,
 )
-from hunyuan_service.imageio import MEDIA_TYPES, encode_image
+from hunyuan_service.imageio import MEDIA_TYPES, base64_json_string, encode_image
 from hunyuan_service.jobs import Job
 from hunyuan_service.models.flux import Text2ImageInput, Text2ImageOutput
 from hunyuan_service.schemas import Text2ImageRequest
@@ -47,21 +47,25 @@ async def infer_text2image(request: Request, service: Service) -> Response:
     if raw_format is not None:
         return await _raw_image(request, service, payload, params.timeout_s, raw_format)
 
-    async def render(output: Text2ImageOutput, job: Job) -> dict[str, Any]:
-        encoded = await service.run_cpu(encode_image, output.image, params.output_format)
+    async def render(output: Text2ImageOutput, job: Job) -> bytes:
         width, height = output.image.size
-        return {
-            "image_base64": await service.run_cpu(b64, encoded),
+        fields = {
             "format": params.output_format,
             "width": width,
             "height": height,
             "seed": output.seed,
             "timings": job.timings(),
         }
+        return await service.run_cpu(image_json, output.image, params.output_format, fields)
 
     return await submit_and_respond(
         request, service, payload, timeout_s=params.timeout_s, stream=stream, render=render
     )
+
+
+def image_json(image: Any, fmt: str, fields: dict[str, Any]) -> bytes:
+    """Encodes the image and builds the whole body in one CPU-pool call."""
+    return json_object(fields, {"image_base64": base64_json_string(image, fmt)})
 
 
 async def _raw_image(

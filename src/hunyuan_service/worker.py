@@ -150,6 +150,7 @@ class Scheduler:
             request_id=request_id,
             payload=payload,
             deadline=time.monotonic() + budget,
+            budget_s=budget,
             future=loop.create_future(),
             sink=sink,
         )
@@ -196,10 +197,17 @@ class Scheduler:
         if watcher is not None and watcher in done:
             self.cancel(job, StopReason.CLIENT_GONE)
             raise JobCancelled("the client disconnected", code=StopReason.CLIENT_GONE.value)
+        raise self.expire(job)
+
+    def expire(self, job: Job) -> DeadlineExceeded:
+        """Withdraws or stops a job whose deadline has passed; returns the error to answer with.
+
+        Both ways of waiting for a job (a plain request and an event stream) end here.
+        """
         self.cancel(job, StopReason.DEADLINE)
-        raise DeadlineExceeded(
-            f"the request did not finish within its deadline ({self.request_timeout_s:g} s "
-            "at most); try fewer steps or a smaller size, or retry when the queue is shorter"
+        return DeadlineExceeded(
+            f"the request did not finish within its deadline ({job.budget_s:g} s); try fewer "
+            "steps or a smaller size, or retry when the queue is shorter"
         )
 
     # -- observation -------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ def test_models_lists_the_model_id(vl_client: TestClient) -> None:
     body = vl_client.get("/v1/models").json()
     assert body["object"] == "list"
     assert [m["id"] for m in body["data"]] == ["tiny"]
+    assert 0 < body["data"][0]["created"] <= time.time()  # when the service started
 
 
 def test_images_endpoint_refused_on_image2text(vl_client: TestClient) -> None:

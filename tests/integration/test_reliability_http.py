@@ -115,6 +115,7 @@ def test_deadline_gives_504_and_a_request_may_shorten_it(serve: Any) -> None:
     started = time.monotonic()
     response = httpx.post(f"{url}/infer", json={"prompt": "s", "timeout_s": 0.2, **SMALL})
     assert response.status_code == 504
+    assert "(0.2 s)" in response.json()["error"]["message"]  # the request's own budget
     assert time.monotonic() - started < 0.45
 
 

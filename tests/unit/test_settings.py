@@ -30,7 +30,10 @@ def test_defaults() -> None:
     assert settings.model_id == "black-forest-labs/FLUX.1-schnell"
     assert (settings.device, settings.dtype) == ("auto", "auto")
     assert (settings.host, settings.port) == ("0.0.0.0", 8000)
-    assert settings.max_queue_size >= 4  # five concurrent reference clients must all fit
+    # One runs and eight wait: five concurrent reference clients all fit (README explains 8).
+    assert settings.max_queue_size == 8
+    assert settings.request_timeout_s == 300
+    assert settings.shutdown_timeout_s == 30
     assert settings.api_key is None
     assert not settings.is_demo
 
