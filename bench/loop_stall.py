@@ -31,14 +31,14 @@ def main() -> None:
 
     from tests.conftest import LiveServer
 
-    from hunyuan_service.app import create_app
+    from hunyuan_service.api.app import create_app
     from hunyuan_service.settings import Settings
 
     cache = pathlib.Path(tempfile.gettempdir()) / "hunyuan-bench-cache"
     settings = Settings(_env_file=None, model_id="tiny", device="cpu", cache_dir=cache)
     app = create_app(settings)
     with LiveServer(app) as server:
-        loop = app.state.service.scheduler._task.get_loop()
+        loop = app.state.engine.scheduler._task.get_loop()
         gaps: list[float] = []
 
         async def ticker() -> None:

@@ -31,7 +31,7 @@ CONFIGS = ("bare", "reference", "service")
 
 def instant_model() -> Any:
     from hunyuan_service.models.base import InferenceModel, JobContext
-    from hunyuan_service.models.qwen_vl import Image2TextOutput
+    from hunyuan_service.models.types import Image2TextOutput
     from hunyuan_service.settings import Settings
 
     class InstantModel(InferenceModel[Any, Any]):
@@ -79,9 +79,9 @@ def serve(config: str, port: int) -> None:
             def infer(self, _prompt: Any, _ctx: Any) -> str:
                 return TEXT
 
-        app = reference_app(Echo())
+        app = reference_app(Echo(), field="text")
     else:
-        from hunyuan_service.app import create_app
+        from hunyuan_service.api.app import create_app
 
         model = instant_model()
         app = create_app(model.settings, model=model)

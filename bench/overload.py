@@ -39,7 +39,7 @@ def build_model(steps: int, step_s: float) -> Any:
     from PIL import Image
 
     from hunyuan_service.models.base import InferenceModel, JobContext
-    from hunyuan_service.models.flux import Text2ImageOutput
+    from hunyuan_service.models.types import Text2ImageOutput
     from hunyuan_service.settings import Settings
 
     class StepModel(InferenceModel[Any, Any]):
@@ -71,7 +71,8 @@ def build_model(steps: int, step_s: float) -> Any:
     return StepModel()
 
 
-def reference_app(model: Any) -> Any:
+def reference_app(model: Any, field: str = "image_base64") -> Any:
+    """The reference design; its answer puts the model's result (a string) under `field`."""
     from fastapi import FastAPI, Request
 
     from hunyuan_service.models.base import JobContext
@@ -100,8 +101,8 @@ def reference_app(model: Any) -> Any:
         body = await request.json()
         future = asyncio.get_running_loop().create_future()
         await queue.put((body["prompt"], future))
-        await future
-        return {"image_base64": ""}
+        result = await future
+        return {field: result if isinstance(result, str) else ""}
 
     return app
 
@@ -109,7 +110,7 @@ def reference_app(model: Any) -> Any:
 def serve(config: str, port: int, steps: int, step_s: float) -> None:
     import uvicorn
 
-    from hunyuan_service.app import create_app
+    from hunyuan_service.api.app import create_app
     from hunyuan_service.settings import Settings
 
     model = build_model(steps, step_s)

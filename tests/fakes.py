@@ -83,7 +83,7 @@ class SteppingModel(FakeModel):
         for step in range(self.steps):
             time.sleep(self.step_s)
             self.log.steps_run += 1
-            ctx.emit("progress", {"step": step + 1, "total": self.steps})
+            ctx.on_progress(step + 1, self.steps)
             try:
                 ctx.raise_if_stopped()
             except JobCancelled:
@@ -123,8 +123,7 @@ class FakeImageModel(SteppingModel):
     def run(self, request: Any, ctx: JobContext) -> Any:
         from PIL import Image
 
-        from hunyuan_service.models.flux import Text2ImageOutput
-        from hunyuan_service.models.qwen_vl import Image2TextOutput
+        from hunyuan_service.models.types import Image2TextOutput, Text2ImageOutput
 
         if hasattr(request, "messages"):  # an image2text request
             super().run(request.messages[0].text, ctx)
@@ -142,7 +141,8 @@ class FakeImageModel(SteppingModel):
         )
 
     def infer(self, request: Any, ctx: JobContext) -> Any:
-        self.gate.wait(timeout=30)
+        if not self.gate.wait(timeout=120):
+            raise AssertionError("FakeImageModel.gate was never opened: the test forgot to")
         return super().infer(request, ctx)
 
     def __init__(self, steps: int = 5, step_s: float = 0.01, settings: Settings | None = None):

@@ -25,12 +25,12 @@ def main() -> int:
 
     import uvicorn
 
-    from hunyuan_service.app import create_app
+    from hunyuan_service.api.app import create_app
     from hunyuan_service.logs import configure_logging
 
     configure_logging(settings.log_level)
     app = create_app(settings)
-    service = app.state.service
+    engine = app.state.engine
 
     class DrainingServer(uvicorn.Server):
         """Marks the service as draining the moment a stop signal arrives.
@@ -41,7 +41,7 @@ def main() -> int:
         """
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            service.begin_drain()
+            engine.begin_drain()
             # Only a second Ctrl+C forces an exit. SIGTERM often arrives twice (`uv run`
             # forwards it to its child, and `pkill -f` signals both), and must still drain.
             if self.should_exit and sig == signal.SIGINT:

@@ -51,6 +51,12 @@ class PayloadTooLarge(ServiceError):
     code = "payload_too_large"
 
 
+class NotAcceptable(ServiceError):
+    status_code = 406
+    error_type = "invalid_request_error"
+    code = "not_acceptable"
+
+
 class UnsupportedMediaType(ServiceError):
     status_code = 415
     error_type = "invalid_request_error"

@@ -162,23 +162,31 @@ def host_allowed(host: str, allowlist: list[str]) -> bool:
     return False
 
 
-def vetted_address(host: str, port: int, settings: Settings, param: str) -> str:
+def vetted_address(
+    host: str,
+    port: int,
+    *,
+    allow_private: bool,
+    param: str,
+    setting: str = "ALLOW_PRIVATE_MEDIA_ADDRESSES",
+) -> str:
     """Resolves `host` and returns an address to connect to, refusing internal ones.
 
     Every resolved address is checked, and the connection then goes to the checked address, so a
-    second DNS answer (DNS rebinding) cannot redirect it to an internal one.
+    second DNS answer (DNS rebinding) cannot redirect it to an internal one. `setting` names the
+    operator's switch in the refusal.
     """
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror:
         raise InvalidInput(f"{param}: cannot resolve host {host!r}", param=param) from None
     addresses = [_unmapped(ipaddress.ip_address(str(info[4][0]).split("%")[0])) for info in infos]
-    if not settings.allow_private_media_addresses:
+    if not allow_private:
         for address in addresses:
             if not address.is_global or address.is_multicast:
                 raise MediaNotAllowed(
                     f"{param}: {host} resolves to a private, loopback, link-local or reserved "
-                    "address, which is refused (operators: ALLOW_PRIVATE_MEDIA_ADDRESSES)",
+                    f"address, which is refused (operators: {setting})",
                     param=param,
                 )
     return str(addresses[0])
@@ -217,7 +225,9 @@ def fetch_url(url: str, settings: Settings, param: str) -> bytes:
                     f"{param}: host {host!r} is not in ALLOWED_MEDIA_DOMAINS", param=param
                 )
             port = parts.port or (443 if parts.scheme == "https" else 80)
-            address = vetted_address(host, port, settings, param)
+            address = vetted_address(
+                host, port, allow_private=settings.allow_private_media_addresses, param=param
+            )
             literal = f"[{address}]" if ":" in address else address
             target = parts._replace(netloc=f"{literal}:{port}").geturl()
             headers = {"Host": parts.netloc.rsplit("@", 1)[-1], "Accept": "image/*"}

@@ -64,17 +64,29 @@ class Settings(BaseSettings):
     allow_private_media_addresses: bool = False
     media_fetch_timeout_s: float = Field(10.0, gt=0, le=600)
 
+    # The async jobs API (/v1/jobs): retention of detached jobs and their results.
+    job_result_ttl_s: float = Field(3600.0, gt=0, le=30 * 86_400)
+    max_stored_jobs: int = Field(256, ge=1, le=1_000_000)
+    job_store_max_bytes: int = Field(512 * 2**20, ge=0)
+
+    # Webhooks called when a jobs API job ends (Standard Webhooks signatures).
+    webhook_secret: SecretStr | None = None
+    allowed_webhook_domains: Annotated[list[str], NoDecode] = []
+    allow_private_webhook_addresses: bool = False
+    webhook_timeout_s: float = Field(10.0, gt=0, le=600)
+    webhook_max_attempts: int = Field(5, ge=1, le=20)
+
     api_key: SecretStr | None = None
     cache_dir: Path = Field(default_factory=_default_cache_dir)
 
-    @field_validator("allowed_media_domains", mode="before")
+    @field_validator("allowed_media_domains", "allowed_webhook_domains", mode="before")
     @classmethod
     def _split_domains(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip().lower().rstrip(".") for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("api_key", mode="before")
+    @field_validator("api_key", "webhook_secret", mode="before")
     @classmethod
     def _empty_key_is_unset(cls, value: object) -> object:
         return None if value == "" else value
@@ -96,11 +108,31 @@ class Settings(BaseSettings):
             _check_local_model_id(self.model_id)
         if self.min_image_side > self.max_image_side:
             raise ValueError("MIN_IMAGE_SIDE must not exceed MAX_IMAGE_SIDE")
+        if self.webhook_secret is not None:
+            webhook_key(self.webhook_secret.get_secret_value())
         return self
 
     @property
     def is_demo(self) -> bool:
         return self.model_id == TINY_MODEL_ID
+
+
+def webhook_key(secret: str) -> bytes:
+    """The HMAC key of a Standard Webhooks secret: base64 after an optional 'whsec_' prefix."""
+    import base64
+    import binascii
+
+    text = secret.removeprefix("whsec_")
+    try:
+        key = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if len(key) < 16:
+        raise ValueError(
+            "WEBHOOK_SECRET: must be 'whsec_' plus base64 of at least 16 random bytes, e.g. "
+            "whsec_$(openssl rand -base64 32)"
+        )
+    return key
 
 
 def _check_local_model_id(model_id: str) -> None:

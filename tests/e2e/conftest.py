@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from hunyuan_service.app import create_app
+from hunyuan_service.api.app import create_app
 from hunyuan_service.settings import Settings
 
 

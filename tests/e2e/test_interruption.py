@@ -23,7 +23,10 @@ class StopAfter:
     def context(self) -> JobContext:
         return JobContext(
             should_stop=lambda: sum(e == self.kind for e, _ in self.events) >= self.limit,
-            emit=lambda event, data: self.events.append((event, data)),
+            on_progress=lambda step, total: self.events.append(
+                ("progress", {"step": step, "total": total})
+            ),
+            on_token=lambda text: self.events.append(("token", {"text": text})),
             stop_reason=lambda: "client_disconnected",
         )
 
@@ -47,7 +50,7 @@ def qwen(tiny_cache: Path) -> Any:
 
 
 def test_flux_reports_every_step(flux: Any) -> None:
-    from hunyuan_service.models.flux import Text2ImageInput
+    from hunyuan_service.models.types import Text2ImageInput
 
     stop = StopAfter("progress", 10_000)
     output = flux.infer(
@@ -59,7 +62,7 @@ def test_flux_reports_every_step(flux: Any) -> None:
 
 
 def test_flux_stops_at_the_next_step_and_skips_the_decode(flux: Any, monkeypatch: Any) -> None:
-    from hunyuan_service.models.flux import Text2ImageInput
+    from hunyuan_service.models.types import Text2ImageInput
 
     decodes: list[int] = []
     original = flux.pipe.vae.decode
@@ -75,7 +78,7 @@ def test_flux_stops_at_the_next_step_and_skips_the_decode(flux: Any, monkeypatch
 
 def test_qwen_streams_tokens_and_stops_at_the_next_token(qwen: Any) -> None:
     from hunyuan_service.media import decode_image
-    from hunyuan_service.models.qwen_vl import ChatMessage, Image2TextInput
+    from hunyuan_service.models.types import ChatMessage, Image2TextInput
 
     image = decode_image(png_bytes(), "images[0]", qwen.settings)
     request = Image2TextInput(

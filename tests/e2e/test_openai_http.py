@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from hunyuan_service.app import create_app
+from hunyuan_service.api.app import create_app
 from tests.e2e.conftest import tiny_settings
 from tests.sse import parse_sse
 

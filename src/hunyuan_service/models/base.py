@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import abc
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
@@ -13,8 +12,6 @@ from hunyuan_service.errors import JobCancelled, ModelLoadError
 if TYPE_CHECKING:
     from hunyuan_service.settings import Settings
 
-logger = logging.getLogger(__name__)
-
 InputT = TypeVar("InputT")
 OutputT = TypeVar("OutputT")
 
@@ -23,12 +20,14 @@ OutputT = TypeVar("OutputT")
 class JobContext:
     """What a running job can ask of the service: should it stop, and where to report progress.
 
-    `should_stop` is polled by the model between denoising steps or tokens. `emit` forwards an
-    event (progress, a token) to whoever streams the job; it must be cheap and thread-safe.
+    `should_stop` is polled by the model between denoising steps or tokens. `on_progress(step,
+    total)` and `on_token(text)` report to whoever streams or polls the job; they are cheap and
+    thread-safe.
     """
 
     should_stop: Callable[[], bool] = lambda: False
-    emit: Callable[[str, dict[str, Any]], None] = lambda _event, _data: None
+    on_progress: Callable[[int, int], None] = lambda _step, _total: None
+    on_token: Callable[[str], None] = lambda _text: None
     stop_reason: Callable[[], str] = lambda: "cancelled"
 
     def raise_if_stopped(self) -> None:

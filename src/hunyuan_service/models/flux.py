@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import secrets
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from hunyuan_service.models.base import JobContext, TorchModel
 from hunyuan_service.models.loading import quiet_hf_progress, resolve_checkpoint
-
-if TYPE_CHECKING:
-    from PIL.Image import Image
-
-logger = logging.getLogger(__name__)
+from hunyuan_service.models.types import Text2ImageInput, Text2ImageOutput
 
 
 @dataclass(frozen=True)
@@ -27,28 +22,6 @@ class FluxDefaults:
 
 SCHNELL_DEFAULTS = FluxDefaults(num_inference_steps=4, guidance_scale=0.0, max_sequence_length=256)
 DEV_DEFAULTS = FluxDefaults(num_inference_steps=28, guidance_scale=3.5, max_sequence_length=512)
-
-
-@dataclass(frozen=True)
-class Text2ImageInput:
-    prompt: str
-    width: int
-    height: int
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    seed: int | None = None
-    count: int = 1  # images to make; image i uses seed + i
-
-
-@dataclass(frozen=True)
-class Text2ImageOutput:
-    images: tuple[Image, ...]
-    seed: int
-    num_inference_steps: int
-
-    @property
-    def image(self) -> Image:
-        return self.images[0]
 
 
 class FluxModel(TorchModel[Text2ImageInput, Text2ImageOutput]):
@@ -97,7 +70,7 @@ class FluxModel(TorchModel[Text2ImageInput, Text2ImageOutput]):
             def on_step_end(
                 _pipe: Any, step: int, _timestep: Any, kwargs: dict, done: int = index * steps
             ) -> dict:
-                ctx.emit("progress", {"step": done + step + 1, "total": total})
+                ctx.on_progress(done + step + 1, total)
                 # Raising stops the pipeline at once; setting pipe._interrupt would still run
                 # the remaining loop iterations and a full-size VAE decode.
                 ctx.raise_if_stopped()

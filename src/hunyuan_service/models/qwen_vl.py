@@ -2,48 +2,12 @@
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from hunyuan_service.errors import ModelLoadError
 from hunyuan_service.models.base import JobContext, TorchModel
 from hunyuan_service.models.loading import quiet_hf_progress, resolve_checkpoint
-
-if TYPE_CHECKING:
-    from PIL.Image import Image
-
-logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ChatMessage:
-    """One turn. `images` are already decoded and validated; they precede the text in the turn."""
-
-    role: str
-    text: str
-    images: tuple[Image, ...] = ()
-
-
-@dataclass(frozen=True)
-class Image2TextInput:
-    messages: tuple[ChatMessage, ...]
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float | None = None
-    top_k: int | None = None
-    repetition_penalty: float | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Image2TextOutput:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" or "length", as in OpenAI's API
-    extra: dict[str, Any] = field(default_factory=dict)
+from hunyuan_service.models.types import Image2TextInput, Image2TextOutput
 
 
 class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
@@ -181,13 +145,13 @@ class _DeltaStreamer:
         if text.endswith("\ufffd"):
             return
         if len(text) > self.sent:
-            self.ctx.emit("token", {"text": text[self.sent :]})
+            self.ctx.on_token(text[self.sent :])
             self.sent = len(text)
 
     def end(self) -> None:
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         if len(text) > self.sent:
-            self.ctx.emit("token", {"text": text[self.sent :]})
+            self.ctx.on_token(text[self.sent :])
             self.sent = len(text)
 
 

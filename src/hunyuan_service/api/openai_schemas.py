@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from hunyuan_service.schemas import ImageFormat, check_side, check_steps
+from hunyuan_service.api.schemas import ImageFormat, check_side, check_steps
 from hunyuan_service.settings import Settings
 
 # Accepted and ignored: they do not change what this server produces.
@@ -106,10 +106,38 @@ class ChatCompletionRequest(BaseModel):
     @model_validator(mode="after")
     def _limits(self, info: ValidationInfo) -> ChatCompletionRequest:
         _refuse_extras(self, CHAT_UNSUPPORTED)
-        limit = _settings(info).max_new_tokens_limit
+        settings = _settings(info)
+        limit = settings.max_new_tokens_limit
         if (self.max_completion_tokens or self.max_tokens or 0) > limit:
             raise ValueError(f"max_tokens: must be at most {limit}")
+        texts, _ = self.texts_and_images()
+        chars = sum(len(text) for text in texts)
+        if chars > settings.max_prompt_chars:
+            raise ValueError(
+                f"messages: the text of all messages is {chars} characters; at most "
+                f"{settings.max_prompt_chars} are allowed"
+            )
         return self
+
+    def texts_and_images(self) -> tuple[list[str], list[list[tuple[str, str]]]]:
+        """Per message: its text parts joined, and its image URLs with where each came from."""
+        texts: list[str] = []
+        images: list[list[tuple[str, str]]] = []
+        for i, message in enumerate(self.messages):
+            if isinstance(message.content, str):
+                texts.append(message.content)
+                images.append([])
+                continue
+            parts = message.content or []
+            texts.append("\n".join(part.text or "" for part in parts if part.type == "text"))
+            images.append(
+                [
+                    (part.image_url.url, f"messages[{i}].content[{j}].image_url")
+                    for j, part in enumerate(parts)
+                    if part.type == "image_url" and part.image_url is not None
+                ]
+            )
+        return texts, images
 
     def token_budget(self, settings: Settings) -> int:
         return (

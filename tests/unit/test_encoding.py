@@ -8,8 +8,7 @@ import json
 
 from PIL import Image
 
-from hunyuan_service.http_io import json_bytes, json_object
-from hunyuan_service.imageio import base64_json_string
+from hunyuan_service.api.encoding import base64_json_string, encode_image, json_bytes, json_object
 
 
 def test_json_object_splices_raw_values_and_escapes_the_rest() -> None:
@@ -24,7 +23,7 @@ def test_json_bytes_matches_starlette_compact_form() -> None:
 
 def test_base64_json_string_round_trips_to_the_image() -> None:
     image = Image.new("RGB", (48, 32), (10, 200, 30))
-    literal = base64_json_string(image, "png")
+    literal = base64_json_string(encode_image(image, "png"))
     decoded = Image.open(io.BytesIO(base64.b64decode(json.loads(literal))))
     assert (decoded.format, decoded.size) == ("PNG", (48, 32))
     assert decoded.getpixel((0, 0)) == (10, 200, 30)

@@ -1,10 +1,8 @@
-"""The app factory: lifespan (load the model, run the worker), errors and request ids."""
+"""The app factory: the lifespan (start and stop the engine), routers and error handlers."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,56 +12,30 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hunyuan_service import __version__
-from hunyuan_service.auth import ApiKeyMiddleware
+from hunyuan_service.api.deps import request_id_of
+from hunyuan_service.api.jobs_routes import JobsApi
+from hunyuan_service.api.jobs_routes import router as jobs_router
+from hunyuan_service.api.middleware import ApiKeyMiddleware, RequestIdMiddleware
+from hunyuan_service.api.openai_routes import router as openai_router
+from hunyuan_service.api.routes import router
+from hunyuan_service.api.schemas import describe_validation_errors
+from hunyuan_service.engine.engine import Engine
 from hunyuan_service.errors import (
     InternalError,
     InvalidInput,
-    ModelLoadError,
     NotFound,
     ServiceError,
     error_body,
 )
 from hunyuan_service.models.base import InferenceModel
-from hunyuan_service.openai_api import router as openai_router
-from hunyuan_service.routes import router
-from hunyuan_service.schemas import describe_validation_errors
-from hunyuan_service.service import Phase, Service, new_request_id, request_id_of
 from hunyuan_service.settings import Settings
-from hunyuan_service.worker import Scheduler
 
 logger = logging.getLogger(__name__)
 
-
-_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-
-
-class RequestIdMiddleware:
-    """Gives every request an id (the client's X-Request-ID if sane) and echoes it back.
-
-    Pure ASGI rather than `@app.middleware`, which would wrap every response in extra tasks.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if _SAFE_ID.match(given) else new_request_id()
-        scope.setdefault("state", {})["request_id"] = request_id
-        header = (b"x-request-id", request_id.encode("latin-1"))
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), header]
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
+# Finished jobs' results and webhooks still being sent get this long after the drain.
+WEBHOOK_GRACE_S = 5.0
 
 
 def error_response(error: ServiceError, request: Request) -> JSONResponse:
@@ -119,52 +91,22 @@ def create_app(settings: Settings | None = None, model: InferenceModel | None = 
         model: a model instance to serve (tests pass fakes); built from the registry when None.
     """
     settings = settings or Settings()
-    service = Service(settings, model)
+    engine = Engine(settings, model)
+    jobs_api = JobsApi(engine)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        if service.model is None:
-            from hunyuan_service.models.registry import get_model
-
-            service.model = get_model(settings)
-        logger.info(
-            "loading model",
-            extra={"model_type": settings.model_type, "model_id": settings.model_id},
-        )
-        try:
-            await asyncio.to_thread(service.model.load)
-        except ModelLoadError as error:
-            service.phase = Phase.FAILED
-            logger.error("cannot start: %s", error)  # uvicorn logs the traceback once more
-            raise
-        except Exception:
-            service.phase = Phase.FAILED
-            logger.exception("model failed to load; the service will not start")
-            raise
-        scheduler = Scheduler(service.model, settings.max_queue_size, settings.request_timeout_s)
-        scheduler.start()
-        service.scheduler = scheduler
-        if service.phase is Phase.STARTING:
-            service.phase = Phase.READY
-        info = service.model.info
-        logger.info("ready", extra={"device": info.device, "dtype": info.dtype, "demo": info.demo})
-        if info.demo:
-            logger.warning("DEMO MODEL in use: tiny random weights; outputs are noise")
+        await engine.start()
         if settings.api_key is None:
             logger.warning("API_KEY is not set: every endpoint is open to anyone who can reach it")
         else:
             logger.info("API key required on every endpoint except /health and /ready")
         try:
-            yield {"service": service}
+            yield {"engine": engine}
         finally:
-            service.begin_drain()
-            finished = await scheduler.drain(settings.shutdown_timeout_s)
-            if not finished:
-                logger.warning("shutdown timeout reached with jobs still in flight")
-            await scheduler.stop()
-            service.cpu_pool.shutdown(wait=False, cancel_futures=True)
-            service.phase = Phase.STOPPED
-            logger.info("stopped", extra=dict(scheduler.counters))
+            await engine.stop()
+            await jobs_api.aclose(min(WEBHOOK_GRACE_S, settings.shutdown_timeout_s))
+            engine.close()
 
     app = FastAPI(
         title="hunyuan-service",
@@ -172,7 +114,8 @@ def create_app(settings: Settings | None = None, model: InferenceModel | None = 
         lifespan=lifespan,
         description="One generative model on one GPU behind an HTTP API.",
     )
-    app.state.service = service
+    app.state.engine = engine
+    app.state.jobs_api = jobs_api
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())
     # Added last, so it runs first: even a refused request gets its id.
@@ -180,5 +123,6 @@ def create_app(settings: Settings | None = None, model: InferenceModel | None = 
     _install_error_handlers(app)
 
     app.include_router(router)
+    app.include_router(jobs_router)
     app.include_router(openai_router)
     return app

@@ -11,7 +11,8 @@ import itertools
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from hunyuan_service.worker import Scheduler
+    from hunyuan_service.engine.scheduler import Scheduler
+    from hunyuan_service.engine.store import JobStore
 
 
 class Histogram:
@@ -35,15 +36,37 @@ class Histogram:
         return list(itertools.accumulate(self._hits[:-1]))
 
 
-def render_prometheus(scheduler: Scheduler | None, *, ready: bool) -> str:
+def render_prometheus(
+    scheduler: Scheduler | None,
+    store: JobStore,
+    *,
+    ready: bool,
+    webhooks: dict[str, int] | None = None,
+) -> str:
     lines = ["# HELP hunyuan_jobs_total Jobs by outcome.", "# TYPE hunyuan_jobs_total counter"]
     counters = dict(scheduler.counters) if scheduler else {}
     for outcome, count in sorted(counters.items()):
         lines.append(f'hunyuan_jobs_total{{outcome="{outcome}"}} {count}')
+    lines += [
+        "# HELP hunyuan_jobs_final_total Jobs by final status; api=jobs for POST /v1/jobs.",
+        "# TYPE hunyuan_jobs_final_total counter",
+    ]
+    finals = dict(scheduler.final_statuses) if scheduler else {}
+    for (status, detached), count in sorted(finals.items()):
+        api = "jobs" if detached else "request"
+        lines.append(f'hunyuan_jobs_final_total{{status="{status}",api="{api}"}} {count}')
+    lines += [
+        "# HELP hunyuan_webhooks_total Webhook POSTs attempted; webhooks delivered or given up.",
+        "# TYPE hunyuan_webhooks_total counter",
+    ]
+    for outcome, count in sorted((webhooks or {}).items()):
+        lines.append(f'hunyuan_webhooks_total{{outcome="{outcome}"}} {count}')
     gauges = {
         "hunyuan_queue_depth": (scheduler.queue_depth if scheduler else 0, "Jobs waiting."),
         "hunyuan_busy": (int(scheduler.busy) if scheduler else 0, "1 while a job runs."),
         "hunyuan_ready": (int(ready), "1 while accepting requests."),
+        "hunyuan_stored_jobs": (len(store), "Jobs API jobs kept in memory."),
+        "hunyuan_stored_job_bytes": (store.bytes, "Bytes of stored jobs API results."),
     }
     for name, (value, help_text) in gauges.items():
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value}"]

@@ -1,72 +1,79 @@
-"""/infer for image2text: JSON or multipart bodies, safe image intake, the queue, JSON or SSE."""
+"""image2text requests: JSON or multipart bodies, safe image intake, and the text renderer."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.types import Message, Receive
 
-from hunyuan_service.errors import InvalidInput, PayloadTooLarge
-from hunyuan_service.http_io import (
+from hunyuan_service.api.body import (
     is_multipart,
-    json_bytes,
     parse_json,
     read_body,
-    scheduler_for,
     wants_event_stream,
 )
-from hunyuan_service.jobs import Job
+from hunyuan_service.api.encoding import json_bytes
+from hunyuan_service.api.renderers import Prepared, Rendered
+from hunyuan_service.api.schemas import Image2TextRequest, WebhookField, describe_validation_errors
+from hunyuan_service.engine.engine import Engine, JobHandle
+from hunyuan_service.errors import InvalidInput, PayloadTooLarge
 from hunyuan_service.media import ImageSource, load_images
-from hunyuan_service.models.qwen_vl import ChatMessage, Image2TextInput, Image2TextOutput
-from hunyuan_service.schemas import Image2TextRequest, describe_validation_errors
-from hunyuan_service.service import Service
-from hunyuan_service.streaming import submit_and_respond
+from hunyuan_service.models.types import ChatMessage, Image2TextInput, Image2TextOutput
 
 
-async def infer_image2text(request: Request, service: Service) -> Response:
-    scheduler = scheduler_for(service)
-    settings = service.settings
+async def prepare_image2text(
+    request: Request, engine: Engine, schema: type[Image2TextRequest] = Image2TextRequest
+) -> Prepared:
+    """Validates the body, holds a queue place, then decodes the images off the event loop.
+
+    The place is held before decoding, so a request that cannot be served costs no decoding; the
+    returned `Prepared` carries it to `Engine.submit`. A text-only request needs no place held.
+    """
+    engine.check_ready()
+    settings = engine.settings
     if is_multipart(request):
-        params, sources = await _read_multipart(request, service)
+        params, sources = await _read_multipart(request, engine, schema)
     else:
         body = await read_body(request, settings.max_body_bytes)
-        params = await parse_json(body, Image2TextRequest, service)
+        params = await parse_json(body, schema, engine)
         sources = [ImageSource(v, f"images[{i}]") for i, v in enumerate(params.images)]
-    # Hold a queue place before decoding, so a request that cannot be served costs no decoding.
-    with scheduler.reserve() as reservation:
-        images = await decode_images(service, sources)
-        return await submit_and_respond(
-            request,
-            service,
-            to_model_input(params, images),
-            timeout_s=params.timeout_s,
-            stream=wants_event_stream(request, params.stream),
-            render=render_text,
-            reservation=reservation,
-        )
+    reservation, images = None, []
+    if sources:
+        reservation = engine.reserve()
+        try:
+            images = await decode_images(engine, sources)
+        except BaseException:
+            reservation.release()
+            raise
+    return Prepared(
+        to_model_input(params, images),
+        render_text,
+        timeout_s=params.timeout_s,
+        stream=wants_event_stream(request, params.stream),
+        reservation=reservation,
+        webhook=params.webhook if isinstance(params, WebhookField) else None,
+    )
 
 
-async def decode_images(service: Service, sources: list[ImageSource]) -> list[Any]:
+async def decode_images(engine: Engine, sources: list[ImageSource]) -> list[Any]:
     """Fetches and decodes client images on the CPU pool; a text-only request skips the hop."""
     if not sources:
         return []
-    return await service.run_cpu(load_images, sources, service.settings)
+    return await engine.run_cpu(load_images, sources, engine.settings)
 
 
-async def render_text(output: Image2TextOutput, job: Job) -> bytes:
+async def render_text(output: Image2TextOutput, handle: JobHandle) -> Rendered:
     # A text answer is small enough to serialise on the loop; a thread hop would cost more.
-    return json_bytes(
-        {
-            "text": output.text,
-            "finish_reason": output.finish_reason,
-            "usage": usage(output),
-            "timings": job.timings(),
-        }
-    )
+    body = {
+        "text": output.text,
+        "finish_reason": output.finish_reason,
+        "usage": usage(output),
+        "timings": handle.timings(),
+    }
+    return Rendered(json_bytes(body))
 
 
 def usage(output: Image2TextOutput) -> dict[str, int]:
@@ -90,10 +97,10 @@ def to_model_input(params: Image2TextRequest, images: list[Any]) -> Image2TextIn
 
 
 async def _read_multipart(
-    request: Request, service: Service
+    request: Request, engine: Engine, schema: type[Image2TextRequest]
 ) -> tuple[Image2TextRequest, list[ImageSource]]:
     """Parses `-F prompt=... -F images=@cat.jpg ...`; the body cap holds for chunked uploads too."""
-    settings = service.settings
+    settings = engine.settings
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > settings.max_body_bytes:
         raise PayloadTooLarge(
@@ -123,7 +130,7 @@ async def _read_multipart(
             else:
                 fields[key] = value
         try:
-            params = Image2TextRequest.model_validate(fields, context={"settings": settings})
+            params = schema.model_validate(fields, context={"settings": settings})
         except ValidationError as error:
             message, bad_field = describe_validation_errors(list(error.errors()))
             raise InvalidInput(message, param=bad_field) from None

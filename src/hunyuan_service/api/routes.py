@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
-from hunyuan_service.image2text_api import infer_image2text
-from hunyuan_service.metrics import render_prometheus
-from hunyuan_service.schemas import Image2TextRequest, Text2ImageRequest, Text2ImageResponse
-from hunyuan_service.service import Phase, ServiceDep
-from hunyuan_service.text2image_api import infer_text2image
-
-logger = logging.getLogger(__name__)
+from hunyuan_service.api.deps import EngineDep
+from hunyuan_service.api.image2text import prepare_image2text
+from hunyuan_service.api.renderers import respond
+from hunyuan_service.api.schemas import Image2TextRequest, Text2ImageRequest, Text2ImageResponse
+from hunyuan_service.api.text2image import prepare_text2image
+from hunyuan_service.engine.lifecycle import State
+from hunyuan_service.engine.metrics import render_prometheus
 
 router = APIRouter()
 
@@ -70,38 +69,44 @@ def _infer_openapi() -> dict[str, Any]:
 @router.post("/infer", response_model=None, openapi_extra=_infer_openapi())
 async def infer(request: Request) -> Response:
     """Runs one request on the loaded model: text2image or image2text, by MODEL_TYPE."""
-    # The hot path reads the service directly; resolving a dependency costs ~50 us a request.
-    service = request.app.state.service
-    if service.settings.model_type == "text2image":
-        return await infer_text2image(request, service)
-    return await infer_image2text(request, service)
+    # The hot path reads the engine directly; resolving a dependency costs ~50 us a request.
+    engine = request.app.state.engine
+    if engine.settings.model_type == "text2image":
+        prepared = await prepare_text2image(request, engine)
+    else:
+        prepared = await prepare_image2text(request, engine)
+    return await respond(request, engine, prepared)
 
 
 # -- health and metrics ------------------------------------------------------------------------
 
 
 @router.get("/health")
-async def health(service: ServiceDep) -> JSONResponse:
+async def health(engine: EngineDep) -> JSONResponse:
     """Liveness: 200 while the worker is alive, 503 once it has died (restart the process)."""
-    body = service.status()
-    alive = service.scheduler is not None and service.scheduler.worker_alive
-    return JSONResponse(body, status_code=200 if alive or service.phase is Phase.STARTING else 503)
+    ok = engine.worker_alive or engine.state is State.STARTING
+    return JSONResponse(engine.status(), status_code=200 if ok else 503)
 
 
 @router.get("/ready")
-async def ready(service: ServiceDep) -> JSONResponse:
+async def ready(engine: EngineDep) -> JSONResponse:
     """Readiness: 200 only while the model is loaded and new requests are accepted."""
-    body = service.status()
-    ok = (
-        service.phase is Phase.READY
-        and service.scheduler is not None
-        and service.scheduler.worker_alive
-    )
-    return JSONResponse(body, status_code=200 if ok else 503)
+    ok = engine.state is State.READY and engine.worker_alive
+    return JSONResponse(engine.status(), status_code=200 if ok else 503)
 
 
 @router.get("/metrics", response_class=Response)
-async def metrics(service: ServiceDep) -> Response:
+async def metrics(request: Request, engine: EngineDep) -> Response:
     """Prometheus text format: job counters, latency histograms, queue depth, busy and ready."""
-    text = render_prometheus(service.scheduler, ready=service.phase is Phase.READY)
+    sender = request.app.state.jobs_api.webhooks
+    text = render_prometheus(
+        engine.scheduler,
+        engine.jobs,
+        ready=engine.state is State.READY,
+        webhooks={
+            "attempted": sender.attempts,
+            "delivered": sender.delivered,
+            "given_up": sender.given_up,
+        },
+    )
     return Response(text, media_type="text/plain; version=0.0.4")

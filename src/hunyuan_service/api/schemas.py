@@ -1,4 +1,4 @@
-"""Request and response bodies of /infer, validated against the operator's limits."""
+"""Request and response bodies of /infer and /v1/jobs, validated against the operator's limits."""
 
 from __future__ import annotations
 
@@ -102,6 +102,48 @@ class Image2TextRequest(RequestBase):
         if len(value) > limit:
             raise ValueError(f"{len(value)} images sent; at most {limit} are allowed")
         return value
+
+
+def check_webhook(value: str | None, settings: Settings) -> str | None:
+    """A webhook URL must be http(s) on a host in ALLOWED_WEBHOOK_DOMAINS, with a secret set."""
+    from urllib.parse import urlsplit
+
+    from hunyuan_service.media import host_allowed
+
+    if value is None:
+        return None
+    if settings.webhook_secret is None:
+        raise ValueError("webhooks are disabled on this server (operators: set WEBHOOK_SECRET)")
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        raise ValueError("is not a valid URL") from None
+    host = parts.hostname or ""
+    if parts.scheme not in ("http", "https") or not host or port == 0:
+        raise ValueError("must be an http(s) URL with a host")
+    if not host_allowed(host, settings.allowed_webhook_domains):
+        raise ValueError(f"host {host!r} is not in ALLOWED_WEBHOOK_DOMAINS")
+    return value
+
+
+class WebhookField(BaseModel):
+    """`webhook`: a URL called once when a /v1/jobs job ends (jobs API only)."""
+
+    webhook: str | None = Field(None, max_length=2048)
+
+    @field_validator("webhook")
+    @classmethod
+    def _webhook(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return check_webhook(value, _limits(info))
+
+
+class Text2ImageJobRequest(Text2ImageRequest, WebhookField):
+    """POST /v1/jobs on text2image: the /infer body plus an optional `webhook`."""
+
+
+class Image2TextJobRequest(Image2TextRequest, WebhookField):
+    """POST /v1/jobs on image2text: the /infer body plus an optional `webhook`."""
 
 
 class Timings(BaseModel):

@@ -1,9 +1,10 @@
 """The single-GPU scheduler: a bounded FIFO queue drained by one worker that runs one job at a time.
 
 A request becomes a `Job`. Admission is decided at once (`QueueFull` when the queue is full), the
-worker runs `model.infer` in a thread with `asyncio.to_thread`, and the result comes back through
-the job's Future. Jobs whose client left, or whose deadline passed, are removed from the queue or
-stopped at the next step. Importing this module imports no ML framework.
+worker runs `model.infer` on its own thread, and the job's `done` future tells the loop when it
+ends. A job ends exactly once: with its output, an error, a cancel or its deadline. A cancelled
+or expired job is removed from the queue, or asked to stop at the model's next step. Importing
+this module imports no ML framework.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from hunyuan_service.engine.jobs import Job, JobQueue, JobStatus, StopReason
+from hunyuan_service.engine.lifecycle import Lifecycle, State
+from hunyuan_service.engine.metrics import Histogram
+from hunyuan_service.engine.runner import ModelThread
 from hunyuan_service.errors import (
     DeadlineExceeded,
     InternalError,
@@ -25,11 +30,12 @@ from hunyuan_service.errors import (
     ServiceError,
     Unavailable,
 )
-from hunyuan_service.jobs import EventSink, Job, JobQueue, StopReason
-from hunyuan_service.metrics import Histogram
 from hunyuan_service.models.base import InferenceModel, JobContext
 
 logger = logging.getLogger(__name__)
+
+# A waiting request starts watching for its client's disconnect after this long.
+WATCH_AFTER_S = 0.05
 
 
 class Scheduler:
@@ -41,28 +47,39 @@ class Scheduler:
         request_timeout_s: the longest a job may spend queued plus running.
     """
 
-    def __init__(self, model: InferenceModel, max_queue_size: int, request_timeout_s: float):
+    def __init__(
+        self,
+        model: InferenceModel,
+        max_queue_size: int,
+        request_timeout_s: float,
+        lifecycle: Lifecycle | None = None,
+    ):
         self.model = model
+        self.lifecycle = lifecycle or Lifecycle()
         self.max_queue_size = max_queue_size
         self.request_timeout_s = request_timeout_s
         self.counters: collections.Counter[str] = collections.Counter()
+        # (final status, detached) -> jobs; detached jobs are the jobs API's
+        self.final_statuses: collections.Counter[tuple[str, bool]] = collections.Counter()
         self.current: Job | None = None
-        self.accepting = False
         self._queue = JobQueue(maxsize=max_queue_size)
         self._reserved = 0
+        self._observed_waiting = 0  # queued jobs that want position updates
         self._task: asyncio.Task[None] | None = None
+        self._thread = ModelThread()
         self._idle = asyncio.Event()
         self._avg_job_s: float | None = None
         self.inference_seconds = Histogram()
         self.queue_wait_seconds = Histogram()
-        self._queue_changed: set[Callable[[], None]] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._thread.start()
         self._task = asyncio.create_task(self._work(), name="hunyuan-worker")
         self._idle.set()
-        self.accepting = True
+        if self.lifecycle.state is State.STARTING:  # a stop signal may have come during loading
+            self.lifecycle.advance(State.READY)
 
     @property
     def worker_alive(self) -> bool:
@@ -70,7 +87,7 @@ class Scheduler:
 
     async def drain(self, timeout_s: float) -> bool:
         """Stops admitting, then waits up to `timeout_s` for queued and running jobs to finish."""
-        self.accepting = False
+        self.lifecycle.begin_drain()
         deadline = time.monotonic() + timeout_s
         while (self.current is not None or self._queue.qsize() or self._reserved) and (
             self.worker_alive and time.monotonic() < deadline
@@ -84,23 +101,26 @@ class Scheduler:
 
     async def stop(self) -> None:
         """Stops the worker; jobs still queued or running get a 503 rather than silence."""
-        self.accepting = False
+        self.lifecycle.mark_stopped()
+        shutting_down = "the service is shutting down; retry elsewhere"
         while True:
             try:
                 job = self._queue.get_nowait()
             except asyncio.QueueEmpty:
                 break
-            self._resolve(job, error=Unavailable("the service is shutting down; retry elsewhere"))
+            self._observed_waiting -= job.observed
+            self._finish(job, JobStatus.FAILED, error=Unavailable(shutting_down))
         if self.current is not None:
             self.current.request_stop(StopReason.SHUTDOWN)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        await self._thread.stop()
 
     # -- admission ---------------------------------------------------------------------------
 
     def _check_admission(self) -> None:
-        if not self.accepting:
+        if not self.lifecycle.accepting:
             raise Unavailable(
                 "the service is not accepting requests (starting or draining)",
                 retry_after_s=self.retry_after_s(self.max_queue_size),
@@ -131,10 +151,14 @@ class Scheduler:
         request_id: str,
         *,
         timeout_s: float | None = None,
-        sink: EventSink | None = None,
         reservation: Reservation | None = None,
+        observed: bool = False,
+        job_id: str | None = None,
     ) -> Job:
-        """Admits a job at the tail of the queue, or raises `QueueFull` / `Unavailable`."""
+        """Admits a job at the tail of the queue, or raises `QueueFull` / `Unavailable`.
+
+        `observed` jobs keep their progress and token events for a stream or a later poll.
+        """
         if reservation is not None:
             # Admission was decided when the place was reserved; only a dead worker refuses now.
             reservation.release()
@@ -147,68 +171,90 @@ class Scheduler:
             self.request_timeout_s if timeout_s is None else min(timeout_s, self.request_timeout_s)
         )
         job = Job(
+            id=job_id or request_id,
             request_id=request_id,
             payload=payload,
             deadline=time.monotonic() + budget,
             budget_s=budget,
-            future=loop.create_future(),
-            sink=sink,
+            done=loop.create_future(),
+            observed=observed,
+            detached=job_id is not None,
         )
         self._queue.put_nowait(job)
-        job.admitted_position = self._queue.qsize()
+        self._observed_waiting += observed
+        job.announce_position(self._queue.qsize())
+        if observed:
+            # Nobody may be waiting on a streamed or detached job; its deadline needs a timer.
+            # A waited job gets one from `wait`, after WATCH_AFTER_S, unless it ended by then.
+            self._arm_deadline(job)
         self.counters["admitted"] += 1
-        self._notify_queue_changed()
         return job
 
     def cancel(self, job: Job, reason: StopReason) -> None:
-        """Withdraws a queued job, or asks a running one to stop at its next step."""
+        """Ends a job now: withdraws it from the queue, or asks it to stop at its next step."""
         job.request_stop(reason)
-        if not job.future.done():
-            job.future.cancel()
+        if reason is StopReason.DEADLINE:
+            self._finish(job, JobStatus.EXPIRED, error=deadline_error(job))
+        else:
+            self._finish(
+                job,
+                JobStatus.CANCELLED,
+                error=JobCancelled("the job was cancelled", code=reason.value),
+            )
         if self._queue.discard(job):
+            self._observed_waiting -= job.observed
             self.counters[f"cancelled_queued_{reason.value}"] += 1
             logger.info("job withdrawn before running", extra=_log(job, reason=reason.value))
-            self._notify_queue_changed()
+            self._queue_moved()
             self._set_idle_if_empty()
 
-    async def wait(self, job: Job, disconnected: Awaitable[Any] | None = None) -> Any:
-        """Waits for the job's result, its deadline, or its client's disconnect, whichever first.
+    async def wait(self, job: Job, disconnected: Callable[[], Awaitable[Any]] | None = None) -> Any:
+        """Returns the job's output, or raises its error; a client that leaves cancels the job.
 
-        Raises `DeadlineExceeded` on the deadline and `JobCancelled` on a disconnect; in both cases
-        the job is withdrawn or stopped so that no GPU time is spent on it.
+        `disconnected()` makes an awaitable that completes when the client goes away. It is only
+        started once the job has taken `WATCH_AFTER_S`: watching costs a task per request, and
+        most short jobs end before it would matter. The job's deadline timer is armed then too;
+        until it fires, the worker itself refuses to run or continue a job past its deadline.
         """
-        watcher = asyncio.ensure_future(disconnected) if disconnected is not None else None
-        waiting: set[asyncio.Future[Any]] = {job.future}
-        if watcher is not None:
-            waiting.add(watcher)
-        try:
-            timeout = max(job.deadline - time.monotonic(), 0.0)
-            done, _ = await asyncio.wait(
-                waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-        except asyncio.CancelledError:
-            self.cancel(job, StopReason.CLIENT_GONE)
-            raise
-        finally:
-            if watcher is not None:
-                watcher.cancel()
-        if job.future.done() and not job.future.cancelled():
-            return job.future.result()
-        if watcher is not None and watcher in done:
-            self.cancel(job, StopReason.CLIENT_GONE)
-            raise JobCancelled("the client disconnected", code=StopReason.CLIENT_GONE.value)
-        raise self.expire(job)
+        if not job.done.done():
+            loop = asyncio.get_running_loop()
+            watchers: list[asyncio.Task[Any]] = []
 
-    def expire(self, job: Job) -> DeadlineExceeded:
-        """Withdraws or stops a job whose deadline has passed; returns the error to answer with.
+            def client_left(watcher: asyncio.Task[Any]) -> None:
+                if not watcher.cancelled() and watcher.exception() is None:
+                    self.cancel(job, StopReason.CLIENT_GONE)
 
-        Both ways of waiting for a job (a plain request and an event stream) end here.
-        """
-        self.cancel(job, StopReason.DEADLINE)
-        return DeadlineExceeded(
-            f"the request did not finish within its deadline ({job.budget_s:g} s); try fewer "
-            "steps or a smaller size, or retry when the queue is shorter"
-        )
+            def watch() -> None:
+                self._arm_deadline(job)
+                if disconnected is not None:
+                    watchers.append(asyncio.ensure_future(disconnected()))
+                    watchers[0].add_done_callback(client_left)
+
+            delay = min(WATCH_AFTER_S, job.deadline - time.monotonic())
+            timer = loop.call_later(max(delay, 0.0), watch)
+            try:
+                # Shielded: cancelling this waiter must not cancel the job's own future.
+                await asyncio.shield(job.done)
+            except asyncio.CancelledError:
+                self.cancel(job, StopReason.CLIENT_GONE)
+                raise
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                for watcher in watchers:
+                    watcher.cancel()
+        if job.error is not None:
+            raise job.error
+        return job.output
+
+    def _arm_deadline(self, job: Job) -> None:
+        if job.timer is None and not job.done.done():
+            delay = max(job.deadline - time.monotonic(), 0.0)
+            job.timer = asyncio.get_running_loop().call_later(delay, self._deadline_passed, job)
+
+    def _deadline_passed(self, job: Job) -> None:
+        if not job.done.done():
+            self.cancel(job, StopReason.DEADLINE)
 
     # -- observation -------------------------------------------------------------------------
 
@@ -222,7 +268,7 @@ class Scheduler:
 
     def position(self, job: Job) -> int | None:
         """0 for the running job, 1 for the first waiting one, None once finished."""
-        if job is self.current:
+        if job is self.current and not job.done.done():
             return 0
         index = self._queue.position(job)
         return None if index is None else index + 1
@@ -232,14 +278,12 @@ class Scheduler:
         per_job = self._avg_job_s if self._avg_job_s is not None else 1.0
         return max(1, math.ceil(per_job * max(position, 1)))
 
-    def on_queue_changed(self, callback: Callable[[], None]) -> Callable[[], None]:
-        """Registers `callback` for queue movement; returns the function that unregisters it."""
-        self._queue_changed.add(callback)
-        return lambda: self._queue_changed.discard(callback)
-
-    def _notify_queue_changed(self) -> None:
-        for callback in list(self._queue_changed):
-            callback()
+    def _queue_moved(self) -> None:
+        """Tells each waiting job that streams or is polled its new position."""
+        if not self._observed_waiting:
+            return
+        for index, job in enumerate(self._queue.waiting(), start=1):
+            job.announce_position(index)
 
     def _set_idle_if_empty(self) -> None:
         if self.current is None and self._queue.qsize() == 0 and self._reserved == 0:
@@ -250,92 +294,86 @@ class Scheduler:
     async def _work(self) -> None:
         while True:
             job = await self._queue.get()
-            self._notify_queue_changed()
+            self._observed_waiting -= job.observed
+            self._queue_moved()
             try:
                 await self._run_one(job)
             except asyncio.CancelledError:
                 job.request_stop(StopReason.SHUTDOWN)
-                self._resolve(job, error=Unavailable("the service is shutting down"))
+                self._finish(
+                    job, JobStatus.FAILED, error=Unavailable("the service is shutting down")
+                )
                 raise
             except Exception:  # one job's failure must never end the loop
                 logger.exception("worker bookkeeping failed", extra=_log(job))
-                self._resolve(job, error=InternalError(_generic_500(job)))
+                self._finish(job, JobStatus.FAILED, error=InternalError(_generic_500(job)))
             finally:
                 self.current = None
                 self._set_idle_if_empty()
 
     async def _run_one(self, job: Job) -> None:
-        if job.future.done():
-            # Cancelled while queued but not yet removed (a race with get); it never runs.
+        if job.done.done():
+            # Ended while queued but not yet removed (a race with get); it never runs.
             self.counters["skipped_cancelled"] += 1
             return
         if job.should_stop():
             self.counters["expired_queued"] += 1
             logger.info("deadline passed while queued", extra=_log(job))
-            self._resolve(job, error=DeadlineExceeded("the request waited past its deadline"))
+            self._finish(job, JobStatus.EXPIRED, error=deadline_error(job))
             return
         self.current = job
-        job.started_at = time.monotonic()
-        self.queue_wait_seconds.observe(job.started_at - job.enqueued_at)
-        job.emit("started", {})
-        ctx = JobContext(
-            should_stop=job.should_stop,
-            emit=job.emit,
-            stop_reason=lambda: (job.stop_reason or StopReason.CLIENT_GONE).value,
-        )
+        job.mark_started()
+        self.queue_wait_seconds.observe(job.started_at - job.enqueued_at)  # type: ignore[operator]
+        ctx = JobContext(job.should_stop, job.progress, job.token, job.stop_reason_value)
         try:
-            result = await asyncio.to_thread(self.model.infer, job.payload, ctx)
+            result = await self._thread.run(self.model.infer, job.payload, ctx)
         except JobCancelled:
             job.finished_at = time.monotonic()
             reason = job.stop_reason or StopReason.CLIENT_GONE
             self.counters[f"cancelled_running_{reason.value}"] += 1
             logger.info("running job stopped early", extra=_log(job, reason=reason.value))
-            error: ServiceError = (
-                DeadlineExceeded("the request ran past its deadline and was stopped")
-                if reason is StopReason.DEADLINE
-                else JobCancelled("the job was cancelled", code=reason.value)
-            )
-            self._resolve(job, error=error)
+            if reason is StopReason.DEADLINE:
+                self._finish(job, JobStatus.EXPIRED, error=deadline_error(job))
+            else:
+                status = JobStatus.FAILED if reason is StopReason.SHUTDOWN else JobStatus.CANCELLED
+                self._finish(
+                    job, status, error=JobCancelled("the job was cancelled", code=reason.value)
+                )
         except Exception as exc:
             job.finished_at = time.monotonic()
             if self.model.is_out_of_memory(exc):
                 self.counters["out_of_memory"] += 1
                 logger.error("out of memory", extra=_log(job))
-                await asyncio.to_thread(self.model.recover_from_oom)
-                self._resolve(
-                    job,
-                    error=OutOfMemory(
-                        "the model ran out of accelerator memory for this request; "
-                        "try a smaller size, fewer steps or fewer images"
-                    ),
+                await self._thread.run(self.model.recover_from_oom)
+                error: ServiceError = OutOfMemory(
+                    "the model ran out of accelerator memory for this request; "
+                    "try a smaller size, fewer steps or fewer images"
                 )
             else:
                 self.counters["failed"] += 1
                 logger.exception("inference failed", extra=_log(job))
-                self._resolve(job, error=InternalError(_generic_500(job)))
+                error = InternalError(_generic_500(job))
+            self._finish(job, JobStatus.FAILED, error=error)
         else:
             job.finished_at = time.monotonic()
             self.counters["completed"] += 1
-            self._record_duration(job.finished_at - job.started_at)
-            self.inference_seconds.observe(job.finished_at - job.started_at)
-            self._resolve(job, result=result)
-            logger.info("job done", extra=_log(job, **job.timings()))
+            self._record_duration(job.finished_at - job.started_at)  # type: ignore[operator]
+            self.inference_seconds.observe(job.finished_at - job.started_at)  # type: ignore[operator]
+            self._finish(job, JobStatus.SUCCEEDED, output=result)
+            if logger.isEnabledFor(logging.INFO):
+                logger.info("job done", extra=_log(job, **job.timings()))
+
+    def _finish(
+        self, job: Job, status: JobStatus, *, output: Any = None, error: ServiceError | None = None
+    ) -> None:
+        if job.finish(status, output=output, error=error):
+            self.final_statuses[(status.value, job.detached)] += 1
 
     def _record_duration(self, seconds: float) -> None:
         if self._avg_job_s is None:
             self._avg_job_s = seconds
         else:
             self._avg_job_s = 0.8 * self._avg_job_s + 0.2 * seconds
-
-    @staticmethod
-    def _resolve(job: Job, *, result: Any = None, error: ServiceError | None = None) -> None:
-        # A future whose client already left is done (cancelled); setting it again would raise.
-        if job.future.done():
-            return
-        if error is not None:
-            job.future.set_exception(error)
-        else:
-            job.future.set_result(result)
 
 
 class Reservation:
@@ -355,6 +393,14 @@ class Reservation:
 
     def __exit__(self, *_exc: object) -> None:
         self.release()
+
+
+def deadline_error(job: Job) -> DeadlineExceeded:
+    """The 504 of a job whose deadline passed, naming the job's own budget."""
+    return DeadlineExceeded(
+        f"the request did not finish within its deadline ({job.budget_s:g} s); try fewer "
+        "steps or a smaller size, or retry when the queue is shorter"
+    )
 
 
 def _generic_500(job: Job) -> str:

@@ -1,0 +1,1 @@
+"""The HTTP layer: routes, renderers, body I/O, middleware and request schemas."""

@@ -1,0 +1,248 @@
+"""OpenAI-compatible endpoints: /v1/models, /v1/chat/completions and /v1/images/generations.
+
+They share the queue, deadlines and cancellation with /infer; only the wire format differs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from hunyuan_service.api.body import parse_json, read_body, wait_for_disconnect
+from hunyuan_service.api.deps import EngineDep, request_id_of
+from hunyuan_service.api.encoding import base64_json_string, encode_image, json_bytes, json_object
+from hunyuan_service.api.image2text import decode_images, usage
+from hunyuan_service.api.openai_schemas import ChatCompletionRequest, ImageGenerationRequest
+from hunyuan_service.api.renderers import KEEPALIVE, SSE_HEADERS
+from hunyuan_service.engine.engine import Engine, JobHandle
+from hunyuan_service.engine.events import Failed, Heartbeat, Succeeded, Token
+from hunyuan_service.engine.jobs import StopReason
+from hunyuan_service.errors import NotFound, error_body
+from hunyuan_service.media import ImageSource
+from hunyuan_service.models.types import (
+    ChatMessage,
+    Image2TextInput,
+    Image2TextOutput,
+    Text2ImageInput,
+)
+
+router = APIRouter(prefix="/v1")
+
+OTHER_ENDPOINT = {
+    "text2image": "this server runs MODEL_TYPE=text2image; use POST /v1/images/generations",
+    "image2text": "this server runs MODEL_TYPE=image2text; use POST /v1/chat/completions",
+}
+
+
+def _require(engine: Engine, model_type: str, model: str | None) -> None:
+    if engine.settings.model_type != model_type:
+        raise NotFound(OTHER_ENDPOINT[engine.settings.model_type], code="wrong_model_type")
+    if model is not None and model != engine.settings.model_id:
+        raise NotFound(
+            f"model {model!r} is not served here; use {engine.settings.model_id!r} "
+            "(see GET /v1/models)",
+            param="model",
+            code="model_not_found",
+        )
+
+
+@router.get("/models")
+async def list_models(engine: EngineDep) -> JSONResponse:
+    """Lists the one loaded model, with MODEL_ID as its id."""
+    entry = {
+        "id": engine.settings.model_id,
+        "object": "model",
+        "created": int(engine.started_at),
+        "owned_by": "hunyuan-service",
+    }
+    return JSONResponse({"object": "list", "data": [entry]})
+
+
+# -- chat completions (image2text) -----------------------------------------------------------
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(request: Request, engine: EngineDep) -> Response:
+    """Chat with text and image_url parts, streamed or not."""
+    _require(engine, "image2text", None)
+    engine.check_ready()
+    settings = engine.settings
+    body = await read_body(request, settings.max_body_bytes)
+    params: ChatCompletionRequest = await parse_json(
+        body, ChatCompletionRequest, engine, status_400=True
+    )
+    _require(engine, "image2text", params.model)
+    texts, sources = params.texts_and_images()
+    flat = [ImageSource(url, param) for group in sources for url, param in group]
+    with engine.reserve() as reservation:
+        images = iter(await decode_images(engine, flat))
+        messages = tuple(
+            ChatMessage(role=m.role, text=text, images=tuple(next(images) for _ in group))
+            for m, text, group in zip(params.messages, texts, sources, strict=True)
+        )
+        payload = Image2TextInput(
+            messages=messages,
+            max_new_tokens=params.token_budget(settings),
+            temperature=params.temperature or 0.0,
+            top_p=params.top_p,
+            seed=params.seed,
+            stop=tuple(params.stop or ()),
+        )
+        handle = engine.submit(
+            payload, request_id_of(request), reservation=reservation, observed=params.stream
+        )
+    completion = _Completion(handle, settings.model_id, params)
+    if not params.stream:
+        output = await handle.result(functools.partial(wait_for_disconnect, request))
+        return Response(completion.message(output), media_type="application/json")
+    stream = completion.chunks(settings.stream_keepalive_s)
+    return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+class _Completion:
+    """Renders one chat job as OpenAI's `chat.completion` body or `chat.completion.chunk`s."""
+
+    def __init__(self, handle: JobHandle, model_id: str, params: ChatCompletionRequest) -> None:
+        self.handle = handle
+        self.id = f"chatcmpl-{handle.request_id}"
+        self.created = int(time.time())
+        self.model_id = model_id
+        self.include_usage = bool(params.stream_options and params.stream_options.include_usage)
+        self.stops = list(params.stop or ())
+
+    def message(self, output: Image2TextOutput) -> bytes:
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": output.text},
+            "finish_reason": output.finish_reason,
+            "logprobs": None,
+        }
+        return json_bytes(
+            {
+                "id": self.id,
+                "object": "chat.completion",
+                "created": self.created,
+                "model": self.model_id,
+                "choices": [choice],
+                "usage": usage(output),
+            }
+        )
+
+    def chunk(self, choices: list[dict[str, Any]], usage_body: dict[str, int] | None = None) -> str:
+        body: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model_id,
+            "choices": choices,
+        }
+        if self.include_usage:
+            body["usage"] = usage_body
+        return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+
+    def delta(self, content: dict[str, Any], finish: str | None = None) -> str:
+        return self.chunk(
+            [{"index": 0, "delta": content, "finish_reason": finish, "logprobs": None}]
+        )
+
+    async def chunks(self, heartbeat_s: float) -> AsyncIterator[str | bytes]:
+        """The stream; dropping it cancels the job, like any client that leaves."""
+        try:
+            yield self.delta({"role": "assistant", "content": ""})
+            holdback = _StopHoldback(self.stops)
+            async for _number, event in self.handle.events(0, heartbeat_s):
+                if isinstance(event, Heartbeat):
+                    yield KEEPALIVE
+                elif isinstance(event, Token):
+                    text = holdback.feed(event.text)
+                    if text:
+                        yield self.delta({"content": text})
+                elif isinstance(event, Succeeded):
+                    tail = holdback.flush()
+                    if tail:
+                        yield self.delta({"content": tail})
+                    yield self.delta({}, event.output.finish_reason)
+                    if self.include_usage:
+                        yield self.chunk([], usage(event.output))
+                elif isinstance(event, Failed):
+                    body = error_body(event.error, self.handle.request_id)
+                    yield f"data: {json.dumps(body)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            self.handle.cancel(StopReason.CLIENT_GONE)
+
+
+class _StopHoldback:
+    """Holds back streamed text that might be the start of a stop sequence; cuts at a match."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.keep = max((len(s) for s in stops), default=1) - 1
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        self.pending += text
+        hits = [self.pending.find(s) for s in self.stops if s in self.pending]
+        if hits:
+            self.stopped = True
+            out, self.pending = self.pending[: min(hits)], ""
+            return out
+        cut = max(len(self.pending) - self.keep, 0)
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        return out
+
+
+# -- image generations (text2image) ----------------------------------------------------------
+
+
+@router.post("/images/generations", response_model=None)
+async def images_generations(request: Request, engine: EngineDep) -> Response:
+    """Generates `n` images in one job; the response carries them as b64_json."""
+    _require(engine, "text2image", None)
+    engine.check_ready()  # refuse at once while starting or draining, before reading the body
+    body = await read_body(request, engine.settings.max_body_bytes)
+    params: ImageGenerationRequest = await parse_json(
+        body, ImageGenerationRequest, engine, status_400=True
+    )
+    _require(engine, "text2image", params.model)
+    width, height = params.dimensions
+    payload = Text2ImageInput(
+        prompt=params.prompt,
+        width=width,
+        height=height,
+        num_inference_steps=params.num_inference_steps,
+        guidance_scale=params.guidance_scale,
+        seed=params.seed,
+        count=params.n,
+    )
+    handle = engine.submit(payload, request_id_of(request))
+    output = await handle.result(functools.partial(wait_for_disconnect, request))
+    extra = {"output_format": params.output_format, "size": params.size, "seed": output.seed}
+    data = await engine.run_cpu(_images_json, output.images, params, extra)
+    return Response(data, media_type="application/json")
+
+
+def _images_json(images: Any, params: ImageGenerationRequest, extra: dict[str, Any]) -> bytes:
+    """Encodes every image and builds the whole body in one CPU-pool call."""
+    items = [
+        json_object(
+            {"revised_prompt": params.prompt},
+            {"b64_json": base64_json_string(encode_image(image, params.output_format))},
+        )
+        for image in images
+    ]
+    data = b"[" + b",".join(items) + b"]"
+    return json_object({"created": int(time.time()), **extra}, {"data": data})

@@ -1,0 +1,280 @@
+"""The engine facade: load the model, admit jobs, hand out handles, drain and stop.
+
+Every front-end (`/infer` as JSON, SSE or raw image, the OpenAI routes, the jobs API) submits
+through `Engine.submit` and reads the `JobHandle` it returns; none touches the queue or a job's
+internals. Nothing here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from hunyuan_service import __version__
+from hunyuan_service.engine.events import Event, Heartbeat, Progress, Token
+from hunyuan_service.engine.jobs import Job, JobStatus, StopReason
+from hunyuan_service.engine.lifecycle import Lifecycle, State
+from hunyuan_service.engine.scheduler import Reservation, Scheduler
+from hunyuan_service.engine.store import JobStore
+from hunyuan_service.errors import ModelLoadError, ServiceError, Unavailable
+from hunyuan_service.models.base import InferenceModel
+from hunyuan_service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class JobHandle:
+    """A submitted job as its submitter sees it: its events, its outcome, and `cancel`."""
+
+    def __init__(self, scheduler: Scheduler, job: Job) -> None:
+        self._scheduler = scheduler
+        self._job = job
+
+    @property
+    def id(self) -> str:
+        return self._job.id
+
+    @property
+    def request_id(self) -> str:
+        return self._job.request_id
+
+    @property
+    def status(self) -> JobStatus:
+        return self._job.status
+
+    @property
+    def error(self) -> ServiceError | None:
+        return self._job.error
+
+    @property
+    def output(self) -> Any:
+        return self._job.output
+
+    @property
+    def finished(self) -> bool:
+        return self._job.done.done()
+
+    @property
+    def finished_at(self) -> float | None:
+        return self._job.finished_at if self.finished else None
+
+    @property
+    def admitted_position(self) -> int:
+        """Where the job entered the queue (1 = next to run)."""
+        first = self._job.history[0] if self._job.history else None
+        return getattr(first, "position", 0)
+
+    def position(self) -> int | None:
+        """0 while running, 1 for the next to run, None once finished."""
+        return self._scheduler.position(self._job)
+
+    def progress(self) -> Progress | None:
+        """The latest progress event of a running text2image job."""
+        return next((e for e in reversed(self._job.history) if isinstance(e, Progress)), None)
+
+    def tokens(self) -> int:
+        """How many token events an image2text job has produced so far."""
+        return sum(isinstance(e, Token) for e in self._job.history)
+
+    def events(
+        self, after: int = 0, heartbeat_s: float | None = None
+    ) -> AsyncIterator[tuple[int, Event | Heartbeat]]:
+        """The job's numbered events from number `after + 1` on; see `Job.events`."""
+        return self._job.events(after, heartbeat_s)
+
+    async def result(self, disconnected: Callable[[], Awaitable[Any]] | None = None) -> Any:
+        """The output, or the job's `ServiceError`; if the client leaves first, cancels the job.
+
+        `disconnected()` makes an awaitable that completes when the client goes away.
+        """
+        return await self._scheduler.wait(self._job, disconnected)
+
+    async def wait_finished(self) -> None:
+        await asyncio.shield(self._job.done)
+
+    def cancel(self, reason: StopReason = StopReason.USER) -> None:
+        """Withdraws the job if queued, or stops it at its next step or token; no-op once ended."""
+        if not self.finished:
+            self._scheduler.cancel(self._job, reason)
+
+    def timings(self) -> dict[str, float]:
+        return self._job.timings()
+
+
+class Engine:
+    """Owns the model, the scheduler, the lifecycle state and the store of detached jobs.
+
+    Args:
+        settings: the configuration.
+        model: a model instance to serve (tests pass fakes); built from the registry when None.
+    """
+
+    def __init__(self, settings: Settings, model: InferenceModel | None = None) -> None:
+        self.settings = settings
+        self.model = model
+        self.lifecycle = Lifecycle()
+        self.scheduler: Scheduler | None = None
+        self.started_at = time.time()
+        self.jobs = JobStore(
+            ttl_s=settings.job_result_ttl_s,
+            max_jobs=settings.max_stored_jobs,
+            max_bytes=settings.job_store_max_bytes,
+        )
+        # Decoding client images and encoding results run here, not on the event loop and not
+        # on the model's thread, so they never delay a job.
+        self.cpu_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hunyuan-cpu")
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Loads the model off the event loop, then starts the worker; raises if loading fails."""
+        settings = self.settings
+        if self.model is None:
+            from hunyuan_service.models.registry import get_model
+
+            self.model = get_model(settings)
+        logger.info(
+            "loading model",
+            extra={"model_type": settings.model_type, "model_id": settings.model_id},
+        )
+        try:
+            await asyncio.to_thread(self.model.load)
+        except ModelLoadError as error:
+            self.lifecycle.advance(State.FAILED)
+            logger.error("cannot start: %s", error)  # uvicorn logs the traceback once more
+            raise
+        except Exception:
+            self.lifecycle.advance(State.FAILED)
+            logger.exception("model failed to load; the service will not start")
+            raise
+        self.scheduler = Scheduler(
+            self.model, settings.max_queue_size, settings.request_timeout_s, self.lifecycle
+        )
+        self.scheduler.start()
+        info = self.model.info
+        logger.info("ready", extra={"device": info.device, "dtype": info.dtype, "demo": info.demo})
+        if info.demo:
+            logger.warning("DEMO MODEL in use: tiny random weights; outputs are noise")
+
+    def begin_drain(self) -> None:
+        """Called on SIGTERM/SIGINT: /ready turns 503 and new requests are refused at once."""
+        if self.lifecycle.begin_drain():
+            logger.info("draining: no new requests; finishing admitted ones")
+
+    async def stop(self) -> None:
+        """Finishes admitted jobs (up to SHUTDOWN_TIMEOUT_S), then stops the worker.
+
+        The CPU pool stays up, so that results of the last jobs can still be encoded; `close`
+        shuts it down.
+        """
+        self.begin_drain()
+        if self.scheduler is not None:
+            if not await self.scheduler.drain(self.settings.shutdown_timeout_s):
+                logger.warning("shutdown timeout reached with jobs still in flight")
+            await self.scheduler.stop()
+            logger.info("stopped", extra=dict(self.scheduler.counters))
+        self.lifecycle.mark_stopped()
+
+    def close(self) -> None:
+        self.cpu_pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def state(self) -> State:
+        return self.lifecycle.state
+
+    @property
+    def worker_alive(self) -> bool:
+        return self.scheduler is not None and self.scheduler.worker_alive
+
+    # -- admission ---------------------------------------------------------------------------
+
+    def check_ready(self) -> Scheduler:
+        """Refuses at once (503) while starting or draining, before any body is read."""
+        if self.scheduler is None or self.lifecycle.state is not State.READY:
+            state = self.lifecycle.state.value
+            raise Unavailable(f"the service is {state}; retry shortly", retry_after_s=1)
+        return self.scheduler
+
+    def reserve(self) -> Reservation:
+        """Holds a queue place while a request is prepared; see `Scheduler.reserve`."""
+        return self.check_ready().reserve()
+
+    def submit(
+        self,
+        payload: Any,
+        request_id: str,
+        *,
+        timeout_s: float | None = None,
+        reservation: Reservation | None = None,
+        observed: bool = False,
+        detached: bool = False,
+    ) -> JobHandle:
+        """The one way to run a job. Raises `QueueFull` or `Unavailable` when not admitted.
+
+        Args:
+            payload: the model's typed input.
+            request_id: for logs and error bodies.
+            timeout_s: a deadline shorter than REQUEST_TIMEOUT_S.
+            reservation: a queue place taken earlier with `reserve`.
+            observed: keep progress and token events (someone streams the job).
+            detached: the job outlives its request: it gets an unguessable id and is kept in
+                `jobs` until its result expires.
+        """
+        scheduler = self.check_ready() if reservation is None else self.scheduler
+        assert scheduler is not None
+        job_id = new_job_id() if detached else None
+        job = scheduler.submit(
+            payload,
+            request_id,
+            timeout_s=timeout_s,
+            reservation=reservation,
+            observed=observed or detached,
+            job_id=job_id,
+        )
+        handle = JobHandle(scheduler, job)
+        if detached:
+            self.jobs.add(handle)
+        return handle
+
+    async def run_cpu(self, function: Callable[..., T], *args: Any) -> T:
+        """Runs CPU-bound pre- or post-processing on the engine's own thread pool."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.cpu_pool, functools.partial(function, *args))
+
+    # -- observation -------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        scheduler = self.scheduler
+        body: dict[str, Any] = {"status": self.lifecycle.state.value, "version": __version__}
+        if self.model is not None:
+            info = self.model.info
+            body.update(
+                model_type=info.model_type,
+                model_id=info.model_id,
+                demo=info.demo,
+                device=info.device,
+                dtype=info.dtype,
+                **info.extra,
+            )
+            if info.demo:
+                body["notice"] = "DEMO MODEL: tiny random weights; outputs are noise"
+        body.update(
+            worker_alive=self.worker_alive,
+            queue_depth=scheduler.queue_depth if scheduler else 0,
+            max_queue_size=self.settings.max_queue_size,
+            busy=scheduler.busy if scheduler else False,
+        )
+        return body
+
+
+def new_job_id() -> str:
+    """An unguessable job id: 144 random bits, URL-safe."""
+    return "job_" + secrets.token_urlsafe(18)

@@ -1,0 +1,205 @@
+"""A job (one admitted request), its status and event history, and the FIFO queue that holds it."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from hunyuan_service.engine.events import (
+    Event,
+    Failed,
+    Heartbeat,
+    Progress,
+    Queued,
+    Started,
+    Succeeded,
+    Token,
+)
+from hunyuan_service.errors import ServiceError
+
+
+class StopReason(str, enum.Enum):
+    CLIENT_GONE = "client_disconnected"
+    USER = "cancelled_by_user"
+    DEADLINE = "deadline"
+    SHUTDOWN = "shutdown"
+
+
+class JobStatus(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+    @property
+    def final(self) -> bool:
+        return self not in (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+@dataclass(eq=False)
+class Job:
+    """One admitted request: its payload, deadline, status and the events it has produced.
+
+    Everything but `should_stop`, `request_stop` and `post` runs on the event loop. The worker
+    thread reports progress through `post`, which hops to the loop.
+    """
+
+    id: str
+    request_id: str
+    payload: Any
+    deadline: float
+    budget_s: float  # the time the job was granted: REQUEST_TIMEOUT_S, or the request's shorter one
+    done: asyncio.Future[None]  # resolved (to None) when the job reaches a final status
+    observed: bool = False  # someone streams or polls it: keep progress and token events
+    detached: bool = False  # a jobs-API job, which outlives the request that made it
+    enqueued_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
+    finished_at: float | None = None
+    status: JobStatus = JobStatus.QUEUED
+    stop_reason: StopReason | None = None
+    output: Any = None
+    error: ServiceError | None = None
+    history: list[Event] = field(default_factory=list)
+    position: int = 0  # the last position announced: 1 = next to run, 0 once started
+    timer: asyncio.TimerHandle | None = None
+    # A plain flag, not a threading.Event: one attribute write is atomic, and an Event costs a
+    # lock and a condition per job.
+    _stop: bool = False
+    _changed: asyncio.Event | None = None  # made by the first reader that has to wait
+
+    # -- the worker thread's side -----------------------------------------------------------
+
+    def should_stop(self) -> bool:
+        """Polled from the worker thread between steps: cancelled, or past the deadline."""
+        if self._stop:
+            return True
+        if time.monotonic() >= self.deadline:
+            self.stop_reason = self.stop_reason or StopReason.DEADLINE
+            return True
+        return False
+
+    def request_stop(self, reason: StopReason) -> None:
+        self.stop_reason = self.stop_reason or reason
+        self._stop = True
+
+    def progress(self, step: int, total: int) -> None:
+        """Called from the worker thread after each step; kept only if someone will read it."""
+        if self.observed:
+            self.done.get_loop().call_soon_threadsafe(self.record, Progress(step, total))
+
+    def token(self, text: str) -> None:
+        """Called from the worker thread with new text; kept only if someone will read it."""
+        if self.observed:
+            self.done.get_loop().call_soon_threadsafe(self.record, Token(text))
+
+    def stop_reason_value(self) -> str:
+        return (self.stop_reason or StopReason.CLIENT_GONE).value
+
+    # -- the event loop's side --------------------------------------------------------------
+
+    def record(self, event: Event) -> None:
+        """Appends an event and wakes the readers; nothing is recorded after the final event.
+
+        An unobserved job (a plain request that nobody streams) keeps only its final event.
+        """
+        if self.done.done() or not (self.observed or isinstance(event, (Succeeded, Failed))):
+            return
+        self.history.append(event)
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    def announce_position(self, position: int) -> None:
+        if position != self.position:
+            self.position = position
+            if self.observed:
+                self.record(Queued(position))
+
+    def mark_started(self) -> None:
+        self.status = JobStatus.RUNNING
+        self.started_at = time.monotonic()
+        self.position = 0
+        self.record(Started())
+
+    def finish(
+        self, status: JobStatus, *, output: Any = None, error: ServiceError | None = None
+    ) -> bool:
+        """Gives the job its final status once; later calls (a late result) are ignored."""
+        if self.done.done():
+            return False
+        self.finished_at = self.finished_at or time.monotonic()
+        self.record(Succeeded(output) if error is None else Failed(error))
+        self.status, self.output, self.error = status, output, error
+        if self.timer is not None:
+            self.timer.cancel()
+        self.done.set_result(None)
+        return True
+
+    async def events(
+        self, after: int = 0, heartbeat_s: float | None = None
+    ) -> AsyncIterator[tuple[int, Event | Heartbeat]]:
+        """Yields `(number, event)` from event number `after + 1` on, until the final event.
+
+        Events are numbered from 1 in the order they happened, so a reader can resume after the
+        last number it saw. A `Heartbeat` (numbered like the last real event) comes after
+        `heartbeat_s` without news.
+        """
+        index = max(after, 0)
+        while True:
+            while index < len(self.history):
+                event = self.history[index]
+                index += 1
+                yield index, event
+                if isinstance(event, (Succeeded, Failed)):
+                    return
+            if self._changed is None:
+                self._changed = asyncio.Event()
+            changed = self._changed
+            try:
+                await asyncio.wait_for(changed.wait(), timeout=heartbeat_s)
+            except asyncio.TimeoutError:
+                yield index, Heartbeat()
+
+    def timings(self) -> dict[str, float]:
+        end = self.finished_at or time.monotonic()
+        start = self.started_at or end
+        return {
+            "queue_ms": round((start - self.enqueued_at) * 1000, 2),
+            "inference_ms": round((end - start) * 1000, 2),
+            "total_ms": round((end - self.enqueued_at) * 1000, 2),
+        }
+
+
+class JobQueue(asyncio.Queue["Job"]):
+    """asyncio.Queue plus removal of a job that left while still waiting.
+
+    `_init` is the hook asyncio's own queue subclasses override; owning it here makes the deque
+    ours, so `discard` and `position` may use it. Puts never block (admission is checked first),
+    so no waiting putter needs waking after a removal.
+    """
+
+    def _init(self, maxsize: int) -> None:
+        self._queue: collections.deque[Job] = collections.deque()
+
+    def discard(self, job: Job) -> bool:
+        try:
+            self._queue.remove(job)
+        except ValueError:
+            return False
+        return True
+
+    def position(self, job: Job) -> int | None:
+        try:
+            return self._queue.index(job)
+        except ValueError:
+            return None
+
+    def waiting(self) -> collections.deque[Job]:
+        return self._queue

@@ -1,0 +1,64 @@
+"""The typed inputs and outputs of each model type, apart from the models that implement them.
+
+The HTTP layer builds and reads these; it never imports `flux.py` or `qwen_vl.py`, which stay
+free to import torch and diffusers at will.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+
+@dataclass(frozen=True)
+class Text2ImageInput:
+    prompt: str
+    width: int
+    height: int
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+    count: int = 1  # images to make; image i uses seed + i
+
+
+@dataclass(frozen=True)
+class Text2ImageOutput:
+    images: tuple[Image, ...]
+    seed: int
+    num_inference_steps: int
+
+    @property
+    def image(self) -> Image:
+        return self.images[0]
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One turn. `images` are already decoded and validated; they precede the text in the turn."""
+
+    role: str
+    text: str
+    images: tuple[Image, ...] = ()
+
+
+@dataclass(frozen=True)
+class Image2TextInput:
+    messages: tuple[ChatMessage, ...]
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Image2TextOutput:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" or "length", as in OpenAI's API
