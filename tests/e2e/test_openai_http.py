@@ -64,6 +64,10 @@ def test_stop_sequence_cuts_streamed_and_plain_text_alike(vl_client: TestClient)
             {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "frobnicate": 1},
             "frobnicate",
         ),
+        (  # MAX_PROMPT_CHARS (4000) counts the text of every message together
+            {"model": "tiny", "messages": [{"role": "user", "content": "x" * 2500}] * 2},
+            "messages",
+        ),
     ],
 )
 def test_chat_validation_is_400_naming_the_field(

@@ -192,5 +192,13 @@ def test_openapi_documents_the_infer_bodies_without_dangling_refs(flux_client: T
     titles = [schema["title"] for schema in body["application/json"]["schema"]["oneOf"]]
     assert titles == ["Text2ImageRequest", "Image2TextRequest"]
     assert "multipart/form-data" in body
+    jobs = spec["paths"]["/v1/jobs"]["post"]
+    job_bodies = jobs["requestBody"]["content"]["application/json"]["schema"]["oneOf"]
+    assert [schema["title"] for schema in job_bodies] == [
+        "Text2ImageJobRequest",
+        "Image2TextJobRequest",
+    ]
+    assert all("webhook" in schema["properties"] for schema in job_bodies)
+    assert "202" in jobs["responses"]
     assert "#/$defs/" not in flux_client.get("/openapi.json").text
     assert flux_client.get("/docs").status_code == 200

@@ -113,6 +113,8 @@ def test_events_replay_for_a_late_subscriber_and_resume_after_last_event_id(serv
     resumed = events_text(url, job_id, headers={"Last-Event-ID": "4"})
     assert event_ids(resumed) == [5, 6, 7]
     assert [name for name, _ in parse_sse(resumed)] == ["progress", "progress", "result"]
+    # A client that saw the end (or claims more) gets an empty stream that closes, not a hang.
+    assert parse_sse(events_text(url, job_id, headers={"Last-Event-ID": "99"})) == []
 
 
 def test_dropping_the_event_stream_does_not_cancel_the_job(serve: Any) -> None:  # noqa: F811
@@ -176,6 +178,10 @@ def test_store_cap_evicts_the_oldest_finished_job(serve: Any) -> None:  # noqa: 
     assert evicted.json()["error"]["code"] == "job_evicted"
     assert "MAX_STORED_JOBS=2" in evicted.json()["error"]["message"]
     assert [status(url, job_id).status_code for job_id in ids[1:]] == [200, 200]
+    assert (
+        'hunyuan_stored_jobs_removed_total{reason="evicted"} 1'
+        in httpx.get(f"{url}/metrics").text.splitlines()
+    )
 
 
 def test_full_queue_and_bad_bodies_are_refused_like_infer(serve: Any) -> None:  # noqa: F811
@@ -239,3 +245,23 @@ def test_a_job_outlives_many_pollers_without_leaking_threads(serve: Any) -> None
         thread.join()
     wait_for_status(url, job_id, "succeeded")
     assert [call.prompt for call in model.calls] == ["once"]
+
+
+def test_shutdown_drains_admitted_jobs_api_jobs() -> None:
+    """The lifespan's drain runs jobs API jobs to the end, like any admitted request."""
+    from hunyuan_service.api.app import create_app
+    from tests.conftest import LiveServer
+    from tests.fakes import fake_settings
+
+    model = FakeImageModel(steps=20, step_s=0.01)
+    model.gate.clear()
+    app = create_app(fake_settings(shutdown_timeout_s=60), model=model)
+    server = LiveServer(app).__enter__()
+    ids = [submit(server.url, {"prompt": f"p{i}", **SMALL}).json()["id"] for i in range(3)]
+    engine = app.state.engine
+    handles = [engine.jobs.get(job_id).handle for job_id in ids]
+    model.gate.set()
+    server.__exit__()  # as on SIGTERM: stop accepting, drain, then stop the worker
+    assert [handle.status.value for handle in handles] == ["succeeded"] * 3
+    assert [call.prompt for call in model.calls] == ["p0", "p1", "p2"]
+    assert model.log.stopped_early == []

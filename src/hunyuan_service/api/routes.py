@@ -6,10 +6,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel
 
 from hunyuan_service.api.deps import EngineDep
 from hunyuan_service.api.image2text import prepare_image2text
+from hunyuan_service.api.openapi import inline_schema, request_body
 from hunyuan_service.api.renderers import respond
 from hunyuan_service.api.schemas import Image2TextRequest, Text2ImageRequest, Text2ImageResponse
 from hunyuan_service.api.text2image import prepare_text2image
@@ -19,46 +19,16 @@ from hunyuan_service.engine.metrics import render_prometheus
 router = APIRouter()
 
 
-def _schema(model: type[BaseModel]) -> dict[str, Any]:
-    """A model's JSON schema with nested definitions inlined, so it stands alone in OpenAPI."""
-    schema = model.model_json_schema()
-    definitions = schema.pop("$defs", {})
-
-    def inline(node: Any) -> Any:
-        if isinstance(node, dict):
-            ref = node.get("$ref", "")
-            if ref.startswith("#/$defs/"):
-                return inline(definitions[ref.removeprefix("#/$defs/")])
-            return {key: inline(value) for key, value in node.items()}
-        if isinstance(node, list):
-            return [inline(item) for item in node]
-        return node
-
-    return inline(schema)
-
-
 def _infer_openapi() -> dict[str, Any]:
     """Documents /infer's bodies, which the handler parses itself (JSON, multipart, or SSE)."""
-    json_bodies = [_schema(Text2ImageRequest), _schema(Image2TextRequest)]
-    form = _schema(Image2TextRequest)
-    form["properties"]["images"] = {
-        "type": "array",
-        "items": {"type": "string", "format": "binary"},
-    }
     return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": {"oneOf": json_bodies}},
-                "multipart/form-data": {"schema": form},
-            },
-        },
+        "requestBody": request_body(Text2ImageRequest, Image2TextRequest),
         "responses": {
             "200": {
                 "description": "JSON (text2image: Text2ImageResponse; image2text: text), raw "
                 "image bytes for Accept: image/*, or Server-Sent Events when streaming.",
                 "content": {
-                    "application/json": {"schema": _schema(Text2ImageResponse)},
+                    "application/json": {"schema": inline_schema(Text2ImageResponse)},
                     "text/event-stream": {"schema": {"type": "string"}},
                 },
             }

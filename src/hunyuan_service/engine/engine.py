@@ -66,12 +66,6 @@ class JobHandle:
     def finished_at(self) -> float | None:
         return self._job.finished_at if self.finished else None
 
-    @property
-    def admitted_position(self) -> int:
-        """Where the job entered the queue (1 = next to run)."""
-        first = self._job.history[0] if self._job.history else None
-        return getattr(first, "position", 0)
-
     def position(self) -> int | None:
         """0 while running, 1 for the next to run, None once finished."""
         return self._scheduler.position(self._job)

@@ -71,7 +71,6 @@ class Failed:
 
 
 Event = Queued | Started | Progress | Token | Succeeded | Failed
-Final = (Succeeded, Failed)
 
 
 @dataclass(frozen=True)

@@ -159,6 +159,8 @@ class Job:
                 yield index, event
                 if isinstance(event, (Succeeded, Failed)):
                     return
+            if self.done.done():
+                return  # `after` was at or past the final event: nothing more will come
             if self._changed is None:
                 self._changed = asyncio.Event()
             changed = self._changed

@@ -61,6 +61,14 @@ def render_prometheus(
     ]
     for outcome, count in sorted((webhooks or {}).items()):
         lines.append(f'hunyuan_webhooks_total{{outcome="{outcome}"}} {count}')
+    lines += [
+        "# HELP hunyuan_stored_jobs_removed_total Jobs API jobs dropped: expired or evicted.",
+        "# TYPE hunyuan_stored_jobs_removed_total counter",
+    ]
+    for reason in ("evicted", "expired"):
+        lines.append(
+            f'hunyuan_stored_jobs_removed_total{{reason="{reason}"}} {store.evictions[reason]}'
+        )
     gauges = {
         "hunyuan_queue_depth": (scheduler.queue_depth if scheduler else 0, "Jobs waiting."),
         "hunyuan_busy": (int(scheduler.busy) if scheduler else 0, "1 while a job runs."),
