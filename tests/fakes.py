@@ -156,3 +156,66 @@ class FakeImageModel(SteppingModel):
 
     def recover_from_oom(self) -> None:
         self.oom_recoveries += 1
+
+
+class BatchingModel(FakeModel):
+    """Batches requests whose `key` matches; records each call's rows; can run out of memory.
+
+    A request is a dict: {"id", "key"}; `key` None means it never batches. Each row steps
+    `steps` times, emitting progress with total = 100 + its position in the batch, so a test can
+    tell whose events reached whom.
+    """
+
+    supports_batching = True
+
+    def __init__(self, steps: int = 3, step_s: float = 0.001, oom_above: int | None = None):
+        super().__init__()
+        self.steps, self.step_s, self.oom_above = steps, step_s, oom_above
+        self.batches: list[list[Any]] = []
+        self.release = threading.Event()
+        self.release.set()
+        self.started = threading.Event()
+        self.stopped_rows: list[Any] = []
+        self.oom_recoveries = 0
+        self.gates: dict[Any, threading.Event] = {}  # a batch holding this id waits for it
+        self.running_ids: list[Any] = []
+
+    def batch_key(self, request: Any) -> Any:
+        return request.get("key")
+
+    def run(self, request: Any, ctx: JobContext) -> Any:
+        return self.infer_batch([request], [ctx])[0]
+
+    def infer_batch(self, requests: list[Any], contexts: list[JobContext]) -> list[Any]:
+        ids = [request["id"] for request in requests]
+        if self.oom_above is not None and len(requests) > self.oom_above:
+            raise FakeOutOfMemoryError("CUDA out of memory (batch too large)")
+        self.batches.append(ids)
+        self.running_ids = ids
+        self.started.set()
+        gates = [self.release] + [self.gates[i] for i in ids if i in self.gates]
+        for gate in gates:
+            while not gate.wait(0.005):
+                if all(ctx.should_stop() for ctx in contexts):
+                    raise JobCancelled("all rows stopped")
+        for step in range(self.steps):
+            time.sleep(self.step_s)
+            live = [i for i, ctx in enumerate(contexts) if not ctx.should_stop()]
+            if not live:
+                raise JobCancelled("all rows stopped")
+            for i in live:
+                contexts[i].on_progress(step + 1, 100 + i)
+        outputs: list[Any] = []
+        for request, ctx in zip(requests, contexts, strict=True):
+            if ctx.should_stop():
+                self.stopped_rows.append(request["id"])
+                outputs.append(JobCancelled("row stopped"))
+            else:
+                outputs.append({"echo": request["id"], "batch": ids})
+        return outputs
+
+    def is_out_of_memory(self, error: BaseException) -> bool:
+        return isinstance(error, FakeOutOfMemoryError)
+
+    def recover_from_oom(self) -> None:
+        self.oom_recoveries += 1

@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(30.0, ge=0, le=3_600)
     stream_keepalive_s: float = Field(5.0, gt=0, le=300)
 
+    # Dynamic batching: up to max_batch_size compatible jobs from the head of the queue run
+    # together; 1 keeps the one-job-at-a-time contract exactly.
+    max_batch_size: int = Field(1, ge=1, le=64)
+    batch_wait_ms: float = Field(50.0, ge=0, le=1000)
+
     # Input limits shared by both model types.
     max_prompt_chars: int = Field(4_000, ge=1, le=1_000_000)
     max_body_bytes: int = Field(64 * 2**20, ge=1024)

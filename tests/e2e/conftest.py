@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -58,3 +59,23 @@ def vl_open_client(tiny_cache: Path, media_dir: Path) -> Iterator[TestClient]:
     )
     with TestClient(create_app(settings)) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def flux(tiny_cache: Path) -> Any:
+    """The tiny FLUX model itself, loaded once, for tests that call it directly."""
+    from hunyuan_service.models.flux import FluxModel
+
+    model = FluxModel(tiny_settings("text2image", tiny_cache))
+    model.load()
+    return model
+
+
+@pytest.fixture(scope="session")
+def qwen(tiny_cache: Path) -> Any:
+    """The tiny Qwen2.5-VL model itself, loaded once, for tests that call it directly."""
+    from hunyuan_service.models.qwen_vl import QwenVLModel
+
+    model = QwenVLModel(tiny_settings("image2text", tiny_cache))
+    model.load()
+    return model

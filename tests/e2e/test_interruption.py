@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from hunyuan_service.errors import JobCancelled
 from hunyuan_service.models.base import JobContext
-from tests.e2e.conftest import tiny_settings
 from tests.images import png_bytes
 
 
@@ -29,24 +27,6 @@ class StopAfter:
             on_token=lambda text: self.events.append(("token", {"text": text})),
             stop_reason=lambda: "client_disconnected",
         )
-
-
-@pytest.fixture(scope="module")
-def flux(tiny_cache: Path) -> Any:
-    from hunyuan_service.models.flux import FluxModel
-
-    model = FluxModel(tiny_settings("text2image", tiny_cache))
-    model.load()
-    return model
-
-
-@pytest.fixture(scope="module")
-def qwen(tiny_cache: Path) -> Any:
-    from hunyuan_service.models.qwen_vl import QwenVLModel
-
-    model = QwenVLModel(tiny_settings("image2text", tiny_cache))
-    model.load()
-    return model
 
 
 def test_flux_reports_every_step(flux: Any) -> None:

@@ -63,13 +63,15 @@ def test_health_reports_the_demo(flux_process: ServiceProcess) -> None:
 
 
 def test_sigterm_drains_admitted_jobs_then_exits_zero(tiny_cache: Path) -> None:
-    with ServiceProcess(tiny_env(tiny_cache, SHUTDOWN_TIMEOUT_S="60")) as service:
-        # About 1.8 s per job on the development machines, so all three are in flight at once.
+    # The drain budget only has to outlast three jobs on a loaded machine: a hang still fails.
+    with ServiceProcess(tiny_env(tiny_cache, SHUTDOWN_TIMEOUT_S="900")) as service:
+        # About 1.8 s per job on an idle development machine (57 s was seen under heavy load),
+        # so all three are in flight at once.
         body = {"prompt": "slow", "width": 512, "height": 512, "num_inference_steps": 100}
         outcomes: dict[int, int] = {}
 
         def client(i: int) -> None:
-            response = httpx.post(f"{service.url}/infer", json=body, timeout=120)
+            response = httpx.post(f"{service.url}/infer", json=body, timeout=900)
             outcomes[i] = response.status_code
 
         def health() -> dict:
@@ -92,7 +94,7 @@ def test_sigterm_drains_admitted_jobs_then_exits_zero(tiny_cache: Path) -> None:
         except httpx.TransportError:
             late = None  # the listener already closed: also a refusal
         for thread in threads:
-            thread.join(timeout=120)
-        assert service.wait(timeout=60) == 0
+            thread.join(timeout=900)
+        assert service.wait(timeout=120) == 0
         assert outcomes == {0: 200, 1: 200, 2: 200}
         assert late in (503, None)

@@ -36,6 +36,19 @@ def test_defaults() -> None:
     assert settings.shutdown_timeout_s == 30
     assert settings.api_key is None
     assert not settings.is_demo
+    assert (settings.max_batch_size, settings.batch_wait_ms) == (1, 50)  # one job at a time
+    assert (settings.job_result_ttl_s, settings.max_stored_jobs) == (3600, 256)
+    assert settings.webhook_secret is None
+    assert settings.allowed_webhook_domains == []
+
+
+def test_webhook_secret_must_be_standard_webhooks_base64() -> None:
+    with pytest.raises(ValueError, match="WEBHOOK_SECRET"):
+        Settings(_env_file=None, webhook_secret="not base64!")
+    with pytest.raises(ValueError, match="WEBHOOK_SECRET"):
+        Settings(_env_file=None, webhook_secret="whsec_c2hvcnQ=")  # 5 bytes: too short
+    good = Settings(_env_file=None, webhook_secret="whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+    assert good.webhook_secret is not None
 
 
 def test_model_id_default_follows_the_model_type(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -150,7 +150,12 @@ class Engine:
             logger.exception("model failed to load; the service will not start")
             raise
         self.scheduler = Scheduler(
-            self.model, settings.max_queue_size, settings.request_timeout_s, self.lifecycle
+            self.model,
+            settings.max_queue_size,
+            settings.request_timeout_s,
+            self.lifecycle,
+            max_batch_size=settings.max_batch_size,
+            batch_wait_s=settings.batch_wait_ms / 1000,
         )
         self.scheduler.start()
         info = self.model.info

@@ -18,17 +18,18 @@ if TYPE_CHECKING:
 class Histogram:
     """Cumulative bucket counts for Prometheus; observed on the event loop only."""
 
-    BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+    SECONDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
-    def __init__(self) -> None:
-        self._hits = [0] * (len(self.BUCKETS) + 1)
+    def __init__(self, buckets: tuple[float, ...] = SECONDS) -> None:
+        self.buckets = buckets
+        self._hits = [0] * (len(self.buckets) + 1)
         self.total = 0
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
         self.total += 1
         self.sum += value
-        self._hits[bisect.bisect_left(self.BUCKETS, value)] += 1
+        self._hits[bisect.bisect_left(self.buckets, value)] += 1
 
     @property
     def counts(self) -> list[int]:
@@ -82,10 +83,11 @@ def render_prometheus(
         histograms = {
             "hunyuan_inference_seconds": (scheduler.inference_seconds, "Run time of jobs done."),
             "hunyuan_queue_wait_seconds": (scheduler.queue_wait_seconds, "Wait before a run."),
+            "hunyuan_batch_size": (scheduler.batch_sizes, "Jobs run together in one model call."),
         }
         for name, (histogram, help_text) in histograms.items():
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
-            for bound, count in zip(histogram.BUCKETS, histogram.counts, strict=True):
+            for bound, count in zip(histogram.buckets, histogram.counts, strict=True):
                 lines.append(f'{name}_bucket{{le="{bound:g}"}} {count}')
             lines += [
                 f'{name}_bucket{{le="+Inf"}} {histogram.total}',

@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from hunyuan_service.engine.batching import gather_companions
 from hunyuan_service.engine.jobs import Job, JobQueue, JobStatus, StopReason
 from hunyuan_service.engine.lifecycle import Lifecycle, State
 from hunyuan_service.engine.metrics import Histogram
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 # A waiting request starts watching for its client's disconnect after this long.
 WATCH_AFTER_S = 0.05
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
 class Scheduler:
@@ -53,15 +55,21 @@ class Scheduler:
         max_queue_size: int,
         request_timeout_s: float,
         lifecycle: Lifecycle | None = None,
+        *,
+        max_batch_size: int = 1,
+        batch_wait_s: float = 0.0,
     ):
         self.model = model
+        # A model that cannot batch runs one job at a time whatever the setting says.
+        self.max_batch_size = max_batch_size if model.supports_batching else 1
+        self.batch_wait_s = batch_wait_s
         self.lifecycle = lifecycle or Lifecycle()
         self.max_queue_size = max_queue_size
         self.request_timeout_s = request_timeout_s
         self.counters: collections.Counter[str] = collections.Counter()
         # (final status, detached) -> jobs; detached jobs are the jobs API's
         self.final_statuses: collections.Counter[tuple[str, bool]] = collections.Counter()
-        self.current: Job | None = None
+        self.running: list[Job] = []  # one job, or one batch
         self._queue = JobQueue(maxsize=max_queue_size)
         self._reserved = 0
         self._observed_waiting = 0  # queued jobs that want position updates
@@ -69,8 +77,12 @@ class Scheduler:
         self._thread = ModelThread()
         self._idle = asyncio.Event()
         self._avg_job_s: float | None = None
+        self._arrival = asyncio.Event()  # set on each admission, for a batch waiting to fill
+        # Jobs running or queued when the last batch ended: how many to expect in the next one.
+        self._last_in_flight = 1
         self.inference_seconds = Histogram()
         self.queue_wait_seconds = Histogram()
+        self.batch_sizes = Histogram(BATCH_BUCKETS)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -89,7 +101,7 @@ class Scheduler:
         """Stops admitting, then waits up to `timeout_s` for queued and running jobs to finish."""
         self.lifecycle.begin_drain()
         deadline = time.monotonic() + timeout_s
-        while (self.current is not None or self._queue.qsize() or self._reserved) and (
+        while (self.running or self._queue.qsize() or self._reserved) and (
             self.worker_alive and time.monotonic() < deadline
         ):
             self._idle.clear()
@@ -97,7 +109,7 @@ class Scheduler:
                 await asyncio.wait_for(self._idle.wait(), timeout=deadline - time.monotonic())
             except asyncio.TimeoutError:
                 break
-        return self.current is None and self._queue.qsize() == 0
+        return not self.running and self._queue.qsize() == 0
 
     async def stop(self) -> None:
         """Stops the worker; jobs still queued or running get a 503 rather than silence."""
@@ -110,8 +122,8 @@ class Scheduler:
                 break
             self._observed_waiting -= job.observed
             self._finish(job, JobStatus.FAILED, error=Unavailable(shutting_down))
-        if self.current is not None:
-            self.current.request_stop(StopReason.SHUTDOWN)
+        for job in self.running:
+            job.request_stop(StopReason.SHUTDOWN)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -181,6 +193,7 @@ class Scheduler:
             detached=job_id is not None,
         )
         self._queue.put_nowait(job)
+        self._arrival.set()
         self._observed_waiting += observed
         job.announce_position(self._queue.qsize())
         if observed:
@@ -264,19 +277,23 @@ class Scheduler:
 
     @property
     def busy(self) -> bool:
-        return self.current is not None
+        return bool(self.running)
 
     def position(self, job: Job) -> int | None:
         """0 for the running job, 1 for the first waiting one, None once finished."""
-        if job is self.current and not job.done.done():
+        if job.status is JobStatus.RUNNING:
             return 0
         index = self._queue.position(job)
         return None if index is None else index + 1
 
     def retry_after_s(self, position: int) -> int:
-        """Whole seconds until `position` jobs ahead should have run, from recent job times."""
-        per_job = self._avg_job_s if self._avg_job_s is not None else 1.0
-        return max(1, math.ceil(per_job * max(position, 1)))
+        """Whole seconds until `position` jobs ahead should have run, from recent run times.
+
+        A position counts jobs; with batching, they run `max_batch_size` at a time.
+        """
+        per_run = self._avg_job_s if self._avg_job_s is not None else 1.0
+        runs = math.ceil(max(position, 1) / self.max_batch_size)
+        return max(1, math.ceil(per_run * runs))
 
     def _queue_moved(self) -> None:
         """Tells each waiting job that streams or is polled its new position."""
@@ -286,49 +303,106 @@ class Scheduler:
             job.announce_position(index)
 
     def _set_idle_if_empty(self) -> None:
-        if self.current is None and self._queue.qsize() == 0 and self._reserved == 0:
+        if not self.running and self._queue.qsize() == 0 and self._reserved == 0:
             self._idle.set()
 
     # -- the worker --------------------------------------------------------------------------
 
     async def _work(self) -> None:
         while True:
-            job = await self._queue.get()
-            self._observed_waiting -= job.observed
-            self._queue_moved()
+            head = await self._queue.get()
+            self._observed_waiting -= head.observed
+            batch = [head]
             try:
-                await self._run_one(job)
+                if self.max_batch_size > 1:
+                    batch += await self._companions(head)
+                self._queue_moved()
+                await self._run_batch(batch)
             except asyncio.CancelledError:
-                job.request_stop(StopReason.SHUTDOWN)
-                self._finish(
-                    job, JobStatus.FAILED, error=Unavailable("the service is shutting down")
-                )
+                for job in batch:
+                    job.request_stop(StopReason.SHUTDOWN)
+                    self._finish(
+                        job, JobStatus.FAILED, error=Unavailable("the service is shutting down")
+                    )
                 raise
-            except Exception:  # one job's failure must never end the loop
-                logger.exception("worker bookkeeping failed", extra=_log(job))
-                self._finish(job, JobStatus.FAILED, error=InternalError(_generic_500(job)))
+            except Exception:  # one batch's failure must never end the loop
+                logger.exception("worker bookkeeping failed", extra=_log(head))
+                for job in batch:
+                    self._finish(job, JobStatus.FAILED, error=InternalError(_generic_500(job)))
             finally:
-                self.current = None
+                self.running = []
                 self._set_idle_if_empty()
 
-    async def _run_one(self, job: Job) -> None:
+    async def _companions(self, head: Job) -> list[Job]:
+        """Queued jobs that may run in one batch with `head`, oldest first (see `batching`)."""
+        key = self.model.batch_key(head.payload)
+        if key is None:
+            return []
+        taken = await gather_companions(
+            self._queue,
+            lambda job: not job.done.done() and self.model.batch_key(job.payload) == key,
+            self.max_batch_size - 1,
+            self.batch_wait_s,
+            self._arrival,
+            expected=self._last_in_flight - 1,
+        )
+        self._observed_waiting -= sum(job.observed for job in taken)
+        return taken
+
+    def _runnable(self, job: Job) -> bool:
         if job.done.done():
             # Ended while queued but not yet removed (a race with get); it never runs.
             self.counters["skipped_cancelled"] += 1
-            return
+            return False
         if job.should_stop():
             self.counters["expired_queued"] += 1
             logger.info("deadline passed while queued", extra=_log(job))
             self._finish(job, JobStatus.EXPIRED, error=deadline_error(job))
+            return False
+        return True
+
+    async def _run_batch(self, batch: list[Job]) -> None:
+        jobs = [job for job in batch if self._runnable(job)]
+        if not jobs:
             return
-        self.current = job
-        job.mark_started()
-        self.queue_wait_seconds.observe(job.started_at - job.enqueued_at)  # type: ignore[operator]
-        ctx = JobContext(job.should_stop, job.progress, job.token, job.stop_reason_value)
+        self.running = jobs
+        for job in jobs:
+            job.mark_started()
+            self.queue_wait_seconds.observe(job.started_at - job.enqueued_at)  # type: ignore[operator]
+        self.batch_sizes.observe(len(jobs))
+        started = time.monotonic()
+        outcomes = await self._infer(jobs)
+        finished = time.monotonic()
+        # Clients served now, and those already waiting, are the companions to expect next.
+        self._last_in_flight = len(jobs) + self._queue.qsize()
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            job.finished_at = finished
+            await self._settle(job, outcome)
+        if any(job.status is JobStatus.SUCCEEDED for job in jobs):
+            self._record_duration(finished - started)
+
+    async def _infer(self, jobs: list[Job]) -> list[Any]:
+        """One output or exception per job. A batch that runs out of memory is split in two."""
+        contexts = [
+            JobContext(job.should_stop, job.progress, job.token, job.stop_reason_value)
+            for job in jobs
+        ]
         try:
-            result = await self._thread.run(self.model.infer, job.payload, ctx)
-        except JobCancelled:
-            job.finished_at = time.monotonic()
+            if len(jobs) == 1:
+                return [await self._thread.run(self.model.infer, jobs[0].payload, contexts[0])]
+            payloads = [job.payload for job in jobs]
+            return list(await self._thread.run(self.model.infer_batch, payloads, contexts))
+        except Exception as error:
+            if len(jobs) > 1 and self.model.is_out_of_memory(error):
+                self.counters["out_of_memory_batch_split"] += 1
+                logger.warning("out of memory in a batch of %d; splitting it", len(jobs))
+                await self._thread.run(self.model.recover_from_oom)
+                half = len(jobs) // 2
+                return await self._infer(jobs[:half]) + await self._infer(jobs[half:])
+            return [error] * len(jobs)
+
+    async def _settle(self, job: Job, outcome: Any) -> None:
+        if isinstance(outcome, JobCancelled):
             reason = job.stop_reason or StopReason.CLIENT_GONE
             self.counters[f"cancelled_running_{reason.value}"] += 1
             logger.info("running job stopped early", extra=_log(job, reason=reason.value))
@@ -339,9 +413,8 @@ class Scheduler:
                 self._finish(
                     job, status, error=JobCancelled("the job was cancelled", code=reason.value)
                 )
-        except Exception as exc:
-            job.finished_at = time.monotonic()
-            if self.model.is_out_of_memory(exc):
+        elif isinstance(outcome, BaseException):
+            if self.model.is_out_of_memory(outcome):
                 self.counters["out_of_memory"] += 1
                 logger.error("out of memory", extra=_log(job))
                 await self._thread.run(self.model.recover_from_oom)
@@ -351,15 +424,13 @@ class Scheduler:
                 )
             else:
                 self.counters["failed"] += 1
-                logger.exception("inference failed", extra=_log(job))
+                logger.error("inference failed", exc_info=outcome, extra=_log(job))
                 error = InternalError(_generic_500(job))
             self._finish(job, JobStatus.FAILED, error=error)
         else:
-            job.finished_at = time.monotonic()
             self.counters["completed"] += 1
-            self._record_duration(job.finished_at - job.started_at)  # type: ignore[operator]
             self.inference_seconds.observe(job.finished_at - job.started_at)  # type: ignore[operator]
-            self._finish(job, JobStatus.SUCCEEDED, output=result)
+            self._finish(job, JobStatus.SUCCEEDED, output=outcome)
             if logger.isEnabledFor(logging.INFO):
                 logger.info("job done", extra=_log(job, **job.timings()))
 

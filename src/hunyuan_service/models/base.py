@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
@@ -70,6 +70,25 @@ class InferenceModel(abc.ABC, Generic[InputT, OutputT]):
     @abc.abstractmethod
     def infer(self, request: InputT, ctx: JobContext) -> OutputT:
         """Runs one request. Raises `JobCancelled` when `ctx.should_stop()` turns true mid-run."""
+
+    # Batching (MAX_BATCH_SIZE > 1): a model that sets `supports_batching` runs compatible
+    # requests together in `infer_batch`.
+    supports_batching: ClassVar[bool] = False
+
+    def batch_key(self, request: InputT) -> Hashable | None:
+        """Requests with equal keys may share a batch; None means this one always runs alone."""
+        return None
+
+    def infer_batch(
+        self, requests: list[InputT], contexts: list[JobContext]
+    ) -> list[OutputT | BaseException]:
+        """Runs compatible requests together; returns each row's output or exception, in order.
+
+        Each row honours its own context: its progress and tokens go to its own job, and a row
+        whose `should_stop()` turns true gets `JobCancelled` (its work may stop early or be
+        discarded). Raises `JobCancelled` only when every row has stopped.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not batch")
 
     def recover_from_oom(self) -> None:
         """Frees what an out-of-memory failure left behind, so the next job can run."""

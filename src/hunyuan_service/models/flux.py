@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
+from hunyuan_service.errors import JobCancelled
 from hunyuan_service.models.base import JobContext, TorchModel
 from hunyuan_service.models.loading import quiet_hf_progress, resolve_checkpoint
 from hunyuan_service.models.types import Text2ImageInput, Text2ImageOutput
@@ -52,16 +54,20 @@ class FluxModel(TorchModel[Text2ImageInput, Text2ImageOutput]):
             "default_guidance_scale": self.defaults.guidance_scale,
         }
 
-    def infer(self, request: Text2ImageInput, ctx: JobContext) -> Text2ImageOutput:
-        import torch
-
-        seed = request.seed if request.seed is not None else secrets.randbits(63)
+    def _settings_of(self, request: Text2ImageInput) -> tuple[int, float]:
         steps = request.num_inference_steps or self.defaults.num_inference_steps
         guidance = (
             request.guidance_scale
             if request.guidance_scale is not None
             else self.defaults.guidance_scale
         )
+        return steps, guidance
+
+    def infer(self, request: Text2ImageInput, ctx: JobContext) -> Text2ImageOutput:
+        import torch
+
+        seed = request.seed if request.seed is not None else secrets.randbits(63)
+        steps, guidance = self._settings_of(request)
         total = steps * request.count
         images = []
         ctx.raise_if_stopped()
@@ -92,3 +98,63 @@ class FluxModel(TorchModel[Text2ImageInput, Text2ImageOutput]):
                 )
             images.append(result.images[0])
         return Text2ImageOutput(images=tuple(images), seed=seed, num_inference_steps=steps)
+
+    # -- batching ----------------------------------------------------------------------------
+
+    supports_batching = True
+
+    def batch_key(self, request: Text2ImageInput) -> Hashable | None:
+        """Jobs of the same size, steps and guidance denoise together; `n > 1` runs alone."""
+        if request.count != 1:
+            return None
+        steps, guidance = self._settings_of(request)
+        return (request.width, request.height, steps, guidance)
+
+    def infer_batch(
+        self, requests: list[Text2ImageInput], contexts: list[JobContext]
+    ) -> list[Text2ImageOutput | BaseException]:
+        """One pipeline call for all rows, each with its own seed's generator.
+
+        A row's latents come from its own generator, exactly as when it runs alone, so its image
+        matches its solo image up to floating-point noise. A row whose job stops keeps being
+        computed (the pipeline cannot drop a row mid-run) but its result is discarded; the call
+        stops at the next step once every row has stopped.
+        """
+        import torch
+
+        if all(ctx.should_stop() for ctx in contexts):
+            raise JobCancelled("every row of the batch stopped")
+        first = requests[0]
+        steps, guidance = self._settings_of(first)
+        seeds = [r.seed if r.seed is not None else secrets.randbits(63) for r in requests]
+
+        def on_step_end(_pipe: Any, step: int, _timestep: Any, kwargs: dict) -> dict:
+            live = [ctx for ctx in contexts if not ctx.should_stop()]
+            for ctx in live:
+                ctx.on_progress(step + 1, steps)
+            if not live:
+                raise JobCancelled("every row of the batch stopped")
+            return kwargs
+
+        generators = [torch.Generator("cpu").manual_seed(seed % 2**63) for seed in seeds]
+        with torch.inference_mode():
+            result = self.pipe(
+                prompt=[r.prompt for r in requests],
+                width=first.width,
+                height=first.height,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                max_sequence_length=self.defaults.max_sequence_length,
+                generator=generators,
+                callback_on_step_end=on_step_end,
+                output_type="pil",
+            )
+        outputs: list[Text2ImageOutput | BaseException] = []
+        for ctx, seed, image in zip(contexts, seeds, result.images, strict=True):
+            if ctx.should_stop():
+                outputs.append(JobCancelled(f"job stopped: {ctx.stop_reason()}"))
+            else:
+                outputs.append(
+                    Text2ImageOutput(images=(image,), seed=seed, num_inference_steps=steps)
+                )
+        return outputs

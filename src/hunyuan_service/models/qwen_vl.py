@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
-from hunyuan_service.errors import ModelLoadError
+from hunyuan_service.errors import JobCancelled, ModelLoadError
 from hunyuan_service.models.base import JobContext, TorchModel
 from hunyuan_service.models.loading import quiet_hf_progress, resolve_checkpoint
 from hunyuan_service.models.types import Image2TextInput, Image2TextOutput
@@ -37,6 +38,8 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
         )
         self.model = model.to(self.device).eval()
         self.processor = AutoProcessor.from_pretrained(source)
+        # Batched rows are left-padded, so every row's next token follows its own last one.
+        self.processor.tokenizer.padding_side = "left"
         self.info.extra = {"attn_implementation": attention, "vl_max_pixels": self._max_pixels}
 
     @property
@@ -45,23 +48,10 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
 
     def infer(self, request: Image2TextInput, ctx: JobContext) -> Image2TextOutput:
         import torch
-        from qwen_vl_utils import fetch_image
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         ctx.raise_if_stopped()
-        conversation, images = [], []
-        for message in request.messages:
-            parts: list[dict[str, Any]] = []
-            for image in message.images:
-                # Only decoded PIL images reach qwen_vl_utils: its own fetcher would follow any
-                # URL or open any path. Here it only resizes to the pixel budget.
-                images.append(fetch_image({"image": image, "max_pixels": self._max_pixels}))
-                parts.append({"type": "image"})
-            parts.append({"type": "text", "text": message.text})
-            conversation.append({"role": message.role, "content": parts})
-        prompt = self.processor.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=True
-        )
+        prompt, images = self._prompt_and_images(request)
         inputs = self.processor(
             text=[prompt], images=images or None, return_tensors="pt", padding=True
         ).to(self.device)
@@ -76,25 +66,12 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
                     device=input_ids.device,
                 )
 
-        streamer = _DeltaStreamer(self.processor.tokenizer, ctx, prompt_tokens)
-        sampling = request.temperature > 0
-        generate_kwargs: dict[str, Any] = {
-            "max_new_tokens": request.max_new_tokens,
-            "do_sample": sampling,
-            "stopping_criteria": StoppingCriteriaList([StopWhenCancelled()]),
-            "streamer": streamer,
-        }
-        if sampling:
-            generate_kwargs["temperature"] = request.temperature
-            if request.top_p is not None:
-                generate_kwargs["top_p"] = request.top_p
-            if request.top_k is not None:
-                generate_kwargs["top_k"] = request.top_k
-        else:
-            # Greedy: the checkpoint's own sampling defaults would only trigger warnings.
-            generate_kwargs.update(temperature=None, top_p=None, top_k=None)
-        if request.repetition_penalty is not None:
-            generate_kwargs["repetition_penalty"] = request.repetition_penalty
+        generate_kwargs = self._sampling(request)
+        generate_kwargs.update(
+            max_new_tokens=request.max_new_tokens,
+            stopping_criteria=StoppingCriteriaList([StopWhenCancelled()]),
+            streamer=_DeltaStreamer(self.processor.tokenizer, ctx, prompt_tokens),
+        )
         if request.stop:
             generate_kwargs.update(
                 stop_strings=list(request.stop), tokenizer=self.processor.tokenizer
@@ -106,20 +83,186 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
             output = self.model.generate(**inputs, **generate_kwargs)
         ctx.raise_if_stopped()
         generated = output[0, prompt_tokens:]
-        completion_tokens = int(generated.shape[0])
-        text = self.processor.batch_decode(
-            [generated], skip_special_tokens=True, clean_up_tokenization_spaces=False
-        )[0]
+        text = self._decode(generated)
         for stop in request.stop:
             if stop in text:
                 text = text[: text.index(stop)]
-        finish = "length" if completion_tokens >= request.max_new_tokens else "stop"
-        return Image2TextOutput(
-            text=text,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            finish_reason=finish,
+        return _output(text, prompt_tokens, int(generated.shape[0]), request.max_new_tokens)
+
+    # -- batching ----------------------------------------------------------------------------
+
+    supports_batching = True
+
+    def batch_key(self, request: Image2TextInput) -> Hashable | None:
+        """Greedy requests batch with greedy ones; sampled ones need equal sampling settings.
+
+        A seeded sampled request runs alone: rows of a batch share one random stream, so its
+        seed could not reproduce its tokens. So does a request with stop strings, which
+        transformers applies to the whole batch.
+        """
+        if request.stop or (request.temperature > 0 and request.seed is not None):
+            return None
+        if request.temperature == 0:
+            return ("greedy", request.repetition_penalty)
+        return (
+            "sampled",
+            request.temperature,
+            request.top_p,
+            request.top_k,
+            request.repetition_penalty,
         )
+
+    def infer_batch(
+        self, requests: list[Image2TextInput], contexts: list[JobContext]
+    ) -> list[Image2TextOutput | BaseException]:
+        """Decodes the rows together, left-padded; each row stops at its own limit or cancel."""
+        import torch
+        from transformers import StoppingCriteriaList
+
+        if all(ctx.should_stop() for ctx in contexts):
+            raise JobCancelled("every row of the batch stopped")
+        prompts, images = [], []
+        for request in requests:
+            prompt, row_images = self._prompt_and_images(request)
+            prompts.append(prompt)
+            images.extend(row_images)
+        inputs = self.processor(
+            text=prompts, images=images or None, return_tensors="pt", padding=True
+        ).to(self.device)
+        width = int(inputs["input_ids"].shape[1])
+        limits = [request.max_new_tokens for request in requests]
+        rows = _RowStops(contexts, limits, width)
+        generate_kwargs = self._sampling(requests[0])  # equal in a batch, by `batch_key`
+        generate_kwargs.update(
+            max_new_tokens=max(limits),
+            stopping_criteria=StoppingCriteriaList([rows]),
+            streamer=_BatchStreamer(self.processor.tokenizer, contexts, rows),
+        )
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, **generate_kwargs)
+        if all(ctx.should_stop() for ctx in contexts):
+            raise JobCancelled("every row of the batch stopped")
+        eos = set(_as_list(self.model.generation_config.eos_token_id))
+        results: list[Image2TextOutput | BaseException] = []
+        for i, (request, ctx) in enumerate(zip(requests, contexts, strict=True)):
+            if ctx.should_stop():
+                results.append(JobCancelled(f"job stopped: {ctx.stop_reason()}"))
+                continue
+            generated = output[i, width:].tolist()
+            recorded = rows.lengths[i]
+            length = recorded if recorded is not None else len(generated)
+            first_eos = next((n + 1 for n, t in enumerate(generated) if t in eos), length)
+            generated = generated[: min(length, first_eos)]
+            prompt_tokens = int(inputs["attention_mask"][i].sum())
+            text = self._decode(torch.tensor(generated, dtype=torch.long))
+            results.append(_output(text, prompt_tokens, len(generated), request.max_new_tokens))
+        return results
+
+    # -- shared by both paths ----------------------------------------------------------------
+
+    def _prompt_and_images(self, request: Image2TextInput) -> tuple[str, list[Any]]:
+        from qwen_vl_utils import fetch_image
+
+        conversation, images = [], []
+        for message in request.messages:
+            parts: list[dict[str, Any]] = []
+            for image in message.images:
+                # Only decoded PIL images reach qwen_vl_utils: its own fetcher would follow any
+                # URL or open any path. Here it only resizes to the pixel budget.
+                images.append(fetch_image({"image": image, "max_pixels": self._max_pixels}))
+                parts.append({"type": "image"})
+            parts.append({"type": "text", "text": message.text})
+            conversation.append({"role": message.role, "content": parts})
+        prompt = self.processor.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=True
+        )
+        return prompt, images
+
+    @staticmethod
+    def _sampling(request: Image2TextInput) -> dict[str, Any]:
+        sampling = request.temperature > 0
+        kwargs: dict[str, Any] = {"do_sample": sampling}
+        if sampling:
+            kwargs["temperature"] = request.temperature
+            if request.top_p is not None:
+                kwargs["top_p"] = request.top_p
+            if request.top_k is not None:
+                kwargs["top_k"] = request.top_k
+        else:
+            # Greedy: the checkpoint's own sampling defaults would only trigger warnings.
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if request.repetition_penalty is not None:
+            kwargs["repetition_penalty"] = request.repetition_penalty
+        return kwargs
+
+    def _decode(self, token_ids: Any) -> str:
+        return str(
+            self.processor.batch_decode(
+                [token_ids], skip_special_tokens=True, clean_up_tokenization_spaces=False
+            )[0]
+        )
+
+
+def _output(text: str, prompt_tokens: int, completion_tokens: int, limit: int) -> Image2TextOutput:
+    return Image2TextOutput(
+        text=text,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        finish_reason="length" if completion_tokens >= limit else "stop",
+    )
+
+
+def _as_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [int(value)]
+
+
+class _RowStops:
+    """A stopping criterion with one answer per row: its own token limit, or its job stopped.
+
+    `lengths[i]` records how many tokens row i had generated when it first stopped this way.
+    """
+
+    def __init__(self, contexts: list[JobContext], limits: list[int], prompt_width: int) -> None:
+        self.contexts, self.limits, self.width = contexts, limits, prompt_width
+        self.lengths: list[int | None] = [None] * len(limits)
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        produced = int(input_ids.shape[1]) - self.width
+        for i, (ctx, limit) in enumerate(zip(self.contexts, self.limits, strict=True)):
+            if self.lengths[i] is None and (produced >= limit or ctx.should_stop()):
+                self.lengths[i] = min(produced, limit)
+        done = [length is not None for length in self.lengths]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class _BatchStreamer:
+    """Splits each step's tokens by row and emits every row's new text to its own job."""
+
+    def __init__(self, tokenizer: Any, contexts: list[JobContext], rows: _RowStops) -> None:
+        self.rows = rows
+        self.streams = [_DeltaStreamer(tokenizer, ctx, 0) for ctx in contexts]
+        self.prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:  # generate first hands over the whole (padded) prompt
+            self.prompt_seen = True
+            return
+        tokens = value.reshape(len(self.streams), -1)
+        for i, stream in enumerate(self.streams):
+            # A row past its own end only gets padding. The criterion may already have recorded
+            # this step's length, so compare counts rather than ask whether it stopped.
+            end = self.rows.lengths[i]
+            if len(stream.tokens) < (end if end is not None else self.rows.limits[i]):
+                stream.prompt_seen = True
+                stream.put(tokens[i])
+
+    def end(self) -> None:
+        for stream in self.streams:
+            stream.end()
 
 
 class _DeltaStreamer:

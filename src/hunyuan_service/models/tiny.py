@@ -176,8 +176,19 @@ def _byte_level_alphabet() -> list[str]:
     return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
 
 
-def build_tiny_qwen_vl(folder: Path) -> None:
-    """Saves a ~0.5 MB Qwen2.5-VL model and processor into `folder`."""
+def build_tiny_qwen_vl(
+    folder: Path,
+    *,
+    hidden_size: int = 32,
+    layers: int = 1,
+    heads: int = 2,
+    intermediate_size: int = 37,
+) -> None:
+    """Saves a ~0.5 MB Qwen2.5-VL model and processor into `folder`.
+
+    Larger text dimensions give a random-weight model whose decoding costs real compute, for
+    benchmarks (`bench/batching.py`); the defaults are the demo and test model.
+    """
     import torch
     from transformers import (
         Qwen2_5_VLConfig,
@@ -212,16 +223,16 @@ def build_tiny_qwen_vl(folder: Path) -> None:
     config = Qwen2_5_VLConfig(
         text_config={
             "vocab_size": len(tokenizer),
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
+            "hidden_size": hidden_size,
+            "intermediate_size": intermediate_size,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
             "num_key_value_heads": 1,
             "max_position_embeddings": 4096,
-            # head_dim 16: the three M-RoPE sections must add up to head_dim / 2.
+            # The three M-RoPE sections must add up to head_dim / 2 (2, 3, 3 for head_dim 16).
             "rope_parameters": {
                 "rope_type": "default",
-                "mrope_section": [2, 3, 3],
+                "mrope_section": _mrope_sections(hidden_size // heads),
                 "rope_theta": 1e6,
             },
             "bos_token_id": ids["<|endoftext|>"],
@@ -233,7 +244,7 @@ def build_tiny_qwen_vl(folder: Path) -> None:
             "hidden_size": 32,
             "intermediate_size": 32,
             "num_heads": 2,
-            "out_hidden_size": 32,  # must equal the text hidden size
+            "out_hidden_size": hidden_size,  # must equal the text hidden size
             "fullatt_block_indexes": [0],
             "patch_size": 14,
             "spatial_merge_size": 2,
@@ -249,3 +260,11 @@ def build_tiny_qwen_vl(folder: Path) -> None:
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
+
+
+def _mrope_sections(head_dim: int) -> list[int]:
+    """Temporal, height and width rotary sections in Qwen's 2:3:3 ratio, summing to head_dim/2."""
+    half = head_dim // 2
+    first = half // 4
+    second = (half - first) // 2
+    return [first, second, half - first - second]
