@@ -17,10 +17,9 @@ from fastapi.responses import Response, StreamingResponse
 from hunyuan_service.api.body import wait_for_disconnect
 from hunyuan_service.api.deps import request_id_of
 from hunyuan_service.api.encoding import MEDIA_TYPES, encode_image, json_bytes, server_timing
-from hunyuan_service.engine.engine import Engine, JobHandle
+from hunyuan_service.engine.engine import Engine, JobHandle, Reservation
 from hunyuan_service.engine.events import Failed, Heartbeat, Succeeded
 from hunyuan_service.engine.jobs import StopReason
-from hunyuan_service.engine.scheduler import Reservation
 from hunyuan_service.errors import error_body
 
 

@@ -38,10 +38,6 @@ class JobStatus(str, enum.Enum):
     CANCELLED = "cancelled"
     EXPIRED = "expired"
 
-    @property
-    def final(self) -> bool:
-        return self not in (JobStatus.QUEUED, JobStatus.RUNNING)
-
 
 @dataclass(eq=False)
 class Job:
