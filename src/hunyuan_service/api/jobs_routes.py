@@ -53,6 +53,7 @@ class JobsApi:
         try:
             if handle.status is JobStatus.SUCCEEDED:
                 entry.rendered = await render(handle.output, handle)
+                handle.forget_output()  # the store keeps the encoded result, not the pixels
                 size = len(entry.rendered.body) + len(entry.rendered.raw or b"")
                 self.engine.jobs.set_size(entry, size)
         except Exception:

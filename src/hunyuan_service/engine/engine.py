@@ -99,6 +99,10 @@ class JobHandle:
         if not self.finished:
             self._scheduler.cancel(self._job, reason)
 
+    def forget_output(self) -> None:
+        """Releases the model output once it has been rendered and stored elsewhere."""
+        self._job.forget_output()
+
     def timings(self) -> dict[str, float]:
         return self._job.timings()
 

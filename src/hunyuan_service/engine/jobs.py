@@ -138,6 +138,14 @@ class Job:
         self.done.set_result(None)
         return True
 
+    def forget_output(self) -> None:
+        """Drops the model output (and the final event's reference to it) once a front-end has
+        kept its own rendering: a stored 1024² image is 3 MB as pixels, a third of that as PNG."""
+        if self.status is JobStatus.SUCCEEDED:
+            self.output = None
+            if self.history and isinstance(self.history[-1], Succeeded):
+                self.history[-1] = Succeeded(None)
+
     async def events(
         self, after: int = 0, heartbeat_s: float | None = None
     ) -> AsyncIterator[tuple[int, Event | Heartbeat]]:

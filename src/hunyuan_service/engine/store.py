@@ -1,7 +1,8 @@
 """Detached jobs kept by id: finished results expire after a TTL, and a count and byte cap apply.
 
 One process, in memory: a restart loses every stored result. Only finished jobs are ever evicted,
-oldest first; a queued or running job stays until it ends.
+oldest first; a queued or running job stays until it ends. The byte cap counts what the
+front-end stored (`set_size`), which releases the model's own output once it has rendered it.
 """
 
 from __future__ import annotations
