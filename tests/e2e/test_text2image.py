@@ -180,6 +180,17 @@ def test_metrics_count_completed_jobs(flux_client: TestClient) -> None:
     assert f"hunyuan_inference_seconds_count {completed()}" in text
 
 
+def test_wrong_method_is_405_with_allow_and_probes_answer_head(flux_client: TestClient) -> None:
+    response = flux_client.get("/infer")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "POST"
+    assert response.json()["error"]["code"] == "http_error"
+    for probe in ("/health", "/ready"):
+        head = flux_client.head(probe)
+        assert head.status_code == 200
+        assert head.content == b""
+
+
 def test_unknown_route_uses_the_error_shape(flux_client: TestClient) -> None:
     response = flux_client.get("/nope")
     assert response.status_code == 404

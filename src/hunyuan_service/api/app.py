@@ -65,7 +65,10 @@ def _install_error_handlers(app: FastAPI) -> None:
             mapped.status_code = error.status_code
             mapped.error_type = "invalid_request_error"
             mapped.code = "http_error"
-        return error_response(mapped, request)
+        response = error_response(mapped, request)
+        # Starlette's own headers, e.g. the `Allow` that a 405 must carry.
+        response.headers.update(error.headers or {})
+        return response
 
     @app.exception_handler(ClientDisconnect)
     async def _client_left(request: Request, _error: ClientDisconnect) -> Response:

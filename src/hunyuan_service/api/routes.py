@@ -65,6 +65,11 @@ async def ready(engine: EngineDep) -> JSONResponse:
     return JSONResponse(engine.status(), status_code=200 if ok else 503)
 
 
+# Probes answer HEAD as they answer GET (the body is dropped), out of the OpenAPI document.
+router.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)
+router.add_api_route("/ready", ready, methods=["HEAD"], include_in_schema=False)
+
+
 @router.get("/metrics", response_class=Response)
 async def metrics(request: Request, engine: EngineDep) -> Response:
     """Prometheus text format: job counters, latency histograms, queue depth, busy and ready."""
