@@ -54,6 +54,32 @@ class FluxModel(TorchModel[Text2ImageInput, Text2ImageOutput]):
             "default_guidance_scale": self.defaults.guidance_scale,
         }
 
+    def _denoise(
+        self,
+        prompt: str | list[str],
+        size: Text2ImageInput,
+        steps: int,
+        guidance: float,
+        generator: Any,
+        on_step_end: Any,
+    ) -> list[Any]:
+        """One pipeline call: one image per prompt, each from its own generator if a list."""
+        import torch
+
+        with torch.inference_mode():
+            result = self.pipe(
+                prompt=prompt,
+                width=size.width,
+                height=size.height,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                max_sequence_length=self.defaults.max_sequence_length,
+                generator=generator,
+                callback_on_step_end=on_step_end,
+                output_type="pil",
+            )
+        return list(result.images)
+
     def _settings_of(self, request: Text2ImageInput) -> tuple[int, float]:
         steps = request.num_inference_steps or self.defaults.num_inference_steps
         guidance = (
@@ -84,19 +110,9 @@ class FluxModel(TorchModel[Text2ImageInput, Text2ImageOutput]):
 
             # A CPU generator gives the same image for the same seed on every device type.
             generator = torch.Generator("cpu").manual_seed((seed + index) % 2**63)
-            with torch.inference_mode():
-                result = self.pipe(
-                    prompt=request.prompt,
-                    width=request.width,
-                    height=request.height,
-                    num_inference_steps=steps,
-                    guidance_scale=guidance,
-                    max_sequence_length=self.defaults.max_sequence_length,
-                    generator=generator,
-                    callback_on_step_end=on_step_end,
-                    output_type="pil",
-                )
-            images.append(result.images[0])
+            images += self._denoise(
+                request.prompt, request, steps, guidance, generator, on_step_end
+            )
         return Text2ImageOutput(images=tuple(images), seed=seed, num_inference_steps=steps)
 
     # -- batching ----------------------------------------------------------------------------
@@ -137,20 +153,10 @@ class FluxModel(TorchModel[Text2ImageInput, Text2ImageOutput]):
             return kwargs
 
         generators = [torch.Generator("cpu").manual_seed(seed % 2**63) for seed in seeds]
-        with torch.inference_mode():
-            result = self.pipe(
-                prompt=[r.prompt for r in requests],
-                width=first.width,
-                height=first.height,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                max_sequence_length=self.defaults.max_sequence_length,
-                generator=generators,
-                callback_on_step_end=on_step_end,
-                output_type="pil",
-            )
+        prompts = [r.prompt for r in requests]
+        images = self._denoise(prompts, first, steps, guidance, generators, on_step_end)
         outputs: list[Text2ImageOutput | BaseException] = []
-        for ctx, seed, image in zip(contexts, seeds, result.images, strict=True):
+        for ctx, seed, image in zip(contexts, seeds, images, strict=True):
             if ctx.should_stop():
                 outputs.append(JobCancelled(f"job stopped: {ctx.stop_reason()}"))
             else:
