@@ -128,9 +128,8 @@ def test_an_allowed_host_on_a_private_address_is_never_contacted(
 ) -> None:
     settings = {**WEBHOOK_SETTINGS, "allow_private_webhook_addresses": False}
     url = serve(FakeImageModel(steps=1, step_s=0.001), webhook_max_attempts=1, **settings)
-    app_url = url
     job_id = httpx.post(
-        f"{app_url}/v1/jobs", json={"prompt": "x", "webhook": listener.url, **SMALL}
+        f"{url}/v1/jobs", json={"prompt": "x", "webhook": listener.url, **SMALL}
     ).json()["id"]
     wait_until(lambda: httpx.get(f"{url}/v1/jobs/{job_id}").json()["status"] == "succeeded")
     wait_until(lambda: webhooks_given_up(url) == 1)
