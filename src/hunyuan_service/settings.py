@@ -33,6 +33,16 @@ class Settings(BaseSettings):
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
+    # Speed options (docs/performance.md). Only lossless ones may ever be on by default.
+    compile: Literal["off", "regional", "full"] = "off"
+    quantize: Literal["none", "fp8", "int8"] = "none"
+    attention_backend: str = Field("native", pattern=r"^[a-z0-9_]+$")
+    offload: Literal["none", "model", "sequential", "group"] = "none"
+    fuse_qkv: bool = False
+    channels_last: bool = False
+    step_cache_threshold: float = Field(0.0, ge=0, le=1)
+    warmup: Annotated[list[str], NoDecode] = []
+
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -91,6 +101,29 @@ class Settings(BaseSettings):
             return [part.strip().lower().rstrip(".") for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("warmup", mode="before")
+    @classmethod
+    def _split_sizes(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip().lower() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("warmup")
+    @classmethod
+    def _sizes_are_sizes(cls, value: list[str]) -> list[str]:
+        for item in value:
+            width, _, height = item.partition("x")
+            if not (
+                width.isdigit()
+                and height.isdigit()
+                and int(width) % 16 == 0 < int(width)
+                and int(height) % 16 == 0 < int(height)
+            ):
+                raise ValueError(
+                    f"{item!r} is not WIDTHxHEIGHT with multiples of 16, e.g. 1024x1024"
+                )
+        return value
+
     @field_validator("api_key", "webhook_secret", mode="before")
     @classmethod
     def _empty_key_is_unset(cls, value: object) -> object:
@@ -113,6 +146,7 @@ class Settings(BaseSettings):
             _check_local_model_id(self.model_id)
         if self.min_image_side > self.max_image_side:
             raise ValueError("MIN_IMAGE_SIDE must not exceed MAX_IMAGE_SIDE")
+        _check_speed_options(self)
         if self.webhook_secret is not None:
             webhook_key(self.webhook_secret.get_secret_value())
         return self
@@ -120,6 +154,10 @@ class Settings(BaseSettings):
     @property
     def is_demo(self) -> bool:
         return self.model_id == TINY_MODEL_ID
+
+    @property
+    def warmup_sizes(self) -> list[tuple[int, int]]:
+        return [(int(w), int(h)) for w, _, h in (item.partition("x") for item in self.warmup)]
 
 
 def webhook_key(secret: str) -> bytes:
@@ -138,6 +176,37 @@ def webhook_key(secret: str) -> bytes:
             "whsec_$(openssl rand -base64 32)"
         )
     return key
+
+
+def _check_speed_options(settings: Settings) -> None:
+    """Refuses option combinations that cannot work, whatever the hardware; the rest is checked
+    against the device when the model loads."""
+    if settings.model_type == "image2text":
+        text2image_only = {
+            "COMPILE=regional": settings.compile == "regional",
+            f"OFFLOAD={settings.offload}": settings.offload != "none",
+            f"ATTENTION_BACKEND={settings.attention_backend}": settings.attention_backend
+            != "native",
+            "FUSE_QKV": settings.fuse_qkv,
+            "CHANNELS_LAST": settings.channels_last,
+            "STEP_CACHE_THRESHOLD": settings.step_cache_threshold > 0,
+        }
+        chosen = [name for name, on in text2image_only.items() if on]
+        if chosen:
+            raise ValueError(
+                f"{', '.join(chosen)}: text2image only; image2text takes COMPILE=full, QUANTIZE "
+                "and ATTN_IMPLEMENTATION"
+            )
+    if settings.offload != "none" and settings.compile == "full":
+        raise ValueError(
+            "OFFLOAD with COMPILE=full: offload hooks break a whole-model graph; "
+            "use COMPILE=regional"
+        )
+    if settings.attention_backend.endswith("_hub"):
+        raise ValueError(
+            f"ATTENTION_BACKEND={settings.attention_backend}: hub kernels are "
+            "downloaded at run time; install the package and use its local backend"
+        )
 
 
 def _check_local_model_id(model_id: str) -> None:

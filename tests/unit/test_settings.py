@@ -104,3 +104,36 @@ def test_bad_model_type_stops_the_command_fast_with_one_line() -> None:
     assert "MODEL_TYPE" in lines[0]
     assert "text2image" in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_speed_options_default_to_the_lossless_eager_path() -> None:
+    settings = Settings(_env_file=None)
+    assert (settings.compile, settings.quantize, settings.offload) == ("off", "none", "none")
+    assert settings.attention_backend == "native"
+    assert not (settings.fuse_qkv or settings.channels_last or settings.step_cache_threshold)
+    assert settings.warmup_sizes == []
+
+
+def test_warmup_sizes_are_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = load(monkeypatch, WARMUP="1024x1024, 768X1344")
+    assert settings.warmup_sizes == [(1024, 1024), (768, 1344)]
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"WARMUP": "1024"}, "WARMUP: '1024' is not WIDTHxHEIGHT"),
+        ({"WARMUP": "1000x1000"}, "WARMUP: '1000x1000' is not WIDTHxHEIGHT"),
+        ({"COMPILE": "max"}, "COMPILE: "),
+        ({"QUANTIZE": "fp4"}, "QUANTIZE: "),
+        ({"MODEL_TYPE": "image2text", "COMPILE": "regional"}, "COMPILE=regional: text2image only"),
+        ({"MODEL_TYPE": "image2text", "OFFLOAD": "model"}, "OFFLOAD=model: text2image only"),
+        ({"OFFLOAD": "group", "COMPILE": "full"}, "OFFLOAD with COMPILE=full"),
+        ({"ATTENTION_BACKEND": "flash_hub"}, "ATTENTION_BACKEND=flash_hub: hub kernels"),
+        ({"STEP_CACHE_THRESHOLD": "2"}, "STEP_CACHE_THRESHOLD: "),
+    ],
+)
+def test_impossible_speed_options_are_refused(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], named: str
+) -> None:
+    assert named in refusal(monkeypatch, **env)

@@ -145,6 +145,11 @@ class Engine:
         )
         try:
             await asyncio.to_thread(self.model.load)
+            if settings.warmup:
+                started = time.monotonic()
+                logger.info("warming up", extra={"sizes": settings.warmup})
+                await asyncio.to_thread(self.model.warm_up)
+                logger.info("warm-up took %.1f s", time.monotonic() - started)
         except ModelLoadError as error:
             self.lifecycle.advance(State.FAILED)
             logger.error("cannot start: %s", error)  # uvicorn logs the traceback once more

@@ -67,6 +67,9 @@ class InferenceModel(abc.ABC, Generic[InputT, OutputT]):
     def load(self) -> None:
         """Loads weights onto the device. Raises on failure; the service then refuses to start."""
 
+    def warm_up(self) -> None:
+        """Runs the WARMUP shapes once after `load`, so compilation happens before /ready."""
+
     @abc.abstractmethod
     def infer(self, request: InputT, ctx: JobContext) -> OutputT:
         """Runs one request. Raises `JobCancelled` when `ctx.should_stop()` turns true mid-run."""

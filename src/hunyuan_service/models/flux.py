@@ -10,6 +10,7 @@ from typing import Any
 from hunyuan_service.errors import JobCancelled
 from hunyuan_service.models.base import JobContext, TorchModel
 from hunyuan_service.models.loading import quiet_hf_progress, resolve_checkpoint
+from hunyuan_service.models.speed import CompiledShapes, speed_up_flux
 from hunyuan_service.models.types import Text2ImageInput, Text2ImageOutput
 
 
@@ -35,6 +36,7 @@ class FluxModel(TorchModel[Text2ImageInput, Text2ImageOutput]):
         super().__init__(settings)
         self.pipe: Any = None
         self.defaults = SCHNELL_DEFAULTS
+        self.shapes = CompiledShapes(settings.compile != "off")
 
     def load(self) -> None:
         from diffusers import FluxPipeline
@@ -44,15 +46,38 @@ class FluxModel(TorchModel[Text2ImageInput, Text2ImageOutput]):
         diffusers_logging.disable_progress_bar()
         dtype = self.place()
         source = resolve_checkpoint(self.settings)
-        self.pipe = FluxPipeline.from_pretrained(source, dtype=dtype).to(self.device)
+        self.adopt(FluxPipeline.from_pretrained(source, dtype=dtype))
+
+    def adopt(self, pipe: Any) -> None:
+        """Serves `pipe` (loaded, on the CPU or its device) with the configured speed options.
+
+        `load` calls it after `from_pretrained`; the GPU benchmark calls it with a pipeline it
+        built in place, so both measure the same serving code.
+        """
+        if self.info.device == "unloaded":
+            self.place()
+        self.pipe = pipe
         self.pipe.set_progress_bar_config(disable=True)
-        guidance = bool(getattr(self.pipe.transformer.config, "guidance_embeds", False))
+        guidance = bool(getattr(pipe.transformer.config, "guidance_embeds", False))
         self.defaults = DEV_DEFAULTS if guidance else SCHNELL_DEFAULTS
+        speed = speed_up_flux(pipe, self.settings, self.device)
         self.info.extra = {
             "variant": "dev" if guidance else "schnell",
             "default_steps": self.defaults.num_inference_steps,
             "default_guidance_scale": self.defaults.guidance_scale,
+            **speed,
         }
+
+    def warm_up(self) -> None:
+        """Runs each WARMUP size once (two steps), so compilation happens before /ready."""
+        import torch
+
+        for width, height in self.settings.warmup_sizes:
+            self.shapes.note((width, height, 1), warming_up=True)
+            size = Text2ImageInput(prompt="warm-up", width=width, height=height)
+            steps = min(2, self.defaults.num_inference_steps)
+            generator = torch.Generator("cpu").manual_seed(0)
+            self._denoise("warm-up", size, steps, self.defaults.guidance_scale, generator, None)
 
     def _denoise(
         self,
@@ -66,6 +91,8 @@ class FluxModel(TorchModel[Text2ImageInput, Text2ImageOutput]):
         """One pipeline call: one image per prompt, each from its own generator if a list."""
         import torch
 
+        rows = len(prompt) if isinstance(prompt, list) else 1
+        self.shapes.note((size.width, size.height, rows))
         with torch.inference_mode():
             result = self.pipe(
                 prompt=prompt,

@@ -8,7 +8,8 @@ from typing import Any
 from hunyuan_service.errors import JobCancelled, ModelLoadError
 from hunyuan_service.models.base import JobContext, TorchModel
 from hunyuan_service.models.loading import quiet_hf_progress, resolve_checkpoint
-from hunyuan_service.models.types import Image2TextInput, Image2TextOutput
+from hunyuan_service.models.speed import speed_up_qwen
+from hunyuan_service.models.types import ChatMessage, Image2TextInput, Image2TextOutput
 
 
 class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
@@ -34,13 +35,38 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
             )
         source = resolve_checkpoint(self.settings)
         model: Any = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            source, dtype=dtype, attn_implementation=attention
+            source, dtype=dtype, attn_implementation=attention, device_map=self.device
         )
+        self.adopt(model, AutoProcessor.from_pretrained(source))
+
+    def adopt(self, model: Any, processor: Any) -> None:
+        """Serves `model` and `processor` with the configured speed options.
+
+        `load` calls it after `from_pretrained`; the GPU benchmark calls it with a model it
+        built in place, so both measure the same serving code.
+        """
+        if self.info.device == "unloaded":
+            self.place()
         self.model = model.to(self.device).eval()
-        self.processor = AutoProcessor.from_pretrained(source)
+        self.processor = processor
         # Batched rows are left-padded, so every row's next token follows its own last one.
         self.processor.tokenizer.padding_side = "left"
-        self.info.extra = {"attn_implementation": attention, "vl_max_pixels": self._max_pixels}
+        speed = speed_up_qwen(self.model, self.settings, self.device)
+        self.info.extra = {
+            "attn_implementation": self.settings.attn_implementation,
+            "vl_max_pixels": self._max_pixels,
+            **speed,
+        }
+
+    def warm_up(self) -> None:
+        """Answers a short question about one image of each WARMUP size, and one without."""
+        from PIL import Image
+
+        sizes: list[tuple[int, int] | None] = [*self.settings.warmup_sizes, None]
+        for size in sizes:
+            images = () if size is None else (Image.new("RGB", size, "gray"),)
+            message = ChatMessage(role="user", text="Describe this.", images=images)
+            self.infer(Image2TextInput(messages=(message,), max_new_tokens=4), JobContext())
 
     @property
     def _max_pixels(self) -> int:
