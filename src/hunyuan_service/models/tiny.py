@@ -13,7 +13,9 @@ import shutil
 import string
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +50,50 @@ def ensure_tiny_checkpoint(model_type: str, cache_dir: Path) -> Path:
     return target
 
 
+@dataclass(frozen=True)
+class FluxShape:
+    """The dimensions of a FLUX pipeline; the defaults are the tiny demo model."""
+
+    layers: int = 1
+    single_layers: int = 1
+    heads: int = 2
+    head_dim: int = 16
+    axes_dims_rope: tuple[int, int, int] = (4, 6, 6)
+    guidance_embeds: bool = False
+    t5: dict[str, Any] = field(
+        default_factory=lambda: {
+            "d_model": 32,
+            "d_kv": 8,
+            "d_ff": 37,
+            "num_layers": 1,
+            "num_heads": 4,
+        }
+    )
+    t5_vocab: int | None = None  # None: the tokenizer's own size
+    clip: dict[str, Any] = field(
+        default_factory=lambda: {
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+        }
+    )
+    clip_vocab: int | None = None
+    vae_channels: tuple[int, ...] = (8, 8, 8, 8)
+    vae_layers_per_block: int = 1
+    vae_norm_groups: int = 4
+
+
 def build_tiny_flux(folder: Path, guidance_embeds: bool = False) -> None:
     """Saves a ~1 MB FluxPipeline (schnell-style unless `guidance_embeds`) into `folder`."""
     import torch
+
+    torch.manual_seed(0)
+    build_flux(FluxShape(guidance_embeds=guidance_embeds)).save_pretrained(folder)
+
+
+def build_flux(shape: FluxShape) -> Any:
+    """A FluxPipeline of the given shape with random weights, made on the default device."""
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -66,7 +109,6 @@ def build_tiny_flux(folder: Path, guidance_embeds: bool = False) -> None:
         T5TokenizerFast,
     )
 
-    torch.manual_seed(0)
     clip_vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for char in _CHARS:
         clip_vocab.setdefault(char, len(clip_vocab))
@@ -74,15 +116,12 @@ def build_tiny_flux(folder: Path, guidance_embeds: bool = False) -> None:
     clip_tokenizer = CLIPTokenizer(vocab=clip_vocab, merges=[], model_max_length=77)
     clip = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=len(clip_vocab),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=1,
-            num_attention_heads=2,
+            vocab_size=shape.clip_vocab or len(clip_vocab),
             max_position_embeddings=77,
             bos_token_id=0,
             eos_token_id=1,
             pad_token_id=1,
+            **shape.clip,
         )
     )
     t5_pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
@@ -90,37 +129,30 @@ def build_tiny_flux(folder: Path, guidance_embeds: bool = False) -> None:
     t5_tokenizer = T5TokenizerFast(vocab=t5_pieces, model_max_length=512)
     t5 = T5EncoderModel(
         T5Config(
-            vocab_size=len(t5_pieces),
-            d_model=32,
-            d_kv=8,
-            d_ff=37,
-            num_layers=1,
-            num_heads=4,
-            pad_token_id=0,
-            eos_token_id=1,
+            vocab_size=shape.t5_vocab or len(t5_pieces), pad_token_id=0, eos_token_id=1, **shape.t5
         )
     )
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=64,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        guidance_embeds=guidance_embeds,
-        axes_dims_rope=(4, 6, 6),
+        num_layers=shape.layers,
+        num_single_layers=shape.single_layers,
+        attention_head_dim=shape.head_dim,
+        num_attention_heads=shape.heads,
+        joint_attention_dim=shape.t5["d_model"],
+        pooled_projection_dim=shape.clip["hidden_size"],
+        guidance_embeds=shape.guidance_embeds,
+        axes_dims_rope=shape.axes_dims_rope,
     )
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * len(shape.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(shape.vae_channels),
+        block_out_channels=shape.vae_channels,
+        layers_per_block=shape.vae_layers_per_block,
         latent_channels=16,
-        norm_num_groups=4,
+        norm_num_groups=shape.vae_norm_groups,
         sample_size=64,
         use_quant_conv=False,
         use_post_quant_conv=False,
@@ -128,7 +160,7 @@ def build_tiny_flux(folder: Path, guidance_embeds: bool = False) -> None:
         shift_factor=0.1159,
     )
     scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
-    pipe = FluxPipeline(
+    return FluxPipeline(
         scheduler=scheduler,
         vae=vae,
         text_encoder=clip,
@@ -137,7 +169,6 @@ def build_tiny_flux(folder: Path, guidance_embeds: bool = False) -> None:
         tokenizer_2=t5_tokenizer,
         transformer=transformer,
     )
-    pipe.save_pretrained(folder)
 
 
 # The Qwen2.5-VL conversation format, written for the tiny model: a default system turn, image
@@ -176,6 +207,29 @@ def _byte_level_alphabet() -> list[str]:
     return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
 
 
+@dataclass(frozen=True)
+class QwenVLShape:
+    """The dimensions of a Qwen2.5-VL model; the defaults are the tiny demo model."""
+
+    hidden_size: int = 32
+    layers: int = 1
+    heads: int = 2
+    kv_heads: int = 1
+    intermediate_size: int = 37
+    vocab_size: int | None = None  # None: the tokenizer's own size
+    tie_word_embeddings: bool = False
+    image_max_pixels: int = 256 * 28 * 28  # the processor's own cap, before the service's
+    vision: dict[str, Any] = field(
+        default_factory=lambda: {
+            "depth": 1,
+            "hidden_size": 32,
+            "intermediate_size": 32,
+            "num_heads": 2,
+            "fullatt_block_indexes": [0],
+        }
+    )
+
+
 def build_tiny_qwen_vl(
     folder: Path,
     *,
@@ -190,6 +244,19 @@ def build_tiny_qwen_vl(
     benchmarks (`bench/batching.py`); the defaults are the demo and test model.
     """
     import torch
+
+    torch.manual_seed(0)
+    shape = QwenVLShape(
+        hidden_size=hidden_size, layers=layers, heads=heads, intermediate_size=intermediate_size
+    )
+    model, processor = build_qwen_vl(shape)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+def build_qwen_vl(shape: QwenVLShape, dtype: Any = None) -> tuple[Any, Any]:
+    """A Qwen2.5-VL model of the given shape with random weights, made on the default device,
+    and its processor (a byte-level tokenizer with Qwen's special tokens)."""
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
@@ -199,7 +266,6 @@ def build_tiny_qwen_vl(
         Qwen2VLVideoProcessor,
     )
 
-    torch.manual_seed(0)
     vocab = {char: index for index, char in enumerate(_byte_level_alphabet())}
     for token in _QWEN_SPECIAL_TOKENS:
         vocab[token] = len(vocab)
@@ -214,38 +280,36 @@ def build_tiny_qwen_vl(
             merge_size=2,
             temporal_patch_size=2,
             min_pixels=4 * 28 * 28,
-            max_pixels=256 * 28 * 28,
+            max_pixels=shape.image_max_pixels,
         ),
         tokenizer=tokenizer,
         video_processor=Qwen2VLVideoProcessor(),
         chat_template=_QWEN_CHAT_TEMPLATE,
     )
+    head_dim = shape.hidden_size // shape.heads
     config = Qwen2_5_VLConfig(
         text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": hidden_size,
-            "intermediate_size": intermediate_size,
-            "num_hidden_layers": layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": 1,
-            "max_position_embeddings": 4096,
+            "vocab_size": shape.vocab_size or len(tokenizer),
+            "hidden_size": shape.hidden_size,
+            "intermediate_size": shape.intermediate_size,
+            "num_hidden_layers": shape.layers,
+            "num_attention_heads": shape.heads,
+            "num_key_value_heads": shape.kv_heads,
+            "max_position_embeddings": 4096 if shape.vocab_size is None else 128_000,
             # The three M-RoPE sections must add up to head_dim / 2 (2, 3, 3 for head_dim 16).
             "rope_parameters": {
                 "rope_type": "default",
-                "mrope_section": _mrope_sections(hidden_size // heads),
+                "mrope_section": _mrope_sections(head_dim),
                 "rope_theta": 1e6,
             },
             "bos_token_id": ids["<|endoftext|>"],
             "eos_token_id": ids["<|im_end|>"],
             "pad_token_id": ids["<|endoftext|>"],
+            **({"tie_word_embeddings": True} if shape.tie_word_embeddings else {}),
         },
         vision_config={
-            "depth": 1,
-            "hidden_size": 32,
-            "intermediate_size": 32,
-            "num_heads": 2,
-            "out_hidden_size": hidden_size,  # must equal the text hidden size
-            "fullatt_block_indexes": [0],
+            **shape.vision,
+            "out_hidden_size": shape.hidden_size,  # must equal the text hidden size
             "patch_size": 14,
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
@@ -254,12 +318,15 @@ def build_tiny_qwen_vl(
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=shape.tie_word_embeddings,
     )
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    if dtype is None:
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    else:
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    return model, processor
 
 
 def _mrope_sections(head_dim: int) -> list[int]:
