@@ -1,0 +1,43 @@
+"""`bench/gpu.py --device cpu --tiny` runs every quick-mode measurement on the tiny models, so the
+real-size benchmark cannot rot between the rare sessions that have a GPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_gpu_bench_runs_on_cpu_with_the_tiny_models(tmp_path: Path) -> None:
+    command = [sys.executable, str(ROOT / "bench" / "gpu.py"), "--device", "cpu", "--tiny",
+               "--quick", "--budget-s", "100000", "--out", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    rows = {(row["section"], row.get("variant")): row for row in result["rows"]}
+    assert not [row for row in result["rows"] if "failed" in str(row.get("note"))]
+    assert result["meta"]["tiny"] is True
+    assert "torch" in result["meta"]
+    assert (tmp_path / "gpu.md").read_text().count("| FLUX.1-dev |") == 5
+
+    flux = {variant: row for (section, variant), row in rows.items() if section == "FLUX.1-dev"}
+    assert flux["diffusers FluxPipeline, eager (baseline)"]["s_per_image"] > 0
+    assert flux["service, eager"]["quality"] == "identical"  # same seed, same weights
+    lossless = flux["service, lossless: fused QKV + channels-last + regional compile"]
+    assert lossless["quality"] == "identical" or float(lossless["quality"].split()[1]) > 40
+    http = [row for variant, row in flux.items() if variant.startswith("whole service")]
+    assert [row["variant"].rsplit(", ", 1)[1] for row in http] == ["png response", "jpeg response"]
+    assert all(row["s_per_image"] > 0 and "service adds" in row["note"] for row in http)
+
+    qwen = {variant: row for (section, variant), row in rows.items() if section == "Qwen2.5-VL-7B"}
+    assert qwen["transformers generate, eager (baseline)"]["tok_per_s"] > 0
+    assert qwen["service, eager"]["quality"].startswith("8/8 tokens equal")
+    compiled = qwen["service, static cache + compiled decode (CUDA graph)"]
+    assert compiled["tok_per_s"] > 0
+    assert compiled["ttft_s"] > 0
