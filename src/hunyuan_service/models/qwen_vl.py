@@ -47,7 +47,9 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
         """
         if self.info.device == "unloaded":
             self.place()
-        self.model = model.to(self.device).eval()
+        if model.device.type != self.device:  # `load` already placed it with device_map
+            model = model.to(self.device)
+        self.model = model.eval()
         self.processor = processor
         # Batched rows are left-padded, so every row's next token follows its own last one.
         self.processor.tokenizer.padding_side = "left"
