@@ -110,7 +110,11 @@ def test_speed_options_default_to_the_lossless_eager_path() -> None:
     settings = Settings(_env_file=None)
     assert (settings.compile, settings.quantize, settings.offload) == ("off", "none", "none")
     assert settings.attention_backend == "native"
-    assert not (settings.fuse_qkv or settings.channels_last or settings.step_cache_threshold)
+    assert (settings.fuse_qkv, settings.channels_last, settings.step_cache_threshold) == (
+        False,
+        False,
+        0,
+    )
     assert settings.warmup_sizes == []
 
 
