@@ -219,3 +219,24 @@ class BatchingModel(FakeModel):
 
     def recover_from_oom(self) -> None:
         self.oom_recoveries += 1
+
+
+class SlowStartModel(FakeModel):
+    """`load` and `warm_up` each wait for the test to release them; `fail` makes `load` raise."""
+
+    def __init__(self, settings: Settings | None = None, fail: BaseException | None = None):
+        super().__init__(settings)
+        self.fail = fail
+        self.loading, self.load_release = threading.Event(), threading.Event()
+        self.warming, self.warm_release = threading.Event(), threading.Event()
+
+    def load(self) -> None:
+        self.loading.set()
+        assert self.load_release.wait(60), "the test never released load()"
+        if self.fail is not None:
+            raise self.fail
+        super().load()
+
+    def warm_up(self) -> None:
+        self.warming.set()
+        assert self.warm_release.wait(60), "the test never released warm_up()"

@@ -5,23 +5,51 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import socket
 import sys
 from types import FrameType
-
-from pydantic import ValidationError
-
-from hunyuan_service.settings import Settings, describe_settings_error
 
 logger = logging.getLogger("hunyuan_service")
 
 
+# Exit codes, documented in the README.
+EXIT_BAD_SETTINGS = 2
+EXIT_START_FAILED = 3
+EXIT_CANNOT_LISTEN = 4
+EXIT_INTERRUPTED = 130  # Ctrl+C before the server was up; afterwards a stop is a clean exit 0
+
+
 def main() -> int:
-    """Starts the service; exits 2 with a one-line message on a bad setting."""
+    """Starts the service; exits with one line and a documented code when it cannot."""
+    try:
+        return serve()
+    except KeyboardInterrupt:
+        sys.stderr.write("hunyuan-service: interrupted during start-up\n")
+        return EXIT_INTERRUPTED
+
+
+def serve() -> int:
+    # Imported here, so that Ctrl+C during these slow imports is caught by `main`.
+    from pydantic import ValidationError
+
+    from hunyuan_service.engine.lifecycle import State
+    from hunyuan_service.settings import Settings, describe_settings_error
+
     try:
         settings = Settings()
     except ValidationError as error:
         sys.stderr.write(f"hunyuan-service: {describe_settings_error(error)}\n")
-        return 2
+        return EXIT_BAD_SETTINGS
+    # Take the port before anything slow, so a busy port fails at once, not after the load.
+    try:
+        listener = listen(settings.host, settings.port)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        sys.stderr.write(
+            f"hunyuan-service: cannot listen on {settings.host}:{settings.port}: {reason}; "
+            "stop what uses it or set PORT\n"
+        )
+        return EXIT_CANNOT_LISTEN
 
     import uvicorn
 
@@ -29,7 +57,13 @@ def main() -> int:
     from hunyuan_service.logs import configure_logging
 
     configure_logging(settings.log_level)
-    app = create_app(settings)
+    servers: list[uvicorn.Server] = []
+
+    def stop_after_failed_start() -> None:
+        for server in servers:
+            server.should_exit = True
+
+    app = create_app(settings, load_in_background=True, on_start_failed=stop_after_failed_start)
     engine = app.state.engine
 
     class DrainingServer(uvicorn.Server):
@@ -58,10 +92,31 @@ def main() -> int:
         lifespan="on",
     )
     server = DrainingServer(config)
-    server.run()
-    if not server.started:
-        return 3
+    servers.append(server)
+    server.run(sockets=[listener])
+    # uvicorn has put the default handlers back; `uv run` forwards the terminal's Ctrl+C a
+    # moment later, which would now raise KeyboardInterrupt during interpreter exit (exit 130
+    # and an "Exception ignored in atexit" traceback). The service has stopped: ignore it.
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, signal.SIG_IGN)
+    if not server.started or engine.state is State.FAILED:
+        return EXIT_START_FAILED
     return 0
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A bound socket for uvicorn to serve on; raises OSError when the address is taken."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    listener = socket.socket(family, kind, proto)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(address)
+    except OSError:
+        listener.close()
+        raise
+    return listener
 
 
 if __name__ == "__main__":

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +18,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from tests.conftest import free_port
 from tests.service_process import ServiceProcess
 
 pytestmark = pytest.mark.slow
@@ -98,3 +104,49 @@ def test_sigterm_drains_admitted_jobs_then_exits_zero(tiny_cache: Path) -> None:
         assert service.wait(timeout=120) == 0
         assert outcomes == {0: 200, 1: 200, 2: 200}
         assert late in (503, None)
+
+
+def run_command(env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    script = Path(sys.executable).with_name("hunyuan-service")
+    full_env = {**os.environ, "HOST": "127.0.0.1", **env}
+    return subprocess.run(
+        [str(script)], env=full_env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def test_a_busy_port_fails_at_once_with_one_line_and_exit_4(tiny_cache: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_command(tiny_env(tiny_cache, PORT=str(port)))
+    assert done.returncode == 4
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert lines == [f"hunyuan-service: cannot listen on 127.0.0.1:{port}: Address already in use; "
+                     "stop what uses it or set PORT"]  # fmt: skip
+    assert "loading model" not in done.stderr  # refused before the model, not after it
+
+
+def test_a_model_neither_cached_nor_reachable_fails_with_one_line_and_exit_3(
+    tiny_cache: Path,
+) -> None:
+    env = tiny_env(tiny_cache, MODEL_ID="someorg/not-a-model", PORT=str(free_port()))
+    done = run_command({**env, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 3
+    output = done.stdout + done.stderr
+    assert "Traceback" not in output
+    (line,) = [line for line in output.splitlines() if "cannot start" in line]
+    assert line.endswith(
+        "cannot start: MODEL_ID=someorg/not-a-model: not in the local Hugging Face cache, and the "
+        "Hub cannot be reached (offline, or no network); download it where the Hub is reachable "
+        "(`hf download someorg/not-a-model`), or set MODEL_ID to a local folder"
+    )
+
+
+def test_sigint_twice_after_start_exits_zero_without_a_traceback(tiny_cache: Path) -> None:
+    with ServiceProcess(tiny_env(tiny_cache)) as service:
+        assert service.proc is not None
+        service.proc.send_signal(signal.SIGINT)  # the terminal's Ctrl+C ...
+        service.proc.send_signal(signal.SIGINT)  # ... and `uv run` forwarding it
+        assert service.wait(timeout=120) == 0
+        assert "Traceback" not in service.log()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -86,20 +87,41 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(generic, request)
 
 
-def create_app(settings: Settings | None = None, model: InferenceModel | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    model: InferenceModel | None = None,
+    *,
+    load_in_background: bool = False,
+    on_start_failed: Callable[[], None] | None = None,
+) -> FastAPI:
     """Builds the app. Nothing heavy happens until the lifespan starts.
 
     Args:
         settings: the configuration; read from the environment when None.
         model: a model instance to serve (tests pass fakes); built from the registry when None.
+        load_in_background: serve at once and load the model meanwhile (the command does this):
+            `/health` reports the loading phase and `/ready` answers 503 until it is done.
+            Otherwise the lifespan waits for the model, as tests expect.
+        on_start_failed: called when a background load fails, to stop the server.
     """
     settings = settings or Settings()
     engine = Engine(settings, model)
     jobs_api = JobsApi(engine)
 
+    async def start_in_background() -> None:
+        try:
+            await engine.start()
+        except Exception:  # logged by the engine, in one line where the cause is known
+            if on_start_failed is not None:
+                on_start_failed()
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        await engine.start()
+        loading = None
+        if load_in_background:
+            loading = asyncio.create_task(start_in_background())
+        else:
+            await engine.start()
         if settings.api_key is None:
             logger.warning("API_KEY is not set: every endpoint is open to anyone who can reach it")
         else:
@@ -107,6 +129,9 @@ def create_app(settings: Settings | None = None, model: InferenceModel | None = 
         try:
             yield {"engine": engine}
         finally:
+            if loading is not None and not loading.done():
+                engine.begin_drain()  # a stop during loading: never turn ready
+                loading.cancel()  # the load's daemon thread is left to die with the process
             await engine.stop()
             await jobs_api.aclose(min(WEBHOOK_GRACE_S, settings.shutdown_timeout_s))
             engine.close()

@@ -8,9 +8,11 @@ internals. Nothing here knows about HTTP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,8 +24,9 @@ from hunyuan_service.engine.jobs import Job, JobStatus, StopReason
 from hunyuan_service.engine.lifecycle import Lifecycle, State
 from hunyuan_service.engine.scheduler import Reservation, Scheduler
 from hunyuan_service.engine.store import JobStore
-from hunyuan_service.errors import ModelLoadError, ServiceError, Unavailable
+from hunyuan_service.errors import ServiceError, Unavailable
 from hunyuan_service.models.base import InferenceModel
+from hunyuan_service.models.loading import describe_load_error
 from hunyuan_service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -107,6 +110,35 @@ class JobHandle:
         return self._job.timings()
 
 
+async def in_daemon_thread(function: Callable[[], T]) -> T:
+    """Runs `function` on a new daemon thread and awaits its result.
+
+    Loading can take minutes; on a daemon thread, a stop signal meanwhile ends the process
+    without waiting for it (`asyncio.to_thread`'s pool threads are joined at exit).
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+    def target() -> None:
+        try:
+            outcome: tuple[Any, BaseException | None] = (function(), None)
+        except BaseException as error:  # handed to the awaiting task
+            outcome = (None, error)
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=target, name="hunyuan-load", daemon=True).start()
+    return await future
+
+
 class Engine:
     """Owns the model, the scheduler, the lifecycle state and the store of detached jobs.
 
@@ -121,6 +153,8 @@ class Engine:
         self.lifecycle = Lifecycle()
         self.scheduler: Scheduler | None = None
         self.started_at = time.time()
+        self.phase, self.phase_since = "waiting", time.monotonic()
+        self.load_error: str | None = None  # one line, when start-up failed for a known reason
         self.jobs = JobStore(
             ttl_s=settings.job_result_ttl_s,
             max_jobs=settings.max_stored_jobs,
@@ -144,19 +178,20 @@ class Engine:
             extra={"model_type": settings.model_type, "model_id": settings.model_id},
         )
         try:
-            await asyncio.to_thread(self.model.load)
+            self._enter_phase("loading model")
+            await in_daemon_thread(self.model.load)
             if settings.warmup:
+                self._enter_phase("warming up " + ", ".join(settings.warmup))
                 started = time.monotonic()
-                logger.info("warming up", extra={"sizes": settings.warmup})
-                await asyncio.to_thread(self.model.warm_up)
+                await in_daemon_thread(self.model.warm_up)
                 logger.info("warm-up took %.1f s", time.monotonic() - started)
-        except ModelLoadError as error:
+        except Exception as error:
             self.lifecycle.advance(State.FAILED)
-            logger.error("cannot start: %s", error)  # uvicorn logs the traceback once more
-            raise
-        except Exception:
-            self.lifecycle.advance(State.FAILED)
-            logger.exception("model failed to load; the service will not start")
+            self.load_error = describe_load_error(error, settings)
+            if self.load_error is None:
+                logger.exception("model failed to load; the service will not start")
+            else:
+                logger.error("cannot start: %s", self.load_error)
             raise
         self.scheduler = Scheduler(
             self.model,
@@ -193,6 +228,10 @@ class Engine:
 
     def close(self) -> None:
         self.cpu_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _enter_phase(self, phase: str) -> None:
+        self.phase, self.phase_since = phase, time.monotonic()
+        logger.info("start-up: %s", phase)
 
     @property
     def state(self) -> State:
@@ -261,7 +300,18 @@ class Engine:
 
     def status(self) -> dict[str, Any]:
         scheduler = self.scheduler
-        body: dict[str, Any] = {"status": self.lifecycle.state.value, "version": __version__}
+        state = self.lifecycle.state
+        body: dict[str, Any] = {"status": state.value, "version": __version__}
+        if state is State.STARTING:
+            body.update(
+                state="loading",
+                phase=self.phase,
+                phase_elapsed_s=round(time.monotonic() - self.phase_since, 1),
+            )
+        else:
+            body["state"] = state.value
+        if self.load_error is not None:
+            body["error"] = self.load_error
         if self.model is not None:
             info = self.model.info
             body.update(

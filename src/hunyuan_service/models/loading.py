@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -30,3 +31,41 @@ def quiet_hf_progress() -> None:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
+
+
+_UNREACHABLE = ("OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectError", "gaierror")
+_NOT_FOUND = ("RepositoryNotFoundError", "RevisionNotFoundError", "EntryNotFoundError")
+
+
+def describe_load_error(error: BaseException, settings: Settings) -> str | None:
+    """One line naming the cause and the fix of a start-up failure an operator can fix.
+
+    Returns None for anything unexpected, which is then logged with its traceback.
+    """
+    from hunyuan_service.errors import ModelLoadError
+    from hunyuan_service.models.base import torch_is_out_of_memory
+
+    if isinstance(error, ModelLoadError):
+        return str(error)
+    model_id = settings.model_id
+    names: set[str] = set()
+    cause: BaseException | None = error
+    while cause is not None and len(names) < 20:
+        names.add(type(cause).__name__)
+        cause = cause.__cause__ or cause.__context__
+    if names & {"GatedRepoError"}:
+        return f"MODEL_ID={model_id}: the repository is gated; accept its terms and set HF_TOKEN"
+    if names & set(_NOT_FOUND):
+        return f"MODEL_ID={model_id}: no such repository or file on the Hugging Face Hub"
+    if names & set(_UNREACHABLE) or "not fully cached locally" in str(error):
+        return (
+            f"MODEL_ID={model_id}: not in the local Hugging Face cache, and the Hub cannot be "
+            f"reached (offline, or no network); download it where the Hub is reachable "
+            f"(`hf download {model_id}`), or set MODEL_ID to a local folder"
+        )
+    if "torch" in sys.modules and torch_is_out_of_memory(error):
+        return (
+            f"not enough {settings.device if settings.device != 'auto' else 'device'} memory to "
+            f"load {model_id}; try OFFLOAD=model or QUANTIZE=int8 (text2image), or a smaller model"
+        )
+    return None
