@@ -92,6 +92,7 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(5, ge=1, le=20)
 
     api_key: SecretStr | None = None
+    playground: bool = True  # the page at GET /
     cache_dir: Path = Field(default_factory=_default_cache_dir)
 
     @field_validator("allowed_media_domains", "allowed_webhook_domains", mode="before")

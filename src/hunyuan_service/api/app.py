@@ -20,6 +20,7 @@ from hunyuan_service.api.jobs_routes import JobsApi
 from hunyuan_service.api.jobs_routes import router as jobs_router
 from hunyuan_service.api.middleware import ApiKeyMiddleware, RequestIdMiddleware
 from hunyuan_service.api.openai_routes import router as openai_router
+from hunyuan_service.api.playground import router as playground_router
 from hunyuan_service.api.routes import router
 from hunyuan_service.api.schemas import describe_validation_errors
 from hunyuan_service.engine.engine import Engine
@@ -153,4 +154,6 @@ def create_app(
     app.include_router(router)
     app.include_router(jobs_router)
     app.include_router(openai_router)
+    if settings.playground:
+        app.include_router(playground_router)
     return app

@@ -10,9 +10,10 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from hunyuan_service.api.playground import PLAYGROUND_PATHS
 from hunyuan_service.errors import Unauthorized, error_body
 
-OPEN_PATHS = frozenset({"/health", "/ready"})
+OPEN_PATHS = frozenset({"/health", "/ready"}) | PLAYGROUND_PATHS
 
 
 class ApiKeyMiddleware:

@@ -1,0 +1,199 @@
+"""The playground page in a real browser (Debian's chromium through Playwright), on the tiny models.
+
+`.ci/run` installs chromium; where it is missing (a bare development machine) these tests skip
+and say so.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from hunyuan_service.api.app import create_app
+from tests.conftest import LiveServer
+from tests.e2e.conftest import tiny_settings
+from tests.images import png_bytes
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        CHROMIUM is None, reason="needs Debian's chromium: apt-get install chromium"
+    ),
+]
+# SCREENSHOT_DIR=docs refreshes the README's screenshots; otherwise they go to a temporary folder.
+SHOTS = os.environ.get("SCREENSHOT_DIR")
+DESKTOP = {"width": 1280, "height": 900}
+PHONE = {"width": 390, "height": 844}
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def flux_site(tiny_cache: Path) -> Iterator[str]:
+    with LiveServer(create_app(tiny_settings("text2image", tiny_cache))) as server:
+        yield server.url
+
+
+@pytest.fixture(scope="module")
+def vl_site(tiny_cache: Path) -> Iterator[str]:
+    with LiveServer(create_app(tiny_settings("image2text", tiny_cache))) as server:
+        yield server.url
+
+
+@pytest.fixture
+def shots(tmp_path: Path) -> Path:
+    return Path(SHOTS) if SHOTS else tmp_path
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    context = browser.new_context(viewport=DESKTOP)
+    page = context.new_page()
+    problems: list[str] = []
+    # A 422 is a handled outcome (shown next to its field), not a problem of the page.
+    page.on(
+        "console",
+        lambda m: problems.append(m.text) if m.type == "error" and "422" not in m.text else None,
+    )
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    yield page
+    context.close()
+    assert problems == []  # no script errors, no CSP violations
+
+
+def open_ready(page: Any, url: str) -> None:
+    page.goto(url + "/")
+    page.wait_for_selector("body[data-ready=true]", timeout=60_000)
+
+
+def test_text2image_generates_an_image_of_the_requested_size(
+    page: Any, flux_site: str, shots: Path
+) -> None:
+    open_ready(page, flux_site)
+    page.get_by_label("Prompt").fill("a lighthouse at dusk")
+    page.get_by_label("Width").fill("96")
+    page.get_by_label("Height").fill("64")
+    page.get_by_label("Steps").fill("6")
+    page.get_by_label("Seed").fill("42")
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_selector("#image-result:not([hidden])", timeout=120_000)
+    assert page.locator("#image-progress").evaluate("bar => [bar.value, bar.max]") == [6, 6]
+    assert page.locator("#text2image").get_attribute("data-steps-seen") == "6"
+    assert page.locator("#result-seed").inner_text() == "seed 42"
+    source = page.locator("#result-image").get_attribute("src")
+    image = Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1])))
+    assert image.size == (96, 64)
+    assert page.locator("#result-download").get_attribute("download") == "hunyuan-42.png"
+    page.screenshot(path=str(shots / "playground-text2image.png"), full_page=True)
+    page.set_viewport_size(PHONE)
+    page.screenshot(path=str(shots / "playground-text2image-phone.png"), full_page=True)
+
+
+def test_a_422_is_shown_next_to_its_field(page: Any, flux_site: str) -> None:
+    open_ready(page, flux_site)
+    page.get_by_label("Prompt").fill("a fox")
+    page.get_by_label("Width").fill("100")  # not a multiple of 16
+    page.get_by_role("button", name="Generate").click()
+    error = page.locator('.field-error[data-for="width"]')
+    error.wait_for(timeout=60_000)
+    assert error.inner_text() == "width: must be a multiple of 16 (got 100)"
+    assert page.get_by_label("Width").get_attribute("aria-invalid") == "true"
+    assert page.locator("#image-result").is_hidden()
+
+
+def test_cancel_stops_the_running_job_on_the_server(page: Any, flux_site: str) -> None:
+    open_ready(page, flux_site)
+    page.get_by_label("Prompt").fill("a long one")
+    page.get_by_label("Width").fill("512")
+    page.get_by_label("Height").fill("512")
+    page.get_by_label("Steps").fill("100")
+    page.get_by_role("button", name="Generate").click()
+    page.locator("#text2image[data-steps-seen]").wait_for(timeout=120_000)  # a step has run
+    page.get_by_role("button", name="Cancel").click()
+    page.wait_for_selector("#message:not([hidden])", timeout=60_000)
+    assert page.locator("#message").inner_text() == "Stopped."
+
+    def cancelled_running() -> int:
+        metrics = httpx.get(flux_site + "/metrics").text
+        found = re.search(r'outcome="cancelled_running_client_disconnected"} (\d+)', metrics)
+        return int(found.group(1)) if found else 0
+
+    polls = 0
+    while cancelled_running() < 1:  # the server sees the abort at its next step
+        polls += 1
+        assert polls < 3000, "the server never cancelled the running job"
+        page.wait_for_timeout(100)
+    assert page.locator("#image-result").is_hidden()
+    assert int(page.locator("#text2image").get_attribute("data-steps-seen")) < 100
+
+
+def test_image2text_streams_the_answer_for_uploaded_images(
+    page: Any, vl_site: str, tmp_path: Path, shots: Path
+) -> None:
+    picture = tmp_path / "square.png"
+    picture.write_bytes(png_bytes())
+    open_ready(page, vl_site)
+    page.get_by_label("Images", exact=True).set_input_files([str(picture), str(picture)])
+    assert page.locator("#thumbnails img").count() == 2
+    page.get_by_role("button", name="remove square.png").first.click()
+    assert page.locator("#thumbnails img").count() == 1
+    page.get_by_label("Images", exact=True).set_input_files([str(picture)])
+    assert page.locator("#thumbnails img").count() == 2
+    page.get_by_label("Question").fill("What is in this picture?")
+    page.get_by_label("Max new tokens").fill("12")
+    streamed: list[str] = []
+    page.expose_function("recordAnswer", lambda text: streamed.append(text))
+    page.evaluate(
+        """() => new MutationObserver(() => window.recordAnswer(
+             document.querySelector('#answer').textContent)).observe(
+             document.querySelector('#answer'), {childList: true, characterData: true,
+             subtree: true})"""
+    )
+    page.get_by_role("button", name="Ask").click()
+    page.wait_for_selector("#answer[data-done=true]", timeout=120_000)
+    final = page.locator("#answer").inner_text()
+    growing = [text for text in streamed if text]
+    assert len(growing) >= 2  # the answer arrived in pieces, not at once
+    assert all(final.startswith(text) or text == final for text in growing[:-1])
+    page.screenshot(path=str(shots / "playground-image2text.png"), full_page=True)
+    page.set_viewport_size(PHONE)
+    page.screenshot(path=str(shots / "playground-image2text-phone.png"), full_page=True)
+
+
+def test_the_page_asks_for_the_key_and_sends_it(browser: Any, tiny_cache: Path) -> None:
+    settings = tiny_settings("text2image", tiny_cache, api_key="sesame-123")
+    with LiveServer(create_app(settings)) as server:
+        context = browser.new_context(viewport=DESKTOP)
+        page = context.new_page()
+        open_ready(page, server.url)
+        assert page.locator("#key-form").is_visible()
+        page.get_by_label("API key").fill("sesame-123")
+        page.get_by_role("button", name="Use this key").click()
+        assert page.evaluate("sessionStorage.getItem('hunyuan-service-api-key')") == "sesame-123"
+        assert "sesame" not in page.url
+        page.get_by_label("Prompt").fill("a key")
+        page.get_by_label("Width").fill("64")
+        page.get_by_label("Height").fill("64")
+        page.get_by_label("Steps").fill("2")
+        page.get_by_role("button", name="Generate").click()
+        page.wait_for_selector("#image-result:not([hidden])", timeout=120_000)
+        context.close()
