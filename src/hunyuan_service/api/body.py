@@ -11,7 +11,7 @@ from starlette.requests import ClientDisconnect
 from hunyuan_service.api.encoding import MEDIA_TYPES
 from hunyuan_service.api.schemas import describe_validation_errors
 from hunyuan_service.engine.engine import Engine
-from hunyuan_service.errors import BadRequest, InvalidInput, PayloadTooLarge
+from hunyuan_service.errors import BadRequest, InvalidInput, NotAcceptable, PayloadTooLarge
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -72,15 +72,60 @@ def is_multipart(request: Request) -> bool:
     return request.headers.get("content-type", "").lower().startswith("multipart/form-data")
 
 
+def accepted_types(accept: str) -> list[str]:
+    """The media types an Accept header allows, best first; `q=0` means "not this one"."""
+    ranked = []
+    for position, part in enumerate(accept.lower().split(",")):
+        media_type, *parameters = (piece.strip() for piece in part.split(";"))
+        quality = 1.0
+        for parameter in parameters:
+            name, _, value = parameter.partition("=")
+            if name.strip() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        if media_type and quality > 0:
+            ranked.append((-quality, position, media_type))
+    return [media_type for _, _, media_type in sorted(ranked)]
+
+
 def wants_event_stream(request: Request, stream_field: bool) -> bool:
-    return stream_field or "text/event-stream" in request.headers.get("accept", "").lower()
+    return stream_field or "text/event-stream" in accepted_types(request.headers.get("accept", ""))
 
 
 def requested_image_type(accept: str) -> str | None:
     """The image format an `Accept: image/...` header asks for, or None for JSON."""
-    for part in accept.split(","):
-        media_type = part.split(";", 1)[0].strip().lower()
+    for media_type in accepted_types(accept):
         for fmt, known in MEDIA_TYPES.items():
             if media_type == known:
                 return fmt
     return None
+
+
+def negotiate(accept: str, image_format: str | None) -> str | None:
+    """What /infer answers with: an image format for raw bytes, or None for JSON (or SSE).
+
+    `image_format` is the request's `output_format` (None where the answer is text). An explicit
+    image type wins over it; `image/*` takes it. Raises `NotAcceptable` (406) when the header
+    allows nothing the endpoint can send.
+    """
+    images = image_format is not None
+    if not accept.strip():
+        return None
+    allowed = accepted_types(accept)
+    json_types = {"application/json", "application/*", "*/*", "text/event-stream"}
+    for media_type in allowed:
+        if images and media_type in MEDIA_TYPES.values():
+            return next(fmt for fmt, known in MEDIA_TYPES.items() if known == media_type)
+        if images and media_type == "image/*":
+            return image_format
+        if media_type in json_types:
+            return None
+    offered = ["application/json", "text/event-stream"]
+    if images:
+        offered += list(MEDIA_TYPES.values())
+    raise NotAcceptable(
+        f"cannot answer with any of Accept: {accept.strip()!r}; this endpoint sends "
+        + ", ".join(offered)
+    )

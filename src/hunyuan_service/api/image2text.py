@@ -11,6 +11,7 @@ from starlette.types import Message, Receive
 
 from hunyuan_service.api.body import (
     is_multipart,
+    negotiate,
     parse_json,
     read_body,
     wants_event_stream,
@@ -33,6 +34,7 @@ async def prepare_image2text(
     returned `Prepared` carries it to `Engine.submit`. A text-only request needs no place held.
     """
     engine.check_ready()
+    negotiate(request.headers.get("accept", ""), None)  # text: JSON or SSE only, else a 406
     settings = engine.settings
     if is_multipart(request):
         params, sources = await _read_multipart(request, engine, schema)

@@ -39,6 +39,14 @@ class RequestBase(BaseModel):
             raise ValueError(f"is {len(value)} characters; at most {limit} are allowed")
         return value
 
+    @field_validator("timeout_s")
+    @classmethod
+    def _timeout_within_limit(cls, value: float | None, info: ValidationInfo) -> float | None:
+        limit = _limits(info).request_timeout_s
+        if value is not None and value > limit:
+            raise ValueError(f"is {value:g} s; at most REQUEST_TIMEOUT_S ({limit:g} s) is allowed")
+        return value
+
 
 class Text2ImageRequest(RequestBase):
     width: int = 1024

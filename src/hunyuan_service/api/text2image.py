@@ -8,9 +8,9 @@ from fastapi import Request
 
 from hunyuan_service.api.body import (
     is_multipart,
+    negotiate,
     parse_json,
     read_body,
-    requested_image_type,
     wants_event_stream,
 )
 from hunyuan_service.api.encoding import base64_json_string, encode_image, json_object
@@ -40,6 +40,7 @@ async def prepare_text2image(
     )
     stream = wants_event_stream(request, params.stream)
     fmt = params.output_format
+    raw_format = negotiate(request.headers.get("accept", ""), fmt)
 
     async def render(output: Text2ImageOutput, handle: JobHandle) -> Rendered:
         width, height = output.image.size
@@ -58,7 +59,7 @@ async def prepare_text2image(
         render,
         timeout_s=params.timeout_s,
         stream=stream,
-        raw_format=None if stream else requested_image_type(request.headers.get("accept", "")),
+        raw_format=None if stream else raw_format,
         webhook=params.webhook if isinstance(params, WebhookField) else None,
     )
 
