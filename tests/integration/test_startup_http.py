@@ -78,3 +78,22 @@ def test_stopping_while_loading_never_turns_ready() -> None:
     until(lambda: model.loaded)
     assert engine.state.value == "stopped"
     assert not engine.worker_alive
+
+
+def test_health_shows_what_load_reports_while_downloading() -> None:
+    model = SlowStartModel()
+    original_load = model.load
+
+    def downloading_load() -> None:
+        model.report("downloading someorg/model: 3 files, 1.25 GiB so far")
+        original_load()
+
+    model.load = downloading_load  # type: ignore[method-assign]
+    app = create_app(model.settings, model, load_in_background=True)
+    with TestClient(app) as client:
+        assert model.loading.wait(60)
+        body = client.get("/health").json()
+        assert body["state"] == "loading"
+        assert body["phase"] == "downloading someorg/model: 3 files, 1.25 GiB so far"
+        model.load_release.set()
+        until(lambda: client.get("/ready").status_code == 200)

@@ -154,6 +154,7 @@ class Engine:
         self.scheduler: Scheduler | None = None
         self.started_at = time.time()
         self.phase, self.phase_since = "waiting", time.monotonic()
+        self._phase_logged_at = 0.0
         self.load_error: str | None = None  # one line, when start-up failed for a known reason
         self.jobs = JobStore(
             ttl_s=settings.job_result_ttl_s,
@@ -179,6 +180,7 @@ class Engine:
         )
         try:
             self._enter_phase("loading model")
+            self.model.report = self._report_phase
             await in_daemon_thread(self.model.load)
             if settings.warmup:
                 self._enter_phase("warming up " + ", ".join(settings.warmup))
@@ -231,7 +233,18 @@ class Engine:
 
     def _enter_phase(self, phase: str) -> None:
         self.phase, self.phase_since = phase, time.monotonic()
+        self._phase_logged_at = time.monotonic()
         logger.info("start-up: %s", phase)
+
+    def _report_phase(self, phase: str) -> None:
+        """What the loading thread reports; logged at most every 10 s while it repeats."""
+        if phase.split(":")[0] != self.phase.split(":")[0]:
+            self._enter_phase(phase)
+            return
+        self.phase = phase
+        if time.monotonic() - self._phase_logged_at >= 10:
+            self._phase_logged_at = time.monotonic()
+            logger.info("start-up: %s", phase)
 
     @property
     def state(self) -> State:

@@ -62,6 +62,9 @@ class InferenceModel(abc.ABC, Generic[InputT, OutputT]):
         self.info = ModelInfo(
             model_type=self.model_type, model_id=settings.model_id, demo=settings.is_demo
         )
+        # What `load` is doing now ("downloading ...", "loading model"), for /health and the
+        # log; the engine replaces it before calling `load`. Called from the loading thread.
+        self.report: Callable[[str], None] = lambda _phase: None
 
     @abc.abstractmethod
     def load(self) -> None:

@@ -9,7 +9,11 @@ from typing import Any
 
 from hunyuan_service.errors import JobCancelled
 from hunyuan_service.models.base import JobContext, TorchModel
-from hunyuan_service.models.loading import quiet_hf_progress, resolve_checkpoint
+from hunyuan_service.models.loading import (
+    quiet_hf_progress,
+    reporting_download,
+    resolve_checkpoint,
+)
 from hunyuan_service.models.speed import CompiledShapes, speed_up_flux
 from hunyuan_service.models.types import Text2ImageInput, Text2ImageOutput
 
@@ -46,7 +50,9 @@ class FluxModel(TorchModel[Text2ImageInput, Text2ImageOutput]):
         diffusers_logging.disable_progress_bar()
         dtype = self.place()
         source = resolve_checkpoint(self.settings)
-        self.adopt(FluxPipeline.from_pretrained(source, dtype=dtype))
+        with reporting_download(source, self.report):
+            pipe = FluxPipeline.from_pretrained(source, dtype=dtype)
+        self.adopt(pipe)
 
     def adopt(self, pipe: Any) -> None:
         """Serves `pipe` (loaded, on the CPU or its device) with the configured speed options.

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -69,3 +74,57 @@ def describe_load_error(error: BaseException, settings: Settings) -> str | None:
             f"load {model_id}; try OFFLOAD=model or QUANTIZE=int8 (text2image), or a smaller model"
         )
     return None
+
+
+@contextlib.contextmanager
+def reporting_download(
+    model_id: str, report: Callable[[str], None], interval_s: float = 1.0
+) -> Iterator[None]:
+    """While the block loads `model_id` from the Hub, reports how much has reached the cache.
+
+    `from_pretrained` downloads whatever is missing before it loads; this watches the model's
+    folder in the Hugging Face cache grow, so /health and the log can say "downloading" rather
+    than a long silent "loading". A local folder or the demo model is not watched.
+    """
+    hub_id = model_id.count("/") == 1 and not model_id.startswith(("/", ".", "~"))
+    if model_id == "tiny" or not hub_id or Path(model_id).expanduser().exists():
+        yield
+        return
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    blobs = Path(HF_HUB_CACHE) / ("models--" + model_id.replace("/", "--")) / "blobs"
+    before = _folder_size(blobs)
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(interval_s):
+            files, size = _folder_size(blobs)
+            if size > before[1]:
+                report(
+                    f"downloading {model_id}: {files - before[0]} files, "
+                    f"{_amount(size - before[1])} so far"
+                )
+
+    watcher = threading.Thread(target=watch, name="hunyuan-download-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join(timeout=5)
+        report("loading model")
+
+
+def _amount(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
+def _folder_size(folder: Path) -> tuple[int, int]:
+    """Files and bytes in `folder` (partial downloads included); (0, 0) if it does not exist."""
+    files = size = 0
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            with contextlib.suppress(OSError):
+                size += entry.stat().st_size
+                files += 1
+    return files, size

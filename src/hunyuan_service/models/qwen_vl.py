@@ -7,7 +7,11 @@ from typing import Any
 
 from hunyuan_service.errors import JobCancelled, ModelLoadError
 from hunyuan_service.models.base import JobContext, TorchModel
-from hunyuan_service.models.loading import quiet_hf_progress, resolve_checkpoint
+from hunyuan_service.models.loading import (
+    quiet_hf_progress,
+    reporting_download,
+    resolve_checkpoint,
+)
 from hunyuan_service.models.speed import speed_up_qwen
 from hunyuan_service.models.types import ChatMessage, Image2TextInput, Image2TextOutput
 
@@ -34,10 +38,12 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
                 "install it or use sdpa"
             )
         source = resolve_checkpoint(self.settings)
-        model: Any = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            source, dtype=dtype, attn_implementation=attention, device_map=self.device
-        )
-        self.adopt(model, AutoProcessor.from_pretrained(source))
+        with reporting_download(source, self.report):
+            model: Any = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                source, dtype=dtype, attn_implementation=attention, device_map=self.device
+            )
+            processor = AutoProcessor.from_pretrained(source)
+        self.adopt(model, processor)
 
     def adopt(self, model: Any, processor: Any) -> None:
         """Serves `model` and `processor` with the configured speed options.
