@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from hunyuan_service.api.schemas import ImageFormat, check_side, check_steps
+from hunyuan_service.api.schemas import (
+    MAX_LIST_ITEMS,
+    ImageFormat,
+    check_no_special_tokens,
+    check_side,
+    check_steps,
+    check_temperature,
+    refuse_huge_objects,
+)
 from hunyuan_service.settings import Settings
 
 # Accepted and ignored: they do not change what this server produces.
@@ -46,7 +54,7 @@ class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+    content: str | Annotated[list[ContentPart], Field(max_length=64)] | None = None
     name: str | None = None
 
 
@@ -76,8 +84,10 @@ CHAT_UNSUPPORTED = {
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
+    _bounded = model_validator(mode="before")(refuse_huge_objects)
+
     model: str
-    messages: list[ChatMessageIn] = Field(min_length=1)
+    messages: list[ChatMessageIn] = Field(min_length=1, max_length=MAX_LIST_ITEMS)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -111,6 +121,16 @@ class ChatCompletionRequest(BaseModel):
         if (self.max_completion_tokens or self.max_tokens or 0) > limit:
             raise ValueError(f"max_tokens: must be at most {limit}")
         texts, _ = self.texts_and_images()
+        for index, text in enumerate(texts):
+            try:
+                check_no_special_tokens(text)
+            except ValueError as error:
+                raise ValueError(f"messages: message {index} {error}") from None
+        if self.temperature is not None:
+            try:
+                check_temperature(self.temperature)
+            except ValueError as error:
+                raise ValueError(f"temperature: {error}") from None
         chars = sum(len(text) for text in texts)
         if chars > settings.max_prompt_chars:
             raise ValueError(
@@ -157,6 +177,8 @@ IMAGES_UNSUPPORTED = {
 
 class ImageGenerationRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    _bounded = model_validator(mode="before")(refuse_huge_objects)
 
     prompt: str = Field(min_length=1)
     model: str | None = None

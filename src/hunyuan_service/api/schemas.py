@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from hunyuan_service.settings import Settings
 
@@ -18,10 +19,26 @@ def _limits(info: ValidationInfo) -> Settings:
     return settings
 
 
+# Hard caps checked before any field is validated, so the work and the error message of a
+# bad body stay small however large the body is (the settings' own limits are lower still).
+MAX_BODY_FIELDS = 64
+MAX_LIST_ITEMS = 256
+
+
+def refuse_huge_objects(data: Any) -> Any:
+    """A `mode="before"` check: a body with far more fields than any request has is one error,
+    not one error per field."""
+    if isinstance(data, dict) and len(data) > MAX_BODY_FIELDS:
+        raise ValueError(f"body: has {len(data)} fields; a request has at most {MAX_BODY_FIELDS}")
+    return data
+
+
 class RequestBase(BaseModel):
     """Fields every /infer request shares. Unknown fields are refused, so a typo never passes."""
 
     model_config = ConfigDict(extra="forbid")
+
+    _bounded = model_validator(mode="before")(refuse_huge_objects)
 
     prompt: str = Field(min_length=1)
     stream: bool = False
@@ -87,13 +104,23 @@ def check_steps(value: int | None, settings: Settings) -> int | None:
 class Image2TextRequest(RequestBase):
     """The reference body `{"images": [...], "prompt"}` plus generation parameters."""
 
-    images: list[str] = Field(default_factory=list)
+    images: list[str] = Field(default_factory=list, max_length=MAX_LIST_ITEMS)
     max_new_tokens: int = Field(128, ge=1)
     temperature: float = Field(0.0, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=1, le=1000)
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    repetition_penalty: float | None = Field(None, ge=0.1, le=10)
     seed: int | None = Field(None, ge=0, lt=2**63)
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float) -> float:
+        return check_temperature(value)
+
+    @field_validator("prompt")
+    @classmethod
+    def _no_special_tokens(cls, value: str) -> str:
+        return check_no_special_tokens(value)
 
     @field_validator("max_new_tokens")
     @classmethod
@@ -110,6 +137,31 @@ class Image2TextRequest(RequestBase):
         if len(value) > limit:
             raise ValueError(f"{len(value)} images sent; at most {limit} are allowed")
         return value
+
+
+# Qwen's control tokens, e.g. <|im_start|> or <|image_pad|>. In user text they would be read as
+# real markers: a new turn with any role (a forged system prompt), or an image slot with no image.
+SPECIAL_TOKEN = re.compile(r"<\|[a-z_]+\|>")
+MIN_TEMPERATURE = 0.01  # below this, logits / temperature overflows and sampling breaks
+
+
+def check_no_special_tokens(text: str) -> str:
+    found = SPECIAL_TOKEN.search(text)
+    if found:
+        raise ValueError(
+            f"contains the model's control token {found.group()!r}; remove it (such tokens "
+            "would be read as chat markers, not as text)"
+        )
+    return text
+
+
+def check_temperature(value: float) -> float:
+    if 0 < value < MIN_TEMPERATURE:
+        raise ValueError(
+            f"must be 0 (greedy) or at least {MIN_TEMPERATURE} (got {value:g}); a smaller one "
+            "overflows the sampler"
+        )
+    return value
 
 
 def check_webhook(value: str | None, settings: Settings) -> str | None:
@@ -169,10 +221,17 @@ class Text2ImageResponse(BaseModel):
     timings: Timings
 
 
+MAX_LISTED_ERRORS = 5  # an error message names at most this many problems, then counts the rest
+
+
 def describe_validation_errors(errors: list[Any]) -> tuple[str, str | None]:
-    """One readable message naming each bad field, plus the first field's name for `param`."""
+    """One readable message naming the first few bad fields, plus the first one for `param`.
+
+    The message never grows with the body: a body with two million bad items gets a few lines
+    and a count, not two million lines.
+    """
     parts, first = [], None
-    for item in errors:
+    for item in errors[:MAX_LISTED_ERRORS]:
         loc = ".".join(str(p) for p in item.get("loc", ()) if p != "body") or "body"
         message = str(item.get("msg", "invalid")).removeprefix("Value error, ")
         name, sep, rest = message.partition(": ")
@@ -182,5 +241,7 @@ def describe_validation_errors(errors: list[Any]) -> tuple[str, str | None]:
         first = first or loc
         if item.get("type") == "extra_forbidden":
             message = "is not a known field"
-        parts.append(f"{loc}: {message}")
+        parts.append(f"{loc[:200]}: {message[:500]}")
+    if len(errors) > MAX_LISTED_ERRORS:
+        parts.append(f"and {len(errors) - MAX_LISTED_ERRORS} more problems")
     return "; ".join(parts), first
