@@ -7,6 +7,7 @@ import math
 import signal
 import socket
 import sys
+import time
 from types import FrameType
 
 logger = logging.getLogger("hunyuan_service")
@@ -16,6 +17,7 @@ logger = logging.getLogger("hunyuan_service")
 EXIT_BAD_SETTINGS = 2
 EXIT_START_FAILED = 3
 EXIT_CANNOT_LISTEN = 4
+DUPLICATE_SIGNAL_S = 1.0  # a repeat within this is the same Ctrl+C delivered twice
 EXIT_INTERRUPTED = 130  # Ctrl+C before the server was up; afterwards a stop is a clean exit 0
 
 
@@ -74,11 +76,17 @@ def serve() -> int:
         it does not re-raise the signal afterwards, so a completed drain exits 0.
         """
 
+        first_signal_at: float | None = None
+
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             engine.begin_drain()
-            # Only a second Ctrl+C forces an exit. SIGTERM often arrives twice (`uv run`
-            # forwards it to its child, and `pkill -f` signals both), and must still drain.
-            if self.should_exit and sig == signal.SIGINT:
+            # Only a second, later Ctrl+C forces an exit. One Ctrl+C under `uv run` arrives
+            # twice within milliseconds (from the terminal, and forwarded by uv), and so does
+            # SIGTERM from `pkill -f`; both must still drain.
+            now = time.monotonic()
+            if self.first_signal_at is None:
+                self.first_signal_at = now
+            elif sig == signal.SIGINT and now - self.first_signal_at > DUPLICATE_SIGNAL_S:
                 self.force_exit = True
             self.should_exit = True
 
