@@ -14,6 +14,7 @@ import ipaddress
 import math
 import os
 import socket
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,14 +103,19 @@ def _b64decode(payload: str, limit: int, param: str) -> bytes:
 
 
 def _try_b64(text: str, limit: int, param: str) -> bytes | None:
-    """Plain base64, told apart from a path: paths have dots or spaces, which base64 never has."""
-    if len(text) < 16 or "." in text or " " in text:
+    """Plain base64, told apart from a path: an image path has a dot, which base64 never has.
+
+    Whitespace (line breaks every 76 characters, as `base64` writes them) is not part of base64
+    and is ignored.
+    """
+    compact = "".join(text.split())
+    if len(compact) < 16 or "." in compact:
         return None
     try:
-        base64.b64decode("".join(text.split()), validate=True)
+        base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError):
         return None
-    return _b64decode(text, limit, param)
+    return _b64decode(compact, limit, param)
 
 
 # -- local files -----------------------------------------------------------------------------
@@ -124,12 +130,20 @@ def read_local(path_text: str, settings: Settings, param: str) -> bytes:
             "a multipart upload (operators: set ALLOWED_LOCAL_MEDIA_DIR)",
             param=param,
         )
+    if "\x00" in path_text:
+        raise InvalidInput(f"{param}: a path cannot contain a NUL byte", param=param)
     # Relative paths are taken from the server's working directory, as the reference server did.
     real = Path(os.path.realpath(Path(path_text).expanduser()))
     if real != root and root not in real.parents:
         raise MediaNotAllowed(f"{param}: path is outside the allowed media folder", param=param)
     try:
-        with open(real, "rb") as handle:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer. The type is checked on the open
+        # file, not before opening, so a file swapped in between cannot slip through.
+        descriptor = os.open(real, os.O_RDONLY | os.O_NONBLOCK)
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            os.close(descriptor)
+            raise InvalidInput(f"{param}: not a regular file", param=param)
+        with os.fdopen(descriptor, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
             if size > settings.max_image_bytes:
                 raise PayloadTooLarge(
@@ -178,7 +192,7 @@ def vetted_address(
     """
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror:
+    except (socket.gaierror, UnicodeError, ValueError):
         raise InvalidInput(f"{param}: cannot resolve host {host!r}", param=param) from None
     addresses = [_unmapped(ipaddress.ip_address(str(info[4][0]).split("%")[0])) for info in infos]
     if not allow_private:
@@ -195,10 +209,26 @@ def vetted_address(
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
 def _unmapped(address: IPAddress) -> IPAddress:
-    """Checks '::ffff:127.0.0.1' as the IPv4 address it stands for."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+    """Judges an IPv6 address that carries an IPv4 one by the IPv4 address it stands for.
+
+    IPv4-mapped (::ffff:127.0.0.1), IPv4-compatible (::7f00:1), NAT64 (64:ff9b::7f00:1), 6to4
+    (2002:7f00:1::) and Teredo all reach the embedded address through a gateway or the stack.
+    """
+    if not isinstance(address, ipaddress.IPv6Address):
+        return address
+    if address.ipv4_mapped is not None:
         return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address.teredo is not None:
+        return address.teredo[1]
+    if address in NAT64 or (address in IPV4_COMPATIBLE and int(address) > 1):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
     return address
 
 
@@ -216,7 +246,13 @@ def fetch_url(url: str, settings: Settings, param: str) -> bytes:
     limit = settings.max_image_bytes
     with httpx.Client(follow_redirects=False, timeout=timeout, trust_env=False) as client:
         for _hop in range(MAX_REDIRECTS + 1):
-            parts = urlsplit(url)
+            if any(ord(char) < 33 for char in url):
+                raise InvalidInput(f"{param}: the URL contains a control character", param=param)
+            try:
+                parts = urlsplit(url)
+                parts.port  # noqa: B018  (raises ValueError for a port out of range)
+            except ValueError as error:
+                raise InvalidInput(f"{param}: not a valid URL ({error})", param=param) from None
             host = parts.hostname or ""
             if parts.scheme not in ("http", "https") or not host:
                 raise MediaNotAllowed(f"{param}: only http(s) URLs are fetched", param=param)

@@ -105,3 +105,14 @@ def test_sampler_values_that_would_break_it_are_refused(
         assert status == 400
         assert "must be 0 (greedy) or at least 0.01" in error["error"]["message"]
     assert post_json(vl, "/infer", {"prompt": "x", "temperature": 0.01})[0] == 200
+
+
+def test_too_many_multipart_files_is_a_422_as_in_json(vl: TestClient) -> None:
+    files = [("images", (f"{i}.png", b"x", "image/png")) for i in range(9)]
+    response = vl.post("/infer", data={"prompt": "x"}, files=files)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert (error["param"], error["message"]) == (
+        "images",
+        "more than 8 images sent; at most 8 are allowed",
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from PIL import Image
 
@@ -135,3 +137,72 @@ def test_internal_addresses_are_refused(host: str) -> None:
 
 def test_internal_addresses_pass_when_the_operator_allows_them() -> None:
     assert vetted_address("127.0.0.1", 80, allow_private=True, param="images[0]") == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "::ffff:127.0.0.1",  # IPv4-mapped
+        "::7f00:1",  # IPv4-compatible
+        "64:ff9b::a9fe:a9fe",  # NAT64 of 169.254.169.254, the metadata address
+        "2002:7f00:1::",  # 6to4 of 127.0.0.1
+        "2002:a00:1::",  # 6to4 of 10.0.0.1
+    ],
+)
+def test_ipv6_forms_that_embed_an_internal_ipv4_are_refused(host: str) -> None:
+    with pytest.raises(MediaNotAllowed):
+        vetted_address(host, 80, allow_private=False, param="images[0]")
+
+
+def test_ipv6_embedding_a_public_ipv4_is_judged_by_it() -> None:
+    assert vetted_address("2002:808:808::", 80, allow_private=False, param="p") == "8.8.8.8"
+
+
+OPEN = fake_settings(
+    model_type="image2text", allowed_media_domains=["example.com"], vl_max_pixels=200_000
+)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://example.com:99999/a.png", "not a valid URL"),
+        ("http://[::1/a.png", "not a valid URL"),
+        ("http://exa\x00mple.com/a.png", "control character"),
+        ("http://example.com/a b.png", "control character"),
+    ],
+)
+def test_malformed_urls_are_a_clear_4xx(url: str, message: str) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        read_source(ImageSource(url, "images[0]"), OPEN)
+    assert message in caught.value.message
+    assert caught.value.status_code == 422
+
+
+def test_plain_base64_with_line_breaks_is_base64_not_a_path() -> None:
+    import base64
+    import textwrap
+
+    wrapped = "\n".join(textwrap.wrap(base64.b64encode(png_bytes()).decode(), 76))
+    assert read_source(ImageSource(wrapped, "images[0]"), SETTINGS) == png_bytes()
+    spaced = " ".join(textwrap.wrap(base64.b64encode(png_bytes()).decode(), 40))
+    assert read_source(ImageSource(spaced, "images[0]"), SETTINGS) == png_bytes()
+
+
+def test_local_paths_with_a_nul_byte_are_refused(tmp_path: Path) -> None:
+    settings = fake_settings(model_type="image2text", allowed_local_media_dir=tmp_path)
+    with pytest.raises(InvalidInput) as caught:
+        read_source(ImageSource(f"{tmp_path}/a\x00.png", "images[0]"), settings)
+    assert "NUL byte" in caught.value.message
+
+
+def test_a_fifo_in_the_media_folder_is_refused_at_once_not_waited_on(tmp_path: Path) -> None:
+    import os
+
+    os.mkfifo(tmp_path / "pipe.png")  # opening it for reading would wait for a writer
+    settings = fake_settings(model_type="image2text", allowed_local_media_dir=tmp_path)
+    with pytest.raises(InvalidInput) as caught:
+        read_source(ImageSource(str(tmp_path / "pipe.png"), "images[0]"), settings)
+    assert "not a regular file" in caught.value.message
+    (tmp_path / "ok.png").write_bytes(png_bytes())
+    assert read_source(ImageSource(str(tmp_path / "ok.png"), "images[0]"), settings) == png_bytes()

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Receive
 
 from hunyuan_service.api.body import (
@@ -111,11 +112,23 @@ async def _read_multipart(
     limited = Request(
         request.scope, receive=_capped_receive(request.receive, settings.max_body_bytes)
     )
-    form = await limited.form(
-        max_files=settings.max_input_images,
-        max_fields=64,
-        max_part_size=max(settings.max_prompt_chars * 4, settings.max_image_bytes * 2),
-    )
+    try:
+        form = await limited.form(
+            max_files=settings.max_input_images,
+            max_fields=64,
+            max_part_size=max(settings.max_prompt_chars * 4, settings.max_image_bytes * 2),
+        )
+    except StarletteHTTPException as error:  # Starlette's 400s for its limits: a 422, as in JSON
+        detail = str(error.detail)
+        if "Too many files" in detail:
+            raise InvalidInput(
+                f"more than {settings.max_input_images} images sent; at most "
+                f"{settings.max_input_images} are allowed",
+                param="images",
+            ) from None
+        if "Too many fields" in detail:
+            raise InvalidInput("more than 64 form fields sent", param="body") from None
+        raise
     try:
         fields: dict[str, Any] = {}
         sources: list[ImageSource] = []
