@@ -116,3 +116,17 @@ def test_too_many_multipart_files_is_a_422_as_in_json(vl: TestClient) -> None:
         "images",
         "more than 8 images sent; at most 8 are allowed",
     )
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("width", True), ("seed", False), ("stream", "yes"), ("guidance_scale", False),
+     ("num_inference_steps", "4"), ("prompt", 5)],
+)  # fmt: skip
+def test_json_values_of_the_wrong_type_are_refused_not_coerced(
+    t2i: TestClient, field: str, value: object
+) -> None:
+    body = {"prompt": "x", "width": 64, "height": 64, field: value}
+    status, error, _ = post_json(t2i, "/infer", body)
+    assert status == 422
+    assert error["error"]["param"] == field

@@ -54,7 +54,11 @@ async def parse_json(
 
 def _parse_json(body: bytes, schema: type[BaseModel], engine: Engine, status_400: bool) -> Any:
     try:
-        return schema.model_validate_json(body or b"{}", context={"settings": engine.settings})
+        # Strict: in JSON, `width: true`, `seed: false` or `stream: "yes"` is surely a mistake,
+        # not a value to coerce. (Multipart fields are text, and are validated laxly.)
+        return schema.model_validate_json(
+            body or b"{}", strict=True, context={"settings": engine.settings}
+        )
     except ValidationError as error:
         message, param = describe_validation_errors(list(error.errors()))
         raise (BadRequest if status_400 else InvalidInput)(message, param=param) from None
