@@ -15,6 +15,7 @@ import math
 import os
 import socket
 import stat
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,10 +243,20 @@ def fetch_url(url: str, settings: Settings, param: str) -> bytes:
             "(operators: set ALLOWED_MEDIA_DOMAINS)",
             param=param,
         )
-    timeout = httpx.Timeout(settings.media_fetch_timeout_s)
+    # MEDIA_FETCH_TIMEOUT_S bounds the whole fetch, redirects included: a host that trickles one
+    # byte a second must not hold a decoding thread for longer.
+    deadline = time.monotonic() + settings.media_fetch_timeout_s
     limit = settings.max_image_bytes
-    with httpx.Client(follow_redirects=False, timeout=timeout, trust_env=False) as client:
+    late = InvalidInput(
+        f"{param}: fetching the URL took longer than {settings.media_fetch_timeout_s:g} s "
+        "(MEDIA_FETCH_TIMEOUT_S)",
+        param=param,
+    )
+    with httpx.Client(follow_redirects=False, trust_env=False) as client:
         for _hop in range(MAX_REDIRECTS + 1):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise late
             if any(ord(char) < 33 for char in url):
                 raise InvalidInput(f"{param}: the URL contains a control character", param=param)
             try:
@@ -269,7 +280,11 @@ def fetch_url(url: str, settings: Settings, param: str) -> bytes:
             headers = {"Host": parts.netloc.rsplit("@", 1)[-1], "Accept": "image/*"}
             try:
                 with client.stream(
-                    "GET", target, headers=headers, extensions={"sni_hostname": host}
+                    "GET",
+                    target,
+                    headers=headers,
+                    timeout=httpx.Timeout(left),
+                    extensions={"sni_hostname": host},
                 ) as response:
                     if response.is_redirect:
                         url = urljoin(url, response.headers.get("location", ""))
@@ -286,6 +301,8 @@ def fetch_url(url: str, settings: Settings, param: str) -> bytes:
                         )
                     chunks, size = [], 0
                     for chunk in response.iter_bytes():
+                        if time.monotonic() > deadline:
+                            raise late
                         size += len(chunk)
                         if size > limit:
                             raise PayloadTooLarge(
@@ -294,7 +311,7 @@ def fetch_url(url: str, settings: Settings, param: str) -> bytes:
                         chunks.append(chunk)
                     return b"".join(chunks)
             except httpx.TimeoutException:
-                raise InvalidInput(f"{param}: fetching the URL timed out", param=param) from None
+                raise late from None
             except httpx.HTTPError as error:
                 raise InvalidInput(
                     f"{param}: fetching the URL failed ({type(error).__name__})", param=param

@@ -206,3 +206,45 @@ def test_a_fifo_in_the_media_folder_is_refused_at_once_not_waited_on(tmp_path: P
     assert "not a regular file" in caught.value.message
     (tmp_path / "ok.png").write_bytes(png_bytes())
     assert read_source(ImageSource(str(tmp_path / "ok.png"), "images[0]"), settings) == png_bytes()
+
+
+def test_the_fetch_timeout_bounds_the_whole_fetch_not_each_read() -> None:
+    import socket
+    import threading
+    import time
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    done = threading.Event()
+
+    def trickle() -> None:  # one byte every 20 ms, forever: each read is quick, the whole is not
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\n\r\n")
+            while not done.is_set():
+                try:
+                    connection.sendall(b"x")
+                except OSError:
+                    return
+                time.sleep(0.02)
+
+    server = threading.Thread(target=trickle, daemon=True)
+    server.start()
+    settings = fake_settings(
+        model_type="image2text",
+        allowed_media_domains=["127.0.0.1"],
+        allow_private_media_addresses=True,
+        media_fetch_timeout_s=0.5,
+    )
+    try:
+        with pytest.raises(InvalidInput) as caught:
+            read_source(ImageSource(f"http://127.0.0.1:{port}/slow.png", "images[0]"), settings)
+    finally:
+        done.set()
+        listener.close()
+    assert caught.value.message == (
+        "images[0]: fetching the URL took longer than 0.5 s (MEDIA_FETCH_TIMEOUT_S)"
+    )
