@@ -130,3 +130,18 @@ def test_json_values_of_the_wrong_type_are_refused_not_coerced(
     status, error, _ = post_json(t2i, "/infer", body)
     assert status == 422
     assert error["error"]["param"] == field
+
+
+def test_metrics_count_client_errors_by_status_and_code() -> None:
+    settings = fake_settings(api_key="sesame-123")
+    key = {"Authorization": "Bearer sesame-123"}
+    with TestClient(create_app(settings, FakeImageModel())) as client:
+        assert client.post("/infer", json={"prompt": "x"}).status_code == 401
+        for _ in range(2):
+            bad = client.post("/infer", json={"prompt": "x", "width": 65}, headers=key)
+            assert bad.status_code == 422
+        assert client.get("/nowhere", headers=key).status_code == 404
+        metrics = client.get("/metrics", headers=key).text
+    assert 'hunyuan_client_errors_total{status="401",code="invalid_api_key"} 1' in metrics
+    assert 'hunyuan_client_errors_total{status="422",code="invalid_value"} 2' in metrics
+    assert 'hunyuan_client_errors_total{status="404",code="not_found"} 1' in metrics

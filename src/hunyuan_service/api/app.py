@@ -41,6 +41,8 @@ WEBHOOK_GRACE_S = 5.0
 
 
 def error_response(error: ServiceError, request: Request) -> JSONResponse:
+    if 400 <= error.status_code < 500:
+        request.app.state.engine.client_errors[(error.status_code, error.code)] += 1
     return JSONResponse(
         error_body(error, request_id_of(request)),
         status_code=error.status_code,
@@ -146,7 +148,11 @@ def create_app(
     app.state.engine = engine
     app.state.jobs_api = jobs_api
     if settings.api_key is not None:
-        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())
+        app.add_middleware(
+            ApiKeyMiddleware,
+            api_key=settings.api_key.get_secret_value(),
+            refusals=engine.client_errors,
+        )
     # Added last, so it runs first: even a refused request gets its id.
     app.add_middleware(RequestIdMiddleware)
     _install_error_handlers(app)

@@ -7,6 +7,7 @@ import itertools
 import json
 import re
 import uuid
+from collections import Counter
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -22,9 +23,12 @@ class ApiKeyMiddleware:
     Pure ASGI, so a refused request costs no routing, no body read and no dependency resolution.
     """
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    def __init__(
+        self, app: ASGIApp, api_key: str, refusals: Counter[tuple[int, str]] | None = None
+    ) -> None:
         self.app = app
         self.key = api_key.encode()
+        self.refusals = refusals if refusals is not None else Counter()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
@@ -41,6 +45,7 @@ class ApiKeyMiddleware:
         error = Unauthorized(
             "missing or wrong API key; send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
         )
+        self.refusals[(error.status_code, error.code)] += 1
         request_id = scope.get("state", {}).get("request_id")
         body = json.dumps(error_body(error, request_id)).encode()
         await send(

@@ -83,5 +83,6 @@ async def metrics(request: Request, engine: EngineDep) -> Response:
             "delivered": sender.delivered,
             "given_up": sender.given_up,
         },
+        client_errors=dict(engine.client_errors),
     )
     return Response(text, media_type="text/plain; version=0.0.4")

@@ -8,6 +8,7 @@ internals. Nothing here knows about HTTP.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -156,6 +157,8 @@ class Engine:
         self.phase, self.phase_since = "waiting", time.monotonic()
         self._phase_logged_at = 0.0
         self.load_error: str | None = None  # one line, when start-up failed for a known reason
+        # 4xx answers by (status, code), for /metrics: refused requests never become jobs.
+        self.client_errors: collections.Counter[tuple[int, str]] = collections.Counter()
         self.jobs = JobStore(
             ttl_s=settings.job_result_ttl_s,
             max_jobs=settings.max_stored_jobs,

@@ -43,6 +43,7 @@ def render_prometheus(
     *,
     ready: bool,
     webhooks: dict[str, int] | None = None,
+    client_errors: dict[tuple[int, str], int] | None = None,
 ) -> str:
     lines = ["# HELP hunyuan_jobs_total Jobs by outcome.", "# TYPE hunyuan_jobs_total counter"]
     counters = dict(scheduler.counters) if scheduler else {}
@@ -62,6 +63,14 @@ def render_prometheus(
     ]
     for outcome, count in sorted((webhooks or {}).items()):
         lines.append(f'hunyuan_webhooks_total{{outcome="{outcome}"}} {count}')
+    lines += [
+        "# HELP hunyuan_client_errors_total Requests answered 4xx, by status and error code.",
+        "# TYPE hunyuan_client_errors_total counter",
+    ]
+    for (http_status, code), count in sorted((client_errors or {}).items()):
+        lines.append(
+            f'hunyuan_client_errors_total{{status="{http_status}",code="{code}"}} {count}'
+        )
     lines += [
         "# HELP hunyuan_stored_jobs_removed_total Jobs API jobs dropped: expired or evicted.",
         "# TYPE hunyuan_stored_jobs_removed_total counter",
