@@ -97,6 +97,7 @@ def serve() -> int:
         log_config=None,
         access_log=settings.log_level == "debug",
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s) or None,
+        limit_concurrency=settings.limit_concurrency,
         lifespan="on",
     )
     server = DrainingServer(config)

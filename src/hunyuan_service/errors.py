@@ -51,6 +51,12 @@ class PayloadTooLarge(ServiceError):
     code = "payload_too_large"
 
 
+class BodyTimeout(ServiceError):
+    status_code = 408
+    error_type = "invalid_request_error"
+    code = "body_timeout"
+
+
 class NotAcceptable(ServiceError):
     status_code = 406
     error_type = "invalid_request_error"

@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(300.0, gt=0, le=86_400)
     shutdown_timeout_s: float = Field(30.0, ge=0, le=3_600)
     stream_keepalive_s: float = Field(5.0, gt=0, le=300)
+    # Slow clients: the whole body must arrive within body_timeout_s (else 408), and at most
+    # limit_concurrency connections and requests are served at once (uvicorn answers 503 above).
+    body_timeout_s: float = Field(60.0, gt=0, le=3600)
+    limit_concurrency: int = Field(256, ge=8, le=100_000)
 
     # Dynamic batching: up to max_batch_size compatible jobs from the head of the queue run
     # together; 1 keeps the one-job-at-a-time contract exactly.

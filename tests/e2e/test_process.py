@@ -150,3 +150,19 @@ def test_sigint_twice_after_start_exits_zero_without_a_traceback(tiny_cache: Pat
         service.proc.send_signal(signal.SIGINT)  # ... and `uv run` forwarding it
         assert service.wait(timeout=120) == 0
         assert "Traceback" not in service.log()
+
+
+def test_connections_over_limit_concurrency_get_a_503(tiny_cache: Path) -> None:
+    with ServiceProcess(tiny_env(tiny_cache, LIMIT_CONCURRENCY="8")) as service:
+        idle = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(8)]
+        try:
+            assert httpx.get(f"{service.url}/health", timeout=60).status_code == 503
+        finally:
+            for connection in idle:
+                connection.close()
+        # Once they are gone, the service answers again (uvicorn notices closes at once, but
+        # the closes travel through the kernel: wait for them, boundedly).
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{service.url}/health", timeout=60).status_code != 200:
+            assert time.monotonic() < deadline, "the service never recovered"
+            time.sleep(0.05)

@@ -145,3 +145,48 @@ def test_metrics_count_client_errors_by_status_and_code() -> None:
     assert 'hunyuan_client_errors_total{status="401",code="invalid_api_key"} 1' in metrics
     assert 'hunyuan_client_errors_total{status="422",code="invalid_value"} 2' in metrics
     assert 'hunyuan_client_errors_total{status="404",code="not_found"} 1' in metrics
+
+
+def raw_exchange(port: int, request: bytes) -> bytes:
+    """Sends `request` as is, then reads the answer until the server closes or a long timeout."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as connection:
+        connection.sendall(request)
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize("path", ["/infer", "/v1/chat/completions"])
+def test_a_body_that_stalls_gets_a_408(path: str) -> None:
+    from tests.conftest import LiveServer
+
+    model_type = "text2image" if path == "/infer" else "image2text"
+    settings = fake_settings(model_type=model_type, body_timeout_s=0.5)
+    with LiveServer(create_app(settings, FakeImageModel(settings=settings))) as server:
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "Content-Length: 1000\r\n\r\n"
+        ).encode()
+        answer = raw_exchange(server.port, head + b'{"prompt": "only part of it')
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert b"the body did not arrive within 0.5 s (BODY_TIMEOUT_S)" in answer
+
+
+def test_a_multipart_body_that_stalls_gets_a_408() -> None:
+    from tests.conftest import LiveServer
+
+    settings = fake_settings(model_type="image2text", body_timeout_s=0.5)
+    with LiveServer(create_app(settings, FakeImageModel(settings=settings))) as server:
+        head = (
+            b"POST /infer HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: multipart/form-data; boundary=XyZ\r\nContent-Length: 100000\r\n\r\n"
+        )
+        part = b'--XyZ\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nhello\r\n'
+        answer = raw_exchange(server.port, head + part)
+    assert answer.startswith(b"HTTP/1.1 408 ")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import Request
@@ -11,28 +14,71 @@ from starlette.requests import ClientDisconnect
 from hunyuan_service.api.encoding import MEDIA_TYPES
 from hunyuan_service.api.schemas import describe_validation_errors
 from hunyuan_service.engine.engine import Engine
-from hunyuan_service.errors import BadRequest, InvalidInput, NotAcceptable, PayloadTooLarge
+from hunyuan_service.errors import (
+    BadRequest,
+    BodyTimeout,
+    InvalidInput,
+    NotAcceptable,
+    PayloadTooLarge,
+)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """Reads the body, refusing it with 413 as soon as it passes `limit` bytes."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """Reads the body, refusing it with 413 as soon as it passes `limit` bytes, and with 408
+    if it has not all arrived within `timeout_s` (a client trickling a body holds memory)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the body is {declared} bytes; at most {limit} are accepted")
     # The ASGI messages are read directly: `request.stream()` costs an async generator per
     # request, and a small body arrives whole in the first message anyway.
     chunks, size = [], 0
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the body is over {limit} bytes, the most accepted")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    with body_deadline(timeout_s):
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"the body is over {limit} bytes, the most accepted")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+@contextlib.contextmanager
+def body_deadline(timeout_s: float) -> Iterator[None]:
+    """Turns the block into a 408 once `timeout_s` has passed.
+
+    One timer per request (call_later costs about a microsecond, where `asyncio.wait_for` on
+    every receive would cost a task each); it cancels the reading task, and the cancellation is
+    turned into `BodyTimeout` here, so no other cancellation is mistaken for it.
+    """
+    task = asyncio.current_task()
+    if task is None:
+        yield
+        return
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    timer = asyncio.get_running_loop().call_later(timeout_s, expire)
+    try:
+        yield
+    except asyncio.CancelledError:
+        if not expired:
+            raise
+        uncancel = getattr(task, "uncancel", None)  # Python 3.11+: the task is not cancelled
+        if uncancel is not None:
+            uncancel()
+        raise BodyTimeout(
+            f"the body did not arrive within {timeout_s:g} s (BODY_TIMEOUT_S)"
+        ) from None
+    finally:
+        timer.cancel()
 
 
 # Bodies above this size are parsed on the CPU pool: a 20 MB base64 image takes tens of

@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Receive
 
 from hunyuan_service.api.body import (
+    body_deadline,
     is_multipart,
     negotiate,
     parse_json,
@@ -40,7 +41,7 @@ async def prepare_image2text(
     if is_multipart(request):
         params, sources = await _read_multipart(request, engine, schema)
     else:
-        body = await read_body(request, settings.max_body_bytes)
+        body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
         params = await parse_json(body, schema, engine)
         sources = [ImageSource(v, f"images[{i}]") for i, v in enumerate(params.images)]
     reservation, images = None, []
@@ -113,11 +114,12 @@ async def _read_multipart(
         request.scope, receive=_capped_receive(request.receive, settings.max_body_bytes)
     )
     try:
-        form = await limited.form(
-            max_files=settings.max_input_images,
-            max_fields=64,
-            max_part_size=max(settings.max_prompt_chars * 4, settings.max_image_bytes * 2),
-        )
+        with body_deadline(settings.body_timeout_s):
+            form = await limited.form(
+                max_files=settings.max_input_images,
+                max_fields=64,
+                max_part_size=max(settings.max_prompt_chars * 4, settings.max_image_bytes * 2),
+            )
     except StarletteHTTPException as error:  # Starlette's 400s for its limits: a 422, as in JSON
         detail = str(error.detail)
         if "Too many files" in detail:

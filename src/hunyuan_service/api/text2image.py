@@ -28,7 +28,7 @@ async def prepare_text2image(
     # Any non-multipart body is read as JSON: curl's `-d` sends a form content type by default.
     if is_multipart(request):
         raise UnsupportedMediaType("text2image takes a JSON body, not multipart/form-data")
-    body = await read_body(request, engine.settings.max_body_bytes)
+    body = await read_body(request, engine.settings.max_body_bytes, engine.settings.body_timeout_s)
     params: Text2ImageRequest = await parse_json(body, schema, engine)
     payload = Text2ImageInput(
         prompt=params.prompt,

@@ -68,9 +68,7 @@ def render_prometheus(
         "# TYPE hunyuan_client_errors_total counter",
     ]
     for (http_status, code), count in sorted((client_errors or {}).items()):
-        lines.append(
-            f'hunyuan_client_errors_total{{status="{http_status}",code="{code}"}} {count}'
-        )
+        lines.append(f'hunyuan_client_errors_total{{status="{http_status}",code="{code}"}} {count}')
     lines += [
         "# HELP hunyuan_stored_jobs_removed_total Jobs API jobs dropped: expired or evicted.",
         "# TYPE hunyuan_stored_jobs_removed_total counter",
