@@ -74,6 +74,9 @@ class Settings(BaseSettings):
 
     # image2text limits.
     max_new_tokens_limit: int = Field(2048, ge=1)
+    # Tokens of the templated prompt, images included (1280 per image at the default
+    # VL_MAX_PIXELS): bounds what a request's prefill may cost.
+    max_input_tokens: int = Field(16_384, ge=256, le=1_000_000)
     max_input_images: int = Field(8, ge=1, le=256)
     max_image_bytes: int = Field(20 * 2**20, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1024)

@@ -13,8 +13,10 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
-from tests.images import bomb_png, data_uri, png_bytes
+from hunyuan_service.api.app import create_app
+from tests.images import bomb_png, data_uri, encoded, png_bytes
 
 
 def assert_text_answer(
@@ -310,3 +312,33 @@ def test_five_concurrent_reference_clients_with_allowed_files(
     for response in responses:
         assert isinstance(response.json()["text"], str)
         assert response.json()["usage"]["prompt_tokens"] > baseline  # the file reached the model
+
+
+def test_input_over_max_input_tokens_is_a_422_and_others_still_run(tiny_cache: Path) -> None:
+    from hunyuan_service.errors import InvalidInput
+    from hunyuan_service.models.base import JobContext
+    from hunyuan_service.models.qwen_vl import QwenVLModel
+    from hunyuan_service.models.types import ChatMessage, Image2TextInput
+    from tests.e2e.conftest import tiny_settings
+
+    settings = tiny_settings("image2text", tiny_cache, max_input_tokens=256)
+    with TestClient(create_app(settings)) as client:
+        big = Image.new("RGB", (600, 600), (10, 120, 200))
+        body = {"prompt": "Describe", "images": [data_uri(encoded(big, "PNG"))]}
+        response = client.post("/infer", json=body)
+        assert response.status_code == 422
+        error = response.json()["error"]
+        assert error["param"] == "messages"
+        assert "at most 256 are allowed (MAX_INPUT_TOKENS)" in error["message"]
+        assert client.post("/infer", json={"prompt": "Describe"}).status_code == 200
+        metrics = client.get("/metrics").text
+        assert 'hunyuan_jobs_total{outcome="refused_by_model"} 1' in metrics
+        assert 'outcome="failed"' not in metrics  # not counted as an inference failure
+
+    model = QwenVLModel(settings)
+    model.load()
+    over = Image2TextInput((ChatMessage("user", "Describe", (big,)),), max_new_tokens=3)
+    fine = Image2TextInput((ChatMessage("user", "Describe"),), max_new_tokens=3)
+    results = model.infer_batch([over, fine], [JobContext(), JobContext()])
+    assert isinstance(results[0], InvalidInput)
+    assert results[1].completion_tokens >= 1

@@ -159,6 +159,12 @@ class WorkerLoop:
                 self._finish(
                     job, status, error=JobCancelled("the job was cancelled", code=reason.value)
                 )
+        elif isinstance(outcome, ServiceError) and 400 <= outcome.status_code < 500:
+            # The model refused the input (e.g. too many tokens once templated): the client's
+            # mistake, answered as such, not an "inference failed".
+            self.counters["refused_by_model"] += 1
+            logger.info("model refused the input: %s", outcome.message, extra=log_fields(job))
+            self._finish(job, JobStatus.FAILED, error=outcome)
         elif isinstance(outcome, BaseException):
             if self.model.is_out_of_memory(outcome):
                 self.counters["out_of_memory"] += 1

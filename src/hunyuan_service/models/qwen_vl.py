@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import Any
 
-from hunyuan_service.errors import JobCancelled, ModelLoadError
+from hunyuan_service.errors import InvalidInput, JobCancelled, ModelLoadError
 from hunyuan_service.models.base import JobContext, TorchModel
 from hunyuan_service.models.loading import (
     quiet_hf_progress,
@@ -90,6 +90,7 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
             text=[prompt], images=images or None, return_tensors="pt", padding=True
         ).to(self.device)
         prompt_tokens = int(inputs["input_ids"].shape[1])
+        self._check_input_tokens(prompt_tokens)
 
         class StopWhenCancelled(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
@@ -164,6 +165,20 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
             text=prompts, images=images or None, return_tensors="pt", padding=True
         ).to(self.device)
         width = int(inputs["input_ids"].shape[1])
+        lengths = [int(n) for n in inputs["attention_mask"].sum(dim=1).tolist()]
+        too_long = [n > self.settings.max_input_tokens for n in lengths]
+        if any(too_long):  # answer those rows with the refusal, and run the others alone
+            kept = [i for i, over in enumerate(too_long) if not over]
+            rest = (
+                self.infer_batch([requests[i] for i in kept], [contexts[i] for i in kept])
+                if kept
+                else []
+            )
+            answers = iter(rest)
+            return [
+                self._too_many_tokens(n) if over else next(answers)
+                for n, over in zip(lengths, too_long, strict=True)
+            ]
         limits = [request.max_new_tokens for request in requests]
         rows = _RowStops(contexts, limits, width)
         generate_kwargs = self._sampling(requests[0])  # equal in a batch, by `batch_key`
@@ -193,6 +208,18 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
         return results
 
     # -- shared by both paths ----------------------------------------------------------------
+
+    def _check_input_tokens(self, tokens: int) -> None:
+        if tokens > self.settings.max_input_tokens:
+            raise self._too_many_tokens(tokens)
+
+    def _too_many_tokens(self, tokens: int) -> InvalidInput:
+        limit = self.settings.max_input_tokens
+        return InvalidInput(
+            f"messages: the input is {tokens} tokens once templated, images included; at most "
+            f"{limit} are allowed (MAX_INPUT_TOKENS): send less text or fewer or smaller images",
+            param="messages",
+        )
 
     def _prompt_and_images(self, request: Image2TextInput) -> tuple[str, list[Any]]:
         from qwen_vl_utils import fetch_image
