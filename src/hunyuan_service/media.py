@@ -342,6 +342,8 @@ def decode_image(data: bytes, param: str, settings: Settings) -> Image:
                     "PNG, JPEG, WebP, GIF, BMP or TIFF",
                     param=param,
                 )
+            if image_format == "JPEG":
+                _check_jpeg_scans(data, param)
             width, height = image.size
             if width * height > settings.max_image_pixels:
                 raise PayloadTooLarge(
@@ -366,6 +368,23 @@ def decode_image(data: bytes, param: str, settings: Settings) -> Image:
             param=param,
         ) from None
     return _downscale(_to_rgb(image), settings.vl_max_pixels)
+
+
+# Each scan of a progressive JPEG is decoded over the whole image: a small file that repeats
+# one scan thousands of times costs seconds of CPU per request. Encoders write about 10.
+MAX_JPEG_SCANS = 64
+
+
+def _check_jpeg_scans(data: bytes, param: str) -> None:
+    """Counts start-of-scan markers (0xFFDA) before decoding. Entropy-coded data escapes 0xFF
+    as 0xFF00, so the pair only ever appears as a real marker."""
+    scans = data.count(b"\xff\xda")
+    if scans > MAX_JPEG_SCANS:
+        raise InvalidInput(
+            f"{param}: a JPEG with {scans} scans; at most {MAX_JPEG_SCANS} are accepted "
+            "(re-save it as a baseline JPEG, or as PNG)",
+            param=param,
+        )
 
 
 def _to_rgb(image: Image) -> Image:

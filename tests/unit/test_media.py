@@ -248,3 +248,22 @@ def test_the_fetch_timeout_bounds_the_whole_fetch_not_each_read() -> None:
     assert caught.value.message == (
         "images[0]: fetching the URL took longer than 0.5 s (MEDIA_FETCH_TIMEOUT_S)"
     )
+
+
+def repeated_scan_jpeg(repeats: int) -> bytes:
+    """A progressive JPEG whose last scan is repeated: valid, small, and slow to decode."""
+    progressive = encoded(Image.new("RGB", (64, 64), (120, 40, 200)), "JPEG", progressive=True)
+    last_scan = progressive.rindex(b"\xff\xda")
+    end = progressive.rindex(b"\xff\xd9")
+    return progressive[:end] + progressive[last_scan:end] * repeats + progressive[end:]
+
+
+def test_a_jpeg_with_thousands_of_scans_is_refused_before_decoding() -> None:
+    with pytest.raises(InvalidInput) as caught:
+        decode_image(repeated_scan_jpeg(5000), "images[0]", SETTINGS)
+    assert caught.value.message.startswith("images[0]: a JPEG with 50")
+    assert "at most 64 are accepted" in caught.value.message
+
+
+def test_ordinary_progressive_jpegs_still_decode() -> None:
+    assert decode_image(repeated_scan_jpeg(3), "images[0]", SETTINGS).size == (64, 64)
