@@ -75,6 +75,12 @@ class Unauthorized(ServiceError):
     code = "invalid_api_key"
 
 
+class Forbidden(ServiceError):
+    status_code = 403
+    error_type = "permission_error"
+    code = "forbidden"
+
+
 class NotFound(ServiceError):
     status_code = 404
     error_type = "not_found_error"

@@ -99,10 +99,14 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(5, ge=1, le=20)
 
     api_key: SecretStr | None = None
+    # Host headers accepted (DNS rebinding); empty accepts any. Probes are exempt.
+    allowed_hosts: Annotated[list[str], NoDecode] = []
     playground: bool = True  # the page at GET /
     cache_dir: Path = Field(default_factory=_default_cache_dir)
 
-    @field_validator("allowed_media_domains", "allowed_webhook_domains", mode="before")
+    @field_validator(
+        "allowed_media_domains", "allowed_webhook_domains", "allowed_hosts", mode="before"
+    )
     @classmethod
     def _split_domains(cls, value: object) -> object:
         if isinstance(value, str):

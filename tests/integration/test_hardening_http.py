@@ -190,3 +190,39 @@ def test_a_multipart_body_that_stalls_gets_a_408() -> None:
         part = b'--XyZ\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nhello\r\n'
         answer = raw_exchange(server.port, head + part)
     assert answer.startswith(b"HTTP/1.1 408 ")
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({}, 200),  # curl, SDKs: no Origin
+        ({"Origin": "http://testserver"}, 200),  # the playground, same origin
+        ({"Origin": "http://evil.example", "X-Forwarded-Host": "public.example"}, 403),
+        ({"Origin": "https://public.example", "X-Forwarded-Host": "public.example"}, 200),
+        ({"Origin": "http://evil.example"}, 403),
+        ({"Origin": "null"}, 403),  # a sandboxed frame or a file:// page
+    ],
+)
+def test_a_cross_site_page_cannot_make_a_browser_run_jobs(
+    t2i: TestClient, headers: dict[str, str], status: int
+) -> None:
+    # A form post with text/plain is what a hostile page can send without a CORS preflight.
+    body = '{"prompt": "x", "width": 64, "height": 64}'
+    response = t2i.post("/infer", content=body, headers={"Content-Type": "text/plain", **headers})
+    assert response.status_code == status
+    if status == 403:
+        assert response.json()["error"]["code"] == "cross_origin"
+    assert t2i.get("/health", headers=headers).status_code == 200  # reading is not refused
+
+
+def test_allowed_hosts_refuses_other_host_headers_but_not_probes() -> None:
+    settings = fake_settings(allowed_hosts="ai.example.com, .internal.example")
+    with TestClient(create_app(settings, FakeImageModel()), base_url="http://x") as client:
+        body = {"prompt": "x", "width": 64, "height": 64}
+        for host, status in [("ai.example.com", 200), ("a.internal.example:8000", 200),
+                             ("rebound.attacker.example", 400)]:  # fmt: skip
+            response = client.post("/infer", json=body, headers={"Host": host})
+            assert response.status_code == status, host
+        assert client.get("/health", headers={"Host": "10.0.0.7:8000"}).status_code == 200
+        refused = client.post("/infer", json=body, headers={"Host": "rebound.attacker.example"})
+        assert refused.json()["error"]["code"] == "host_not_allowed"

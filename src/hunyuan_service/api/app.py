@@ -18,7 +18,11 @@ from hunyuan_service import __version__
 from hunyuan_service.api.deps import request_id_of
 from hunyuan_service.api.jobs_routes import JobsApi
 from hunyuan_service.api.jobs_routes import router as jobs_router
-from hunyuan_service.api.middleware import ApiKeyMiddleware, RequestIdMiddleware
+from hunyuan_service.api.middleware import (
+    ApiKeyMiddleware,
+    BrowserGuardMiddleware,
+    RequestIdMiddleware,
+)
 from hunyuan_service.api.openai_routes import router as openai_router
 from hunyuan_service.api.playground import router as playground_router
 from hunyuan_service.api.routes import router
@@ -153,6 +157,11 @@ def create_app(
             api_key=settings.api_key.get_secret_value(),
             refusals=engine.client_errors,
         )
+    app.add_middleware(
+        BrowserGuardMiddleware,
+        allowed_hosts=settings.allowed_hosts,
+        refusals=engine.client_errors,
+    )
     # Added last, so it runs first: even a refused request gets its id.
     app.add_middleware(RequestIdMiddleware)
     _install_error_handlers(app)

@@ -8,13 +8,23 @@ import json
 import re
 import uuid
 from collections import Counter
+from collections.abc import Sequence
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hunyuan_service.api.playground import PLAYGROUND_PATHS
-from hunyuan_service.errors import Unauthorized, error_body
+from hunyuan_service.errors import (
+    BadRequest,
+    Forbidden,
+    ServiceError,
+    Unauthorized,
+    error_body,
+)
+from hunyuan_service.media import host_allowed
 
-OPEN_PATHS = frozenset({"/health", "/ready"}) | PLAYGROUND_PATHS
+PROBE_PATHS = frozenset({"/health", "/ready"})
+OPEN_PATHS = PROBE_PATHS | PLAYGROUND_PATHS
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class ApiKeyMiddleware:
@@ -46,20 +56,80 @@ class ApiKeyMiddleware:
             "missing or wrong API key; send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
         )
         self.refusals[(error.status_code, error.code)] += 1
-        request_id = scope.get("state", {}).get("request_id")
-        body = json.dumps(error_body(error, request_id)).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"www-authenticate", b"Bearer"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await send_error(scope, send, error, [(b"www-authenticate", b"Bearer")])
+
+
+async def send_error(
+    scope: Scope, send: Send, error: ServiceError, headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
+    """Answers with the error body from middleware, before any routing."""
+    request_id = scope.get("state", {}).get("request_id")
+    body = json.dumps(error_body(error, request_id)).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": error.status_code,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class BrowserGuardMiddleware:
+    """Stops what a web page in a visitor's browser could make that browser send here.
+
+    - A state-changing request (anything but GET, HEAD, OPTIONS) whose `Origin` is not this
+      service is refused with 403: a cross-site form or fetch would otherwise run jobs, since
+      browsers send simple POSTs (text/plain, form-encoded, multipart) without asking first.
+      Clients that are not browsers send no `Origin` and are not affected.
+    - With ALLOWED_HOSTS set, a `Host` header outside it is refused with 400 (DNS rebinding
+      makes a hostile name point here, and the browser then calls it same-origin). The probes,
+      which kubelet sends to the pod's IP, are exempt.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        allowed_hosts: list[str],
+        refusals: Counter[tuple[int, str]] | None = None,
+    ) -> None:
+        self.app = app
+        self.allowed_hosts = allowed_hosts
+        self.refusals = refusals if refusals is not None else Counter()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        host = headers.get(b"host", b"").decode("latin-1").lower()
+        error: ServiceError | None = None
+        if self.allowed_hosts and scope["path"] not in PROBE_PATHS:
+            name = host.rsplit(":", 1)[0].strip("[]") if host else ""
+            if not host_allowed(name, self.allowed_hosts):
+                error = BadRequest(
+                    f"Host {host!r} is not in ALLOWED_HOSTS", code="host_not_allowed"
+                )
+        origin = headers.get(b"origin")
+        if error is None and origin is not None and scope["method"] not in SAFE_METHODS:
+            given = origin.decode("latin-1").lower()
+            # Behind a proxy that rewrites Host, the public name comes as X-Forwarded-Host; a
+            # cross-site page cannot set that header without a CORS preflight, never granted.
+            forwarded = headers.get(b"x-forwarded-host", b"").decode("latin-1").lower()
+            if given.split("://", 1)[-1] not in (host, forwarded.split(",")[0].strip()):
+                error = Forbidden(
+                    f"cross-origin request refused: Origin {given!r} is not this service",
+                    code="cross_origin",
+                )
+        if error is None:
+            await self.app(scope, receive, send)
+            return
+        self.refusals[(error.status_code, error.code)] += 1
+        await send_error(scope, send, error)
 
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
