@@ -236,6 +236,8 @@ function setupImageToText(config) {
     clearErrors(form);
     const answer = $("#answer");
     answer.textContent = "";
+    answer.dataset.pieces = "0";
+    delete answer.dataset.done;
     const body = {
       prompt: form.elements.prompt.value,
       images: await Promise.all(chosen.map(readAsDataUrl)),
@@ -245,8 +247,10 @@ function setupImageToText(config) {
     await streamInfer(form, body, {
       token: (data) => {
         answer.textContent += data.text;
+        answer.dataset.pieces = String(Number(answer.dataset.pieces) + 1);
       },
       result: (data) => {
+        answer.dataset.streamed = answer.textContent;
         answer.textContent = data.text;
         answer.dataset.done = "true";
       },
