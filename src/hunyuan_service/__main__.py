@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import socket
 import sys
@@ -24,10 +25,19 @@ EXIT_INTERRUPTED = 130  # Ctrl+C before the server was up; afterwards a stop is 
 def main() -> int:
     """Starts the service; exits with one line and a documented code when it cannot."""
     try:
-        return serve()
+        code = serve()
     except KeyboardInterrupt:
         sys.stderr.write("hunyuan-service: interrupted during start-up\n")
-        return EXIT_INTERRUPTED
+        code = EXIT_INTERRUPTED
+    if "torch" in sys.modules:
+        # The service has drained and shut down in order. Tearing down the interpreter with
+        # torch, diffusers and transformers loaded took another 3 s (1.4 s with nothing but
+        # the imports), which counts against `docker stop`'s and Kubernetes' grace periods.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def serve() -> int:
