@@ -1,9 +1,11 @@
-# The service on a CUDA host: docker run --gpus all -p 8000:8000 hunyuan-service
+# The service on a CUDA host:
+#   docker run --gpus all -p 8000:8000 --stop-timeout 40 -v hf-cache:/cache hunyuan-service
 # PyPI's torch wheels bundle the CUDA runtime, so a slim Python base suffices; the host provides
-# the driver through the NVIDIA container toolkit.
+# the driver through the NVIDIA container toolkit. --stop-timeout must exceed SHUTDOWN_TIMEOUT_S
+# (30 s by default) by about 10 s, or `docker stop` kills a drain in progress.
 FROM python:3.12-slim
 
-COPY --from=ghcr.io/astral-sh/uv:latest /uv /uvx /bin/
+COPY --from=ghcr.io/astral-sh/uv:0.13 /uv /uvx /bin/
 ENV UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy
 WORKDIR /app
 
@@ -14,10 +16,18 @@ RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-install-project --no-dev
 
 COPY . /app
-RUN --mount=type=cache,target=/root/.cache/uv uv sync --frozen --no-dev
+RUN --mount=type=cache,target=/root/.cache/uv uv sync --frozen --no-dev \
+    && useradd --uid 10001 --create-home --shell /usr/sbin/nologin app \
+    && mkdir -p /cache && chown app /cache
 
-ENV PATH="/app/.venv/bin:$PATH" HOST=0.0.0.0 PORT=8000
+# The Hugging Face cache (models) lives in a volume, so it survives the container.
+ENV PATH="/app/.venv/bin:$PATH" HOST=0.0.0.0 PORT=8000 HF_HOME=/cache/huggingface \
+    CACHE_DIR=/cache/hunyuan-service
+VOLUME ["/cache"]
+USER 10001
 EXPOSE 8000
+STOPSIGNAL SIGTERM
+# Probes the PORT the service listens on, whatever it is set to.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s \
-  CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)" || exit 1
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('PORT', '8000') + '/health', timeout=4)"]
 CMD ["hunyuan-service"]
