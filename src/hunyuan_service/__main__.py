@@ -22,10 +22,17 @@ DUPLICATE_SIGNAL_S = 1.0  # a repeat within this is the same Ctrl+C delivered tw
 EXIT_INTERRUPTED = 130  # Ctrl+C before the server was up; afterwards a stop is a clean exit 0
 
 
+USAGE = "usage: hunyuan-service [download]   (settings come from the environment; see README)"
+
+
 def main() -> int:
     """Starts the service; exits with one line and a documented code when it cannot."""
+    arguments = sys.argv[1:]
+    if arguments not in ([], ["download"]):
+        sys.stderr.write(f"hunyuan-service: unknown arguments {' '.join(arguments)!r}\n{USAGE}\n")
+        return EXIT_BAD_SETTINGS
     try:
-        code = serve()
+        code = download() if arguments == ["download"] else serve()
     except KeyboardInterrupt:
         sys.stderr.write("hunyuan-service: interrupted during start-up\n")
         code = EXIT_INTERRUPTED
@@ -38,6 +45,31 @@ def main() -> int:
         sys.stderr.flush()
         os._exit(code)
     return code
+
+
+def download() -> int:
+    """`hunyuan-service download`: fetches MODEL_ID into the Hugging Face cache and exits, so an
+    image, an init container or an offline host (`HF_HUB_OFFLINE=1`) can be prepared ahead."""
+    from pydantic import ValidationError
+
+    from hunyuan_service.models.loading import describe_load_error, download_checkpoint
+    from hunyuan_service.settings import Settings, describe_settings_error
+
+    try:
+        settings = Settings()
+    except ValidationError as error:
+        sys.stderr.write(f"hunyuan-service: {describe_settings_error(error)}\n")
+        return EXIT_BAD_SETTINGS
+    try:
+        folder = download_checkpoint(settings)
+    except Exception as error:
+        reason = describe_load_error(error, settings)
+        if reason is None:
+            raise
+        sys.stderr.write(f"hunyuan-service: cannot download: {reason}\n")
+        return EXIT_START_FAILED
+    sys.stdout.write(f"{settings.model_id} is in {folder}\n")
+    return 0
 
 
 def serve() -> int:

@@ -106,11 +106,18 @@ def test_sigterm_drains_admitted_jobs_then_exits_zero(tiny_cache: Path) -> None:
         assert late in (503, None)
 
 
-def run_command(env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def run_command(
+    env: dict[str, str], *arguments: str, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     script = Path(sys.executable).with_name("hunyuan-service")
     full_env = {**os.environ, "HOST": "127.0.0.1", **env}
     return subprocess.run(
-        [str(script)], env=full_env, capture_output=True, text=True, timeout=timeout, check=False
+        [str(script), *arguments],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
@@ -138,8 +145,9 @@ def test_a_model_neither_cached_nor_reachable_fails_with_one_line_and_exit_3(
     (line,) = [line for line in output.splitlines() if "cannot start" in line]
     assert line.endswith(
         "cannot start: MODEL_ID=someorg/not-a-model: not in the local Hugging Face cache, and the "
-        "Hub cannot be reached (offline, or no network); download it where the Hub is reachable "
-        "(`hf download someorg/not-a-model`), or set MODEL_ID to a local folder"
+        "Hub cannot be reached (offline, or no network); fetch it where the Hub is reachable "
+        "(`MODEL_ID=someorg/not-a-model hunyuan-service download`), or set MODEL_ID to a local "
+        "folder"
     )
 
 
@@ -166,3 +174,29 @@ def test_connections_over_limit_concurrency_get_a_503(tiny_cache: Path) -> None:
         while httpx.get(f"{service.url}/health", timeout=60).status_code != 200:
             assert time.monotonic() < deadline, "the service never recovered"
             time.sleep(0.05)
+
+
+def test_download_prepares_the_model_and_says_where(tiny_cache: Path) -> None:
+    done = run_command(tiny_env(tiny_cache), "download")
+    assert done.returncode == 0, done.stderr
+    folder = Path(done.stdout.strip().rsplit(" is in ", 1)[1])
+    assert (folder / "model_index.json").is_file()
+    assert folder.parent == tiny_cache
+
+
+def test_download_without_the_hub_fails_with_one_line_and_exit_3(tiny_cache: Path) -> None:
+    env = {**tiny_env(tiny_cache, MODEL_ID="someorg/not-a-model"), "HF_HUB_OFFLINE": "1"}
+    done = run_command(env, "download")
+    assert done.returncode == 3
+    assert "Traceback" not in done.stderr
+    (line,) = [line for line in done.stderr.splitlines() if "cannot download" in line]
+    assert "MODEL_ID=someorg/not-a-model: not in the local Hugging Face cache" in line
+
+
+def test_unknown_arguments_are_refused_with_the_usage(tiny_cache: Path) -> None:
+    done = run_command(tiny_env(tiny_cache), "serve", "--now")
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "hunyuan-service: unknown arguments 'serve --now'",
+        "usage: hunyuan-service [download]   (settings come from the environment; see README)",
+    ]

@@ -65,8 +65,8 @@ def describe_load_error(error: BaseException, settings: Settings) -> str | None:
     if names & set(_UNREACHABLE) or "not fully cached locally" in str(error):
         return (
             f"MODEL_ID={model_id}: not in the local Hugging Face cache, and the Hub cannot be "
-            f"reached (offline, or no network); download it where the Hub is reachable "
-            f"(`hf download {model_id}`), or set MODEL_ID to a local folder"
+            f"reached (offline, or no network); fetch it where the Hub is reachable "
+            f"(`MODEL_ID={model_id} hunyuan-service download`), or set MODEL_ID to a local folder"
         )
     if "torch" in sys.modules and torch_is_out_of_memory(error):
         return (
@@ -128,3 +128,24 @@ def _folder_size(folder: Path) -> tuple[int, int]:
                 size += entry.stat().st_size
                 files += 1
     return files, size
+
+
+# Files `from_pretrained` reads for Qwen2.5-VL: weights, configs, tokenizer and chat template.
+QWEN_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.tiktoken"]
+
+
+def download_checkpoint(settings: Settings) -> str:
+    """Fetches MODEL_ID into the Hugging Face cache (only what the pipeline loads); returns the
+    local folder. A local folder or the demo model needs nothing fetched."""
+    if settings.is_demo:
+        return resolve_checkpoint(settings)
+    model_id = settings.model_id
+    if Path(model_id).expanduser().is_dir():
+        return model_id
+    if settings.model_type == "text2image":
+        from diffusers import FluxPipeline
+
+        return str(FluxPipeline.download(model_id))
+    from huggingface_hub import snapshot_download
+
+    return str(snapshot_download(model_id, allow_patterns=QWEN_FILES))
