@@ -10,6 +10,10 @@ import socket
 import sys
 import time
 from types import FrameType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hunyuan_service.settings import Settings
 
 logger = logging.getLogger("hunyuan_service")
 
@@ -50,15 +54,10 @@ def main() -> int:
 def download() -> int:
     """`hunyuan-service download`: fetches MODEL_ID into the Hugging Face cache and exits, so an
     image, an init container or an offline host (`HF_HUB_OFFLINE=1`) can be prepared ahead."""
-    from pydantic import ValidationError
-
     from hunyuan_service.models.loading import describe_load_error, download_checkpoint
-    from hunyuan_service.settings import Settings, describe_settings_error
 
-    try:
-        settings = Settings()
-    except ValidationError as error:
-        sys.stderr.write(f"hunyuan-service: {describe_settings_error(error)}\n")
+    settings = read_settings()
+    if settings is None:
         return EXIT_BAD_SETTINGS
     try:
         folder = download_checkpoint(settings)
@@ -72,17 +71,25 @@ def download() -> int:
     return 0
 
 
-def serve() -> int:
+def read_settings() -> Settings | None:
+    """The settings, or None after writing the one line that names each bad variable."""
     # Imported here, so that Ctrl+C during these slow imports is caught by `main`.
     from pydantic import ValidationError
 
-    from hunyuan_service.engine.lifecycle import State
     from hunyuan_service.settings import Settings, describe_settings_error
 
     try:
-        settings = Settings()
+        return Settings()
     except ValidationError as error:
         sys.stderr.write(f"hunyuan-service: {describe_settings_error(error)}\n")
+        return None
+
+
+def serve() -> int:
+    from hunyuan_service.engine.lifecycle import State
+
+    settings = read_settings()
+    if settings is None:
         return EXIT_BAD_SETTINGS
     # Take the port before anything slow, so a busy port fails at once, not after the load.
     try:
