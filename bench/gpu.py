@@ -88,7 +88,8 @@ QWEN_7B = QwenVLShape(
     image_max_pixels=12845056,
     vision=QWEN_VISION,
 )
-QWEN_3B = QwenVLShape(
+QWEN_3B = replace(
+    QWEN_7B,
     hidden_size=2048,
     layers=36,
     heads=16,
@@ -96,8 +97,6 @@ QWEN_3B = QwenVLShape(
     intermediate_size=11008,
     vocab_size=151936,
     tie_word_embeddings=True,
-    image_max_pixels=12845056,
-    vision=QWEN_VISION,
 )
 
 

@@ -221,12 +221,15 @@ def _check_speed_options(settings: Settings) -> None:
         )
 
 
+def looks_like_path(model_id: str) -> bool:
+    """A MODEL_ID that names a folder rather than a hub repository ('org/name')."""
+    return model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1 or "\\" in model_id
+
+
 def _check_local_model_id(model_id: str) -> None:
     """Refuses a local-looking MODEL_ID that does not exist, so it never turns into hub retries."""
     path = Path(model_id).expanduser()
-    looks_local = (
-        model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1 or "\\" in model_id
-    )
+    looks_local = looks_like_path(model_id)
     if path.exists():
         if not path.is_dir():
             raise ValueError(f"MODEL_ID: {model_id!r} is a file; give a model folder or a hub id")

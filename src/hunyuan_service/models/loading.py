@@ -86,8 +86,10 @@ def reporting_download(
     folder in the Hugging Face cache grow, so /health and the log can say "downloading" rather
     than a long silent "loading". A local folder or the demo model is not watched.
     """
-    hub_id = model_id.count("/") == 1 and not model_id.startswith(("/", ".", "~"))
-    if model_id == "tiny" or not hub_id or Path(model_id).expanduser().exists():
+    from hunyuan_service.settings import TINY_MODEL_ID, looks_like_path
+
+    hub_id = "/" in model_id and not looks_like_path(model_id)
+    if model_id == TINY_MODEL_ID or not hub_id or Path(model_id).expanduser().exists():
         yield
         return
     from huggingface_hub.constants import HF_HUB_CACHE
