@@ -85,16 +85,19 @@ def open_ready(page: Any, url: str) -> None:
     page.wait_for_selector("body[data-ready=true]", timeout=60_000)
 
 
+def generate(page: Any, prompt: str, **fields: str) -> None:
+    """Fills the text2image form (Width, Height, Steps, Seed by label) and presses Generate."""
+    page.get_by_label("Prompt").fill(prompt)
+    for label, value in fields.items():
+        page.get_by_label(label).fill(value)
+    page.get_by_role("button", name="Generate").click()
+
+
 def test_text2image_generates_an_image_of_the_requested_size(
     page: Any, flux_site: str, shots: Path
 ) -> None:
     open_ready(page, flux_site)
-    page.get_by_label("Prompt").fill("a lighthouse at dusk")
-    page.get_by_label("Width").fill("96")
-    page.get_by_label("Height").fill("64")
-    page.get_by_label("Steps").fill("6")
-    page.get_by_label("Seed").fill("42")
-    page.get_by_role("button", name="Generate").click()
+    generate(page, "a lighthouse at dusk", Width="96", Height="64", Steps="6", Seed="42")
     page.wait_for_selector("#image-result:not([hidden])", timeout=120_000)
     assert page.locator("#image-progress").evaluate("bar => [bar.value, bar.max]") == [6, 6]
     assert page.locator("#text2image").get_attribute("data-steps-seen") == "6"
@@ -110,9 +113,7 @@ def test_text2image_generates_an_image_of_the_requested_size(
 
 def test_a_422_is_shown_next_to_its_field(page: Any, flux_site: str) -> None:
     open_ready(page, flux_site)
-    page.get_by_label("Prompt").fill("a fox")
-    page.get_by_label("Width").fill("100")  # not a multiple of 16
-    page.get_by_role("button", name="Generate").click()
+    generate(page, "a fox", Width="100")  # not a multiple of 16
     error = page.locator('.field-error[data-for="width"]')
     error.wait_for(timeout=60_000)
     assert error.inner_text() == "width: must be a multiple of 16 (got 100)"
@@ -122,11 +123,8 @@ def test_a_422_is_shown_next_to_its_field(page: Any, flux_site: str) -> None:
 
 def test_cancel_stops_the_running_job_on_the_server(page: Any, flux_site: str) -> None:
     open_ready(page, flux_site)
-    page.get_by_label("Prompt").fill("a long one")
-    page.get_by_label("Width").fill("512")
-    page.get_by_label("Height").fill("512")
-    page.get_by_label("Steps").fill("100")
-    page.get_by_role("button", name="Generate").click()
+    # 100 steps at 1024x1024: far from done when Cancel is pressed after the first step.
+    generate(page, "a long one", Width="1024", Height="1024", Steps="100")
     page.locator("#text2image[data-steps-seen]").wait_for(timeout=120_000)  # a step has run
     page.get_by_role("button", name="Cancel").click()
     page.wait_for_selector("#message:not([hidden])", timeout=60_000)
@@ -170,21 +168,14 @@ def test_image2text_streams_the_answer_for_uploaded_images(
     page.screenshot(path=str(shots / "playground-image2text-phone.png"), full_page=True)
 
 
-def test_the_page_asks_for_the_key_and_sends_it(browser: Any, tiny_cache: Path) -> None:
+def test_the_page_asks_for_the_key_and_sends_it(page: Any, tiny_cache: Path) -> None:
     settings = tiny_settings("text2image", tiny_cache, api_key="sesame-123")
     with LiveServer(create_app(settings)) as server:
-        context = browser.new_context(viewport=DESKTOP)
-        page = context.new_page()
         open_ready(page, server.url)
         assert page.locator("#key-form").is_visible()
         page.get_by_label("API key").fill("sesame-123")
         page.get_by_role("button", name="Use this key").click()
         assert page.evaluate("sessionStorage.getItem('hunyuan-service-api-key')") == "sesame-123"
         assert "sesame" not in page.url
-        page.get_by_label("Prompt").fill("a key")
-        page.get_by_label("Width").fill("64")
-        page.get_by_label("Height").fill("64")
-        page.get_by_label("Steps").fill("2")
-        page.get_by_role("button", name="Generate").click()
+        generate(page, "a key", Width="64", Height="64", Steps="2")
         page.wait_for_selector("#image-result:not([hidden])", timeout=120_000)
-        context.close()
