@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import jsonschema
 import numpy as np
 import pytest
 
@@ -86,6 +88,40 @@ def test_qwen_rows_equal_their_solo_answers_with_their_own_limits(qwen: Any) -> 
         assert together.text == alone.text, i
         assert together.finish_reason == alone.finish_reason, i
         assert "".join(rows[i].tokens) == together.text  # each row streams only its own text
+
+
+def test_qwen_rows_follow_their_own_grammar_or_none(qwen: Any) -> None:
+    from hunyuan_service.models.grammar import compile_response_format
+    from hunyuan_service.models.types import ChatMessage, Image2TextInput
+
+    schemas = [
+        {"type": "array", "items": {"enum": ["cat", "dog"]}, "minItems": 1, "maxItems": 3},
+        None,
+        {
+            "type": "object",
+            "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+            "required": ["n"],
+            "additionalProperties": False,
+        },
+    ]
+    requests = [
+        Image2TextInput(
+            (ChatMessage("user", f"question {i}"),),
+            max_new_tokens=60,
+            grammar=None if schema is None else compile_response_format("json_schema", schema, "s"),
+        )
+        for i, schema in enumerate(schemas)
+    ]
+    assert len({qwen.batch_key(r) for r in requests}) == 1  # a grammar does not split a batch
+    solo = [qwen.infer(r, JobContext()) for r in requests]
+    batch = qwen.infer_batch(requests, [Row().context() for _ in requests])
+    assert [row.text for row in batch] == [alone.text for alone in solo]
+    for schema, row in zip(schemas, batch, strict=True):
+        if schema is not None:
+            assert row.finish_reason == "stop"
+            jsonschema.validate(json.loads(row.text), schema)
+    with pytest.raises(ValueError, match="Expecting"):  # the free row: junk, not JSON
+        json.loads(batch[1].text)
 
 
 def test_qwen_cancelled_row_stops_while_its_neighbours_finish(qwen: Any) -> None:

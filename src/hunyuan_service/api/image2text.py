@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import Request
@@ -20,11 +21,22 @@ from hunyuan_service.api.body import (
 )
 from hunyuan_service.api.encoding import json_bytes
 from hunyuan_service.api.renderers import Prepared, Rendered
-from hunyuan_service.api.schemas import Image2TextRequest, WebhookField, describe_validation_errors
+from hunyuan_service.api.schemas import (
+    Image2TextRequest,
+    ResponseFormat,
+    WebhookField,
+    describe_validation_errors,
+)
 from hunyuan_service.engine.engine import Engine, JobHandle
 from hunyuan_service.errors import InvalidInput, PayloadTooLarge
 from hunyuan_service.media import ImageSource, load_images
-from hunyuan_service.models.types import ChatMessage, Image2TextInput, Image2TextOutput
+from hunyuan_service.models.grammar import compile_response_format
+from hunyuan_service.models.types import (
+    ChatMessage,
+    Image2TextInput,
+    Image2TextOutput,
+    OutputGrammar,
+)
 
 
 async def prepare_image2text(
@@ -44,6 +56,7 @@ async def prepare_image2text(
         body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
         params = await parse_json(body, schema, engine)
         sources = [ImageSource(v, f"images[{i}]") for i, v in enumerate(params.images)]
+    grammar = await compile_grammar(engine, params.response_format)
     reservation, images = None, []
     if sources:
         reservation = engine.reserve()
@@ -53,13 +66,25 @@ async def prepare_image2text(
             reservation.release()
             raise
     return Prepared(
-        to_model_input(params, images),
+        to_model_input(params, images, grammar),
         render_text,
         timeout_s=params.timeout_s,
         stream=wants_event_stream(request, params.stream),
         reservation=reservation,
         webhook=params.webhook if isinstance(params, WebhookField) else None,
     )
+
+
+async def compile_grammar(
+    engine: Engine, response_format: ResponseFormat | None
+) -> OutputGrammar | None:
+    """The grammar a `response_format` asks for, compiled on the CPU pool (cached per schema);
+    an unsupported schema is a 400 that names the problem."""
+    if response_format is None or not response_format.constrains:
+        return None
+    spec = response_format.json_schema
+    schema, name = (None, "") if spec is None else (spec.schema_, spec.name)
+    return await engine.run_cpu(compile_response_format, response_format.type, schema, name)
 
 
 async def decode_images(engine: Engine, sources: list[ImageSource]) -> list[Any]:
@@ -88,7 +113,9 @@ def usage(output: Image2TextOutput) -> dict[str, int]:
     }
 
 
-def to_model_input(params: Image2TextRequest, images: list[Any]) -> Image2TextInput:
+def to_model_input(
+    params: Image2TextRequest, images: list[Any], grammar: OutputGrammar | None = None
+) -> Image2TextInput:
     return Image2TextInput(
         messages=(ChatMessage(role="user", text=params.prompt, images=tuple(images)),),
         max_new_tokens=params.max_new_tokens,
@@ -97,6 +124,7 @@ def to_model_input(params: Image2TextRequest, images: list[Any]) -> Image2TextIn
         top_k=params.top_k,
         repetition_penalty=params.repetition_penalty,
         seed=params.seed,
+        grammar=grammar,
     )
 
 
@@ -144,6 +172,8 @@ async def _read_multipart(
                     sources.append(ImageSource(value, param))
             elif isinstance(value, UploadFile):
                 raise InvalidInput(f"{key}: unexpected file; upload images as 'images'", param=key)
+            elif key == "response_format":  # an object: sent as JSON text in a form field
+                fields[key] = _json_field(key, value)
             else:
                 fields[key] = value
         try:
@@ -159,6 +189,13 @@ async def _read_multipart(
         return params, sources
     finally:
         await form.close()
+
+
+def _json_field(key: str, value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError:
+        raise InvalidInput(f"{key}: must be JSON text in a form field", param=key) from None
 
 
 def _capped_receive(receive: Receive, limit: int) -> Receive:

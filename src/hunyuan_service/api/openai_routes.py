@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from hunyuan_service.api.body import parse_json, read_body, wait_for_disconnect
 from hunyuan_service.api.deps import EngineDep, request_id_of
 from hunyuan_service.api.encoding import base64_json_string, encode_image, json_bytes, json_object
-from hunyuan_service.api.image2text import decode_images, usage
+from hunyuan_service.api.image2text import compile_grammar, decode_images, usage
 from hunyuan_service.api.openai_schemas import ChatCompletionRequest, ImageGenerationRequest
 from hunyuan_service.api.renderers import KEEPALIVE, SSE_HEADERS
 from hunyuan_service.engine.engine import Engine, JobHandle
@@ -80,6 +80,7 @@ async def chat_completions(request: Request, engine: EngineDep) -> Response:
     _require(engine, "image2text", params.model)
     texts, sources = params.texts_and_images()
     flat = [ImageSource(url, param) for group in sources for url, param in group]
+    grammar = await compile_grammar(engine, params.response_format)
     with engine.reserve() as reservation:
         images = iter(await decode_images(engine, flat))
         messages = tuple(
@@ -93,6 +94,7 @@ async def chat_completions(request: Request, engine: EngineDep) -> Response:
             top_p=params.top_p,
             seed=params.seed,
             stop=tuple(params.stop or ()),
+            grammar=grammar,
         )
         handle = engine.submit(
             payload, request_id_of(request), reservation=reservation, observed=params.stream

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from hunyuan_service.api.schemas import (
     MAX_LIST_ITEMS,
     ImageFormat,
+    ResponseFormat,
     check_no_special_tokens,
     check_side,
     check_steps,
@@ -71,7 +72,6 @@ CHAT_UNSUPPORTED = {
     "logprobs": "logprobs are not supported",
     "top_logprobs": "logprobs are not supported",
     "logit_bias": "logit_bias is not supported",
-    "response_format": "only plain text responses are supported",
     "modalities": "only text output is supported",
     "audio": "audio output is not supported",
     "prediction": "predicted outputs are not supported",
@@ -97,6 +97,7 @@ class ChatCompletionRequest(BaseModel):
     n: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("n")
     @classmethod

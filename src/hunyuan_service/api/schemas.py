@@ -101,6 +101,38 @@ def check_steps(value: int | None, settings: Settings) -> int | None:
     return value
 
 
+class JSONSchemaFormat(BaseModel):
+    """OpenAI's `json_schema` object: the schema the answer must follow."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    schema_: dict[str, Any] = Field(alias="schema")
+    description: str | None = Field(None, max_length=2048)
+    strict: bool | None = None  # the schema is always enforced, strict or not
+
+
+class ResponseFormat(BaseModel):
+    """`{"type": "text"}`, `{"type": "json_object"}` or `{"type": "json_schema", "json_schema"}`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs a "json_schema" object with a "schema"')
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError(f'"json_schema" goes with type "json_schema", not {self.type!r}')
+        return self
+
+    @property
+    def constrains(self) -> bool:
+        return self.type != "text"
+
+
 class Image2TextRequest(RequestBase):
     """The reference body `{"images": [...], "prompt"}` plus generation parameters."""
 
@@ -111,6 +143,7 @@ class Image2TextRequest(RequestBase):
     top_k: int | None = Field(None, ge=1, le=1000)
     repetition_penalty: float | None = Field(None, ge=0.1, le=10)
     seed: int | None = Field(None, ge=0, lt=2**63)
+    response_format: ResponseFormat | None = None
 
     @field_validator("temperature")
     @classmethod

@@ -7,13 +7,19 @@ from typing import Any
 
 from hunyuan_service.errors import InvalidInput, JobCancelled, ModelLoadError
 from hunyuan_service.models.base import JobContext, TorchModel
+from hunyuan_service.models.grammar import GrammarMask, sampling_after
 from hunyuan_service.models.loading import (
     quiet_hf_progress,
     reporting_download,
     resolve_checkpoint,
 )
 from hunyuan_service.models.speed import speed_up_qwen
-from hunyuan_service.models.types import ChatMessage, Image2TextInput, Image2TextOutput
+from hunyuan_service.models.types import (
+    ChatMessage,
+    Image2TextInput,
+    Image2TextOutput,
+    OutputGrammar,
+)
 
 
 class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
@@ -25,6 +31,7 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
         super().__init__(settings)
         self.model: Any = None
         self.processor: Any = None
+        self.grammar_tokenizer: Any = None  # llguidance's view of the vocabulary
 
     def load(self) -> None:
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
@@ -59,6 +66,7 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
         self.processor = processor
         # Batched rows are left-padded, so every row's next token follows its own last one.
         self.processor.tokenizer.padding_side = "left"
+        self.grammar_tokenizer = _grammar_tokenizer(self.model, self.processor.tokenizer)
         speed = speed_up_qwen(self.model, self.settings, self.device)
         self.info.extra = {
             "attn_implementation": self.settings.attn_implementation,
@@ -101,7 +109,7 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
                     device=input_ids.device,
                 )
 
-        generate_kwargs = self._sampling(request)
+        generate_kwargs = self._sampling_with_grammars(request, [request.grammar])
         generate_kwargs.update(
             max_new_tokens=request.max_new_tokens,
             stopping_criteria=StoppingCriteriaList([StopWhenCancelled()]),
@@ -181,7 +189,9 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
             ]
         limits = [request.max_new_tokens for request in requests]
         rows = _RowStops(contexts, limits, width)
-        generate_kwargs = self._sampling(requests[0])  # equal in a batch, by `batch_key`
+        # Sampling settings are equal in a batch, by `batch_key`; grammars are per row.
+        grammars = [request.grammar for request in requests]
+        generate_kwargs = self._sampling_with_grammars(requests[0], grammars)
         generate_kwargs.update(
             max_new_tokens=max(limits),
             stopping_criteria=StoppingCriteriaList([rows]),
@@ -238,6 +248,17 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
             conversation, tokenize=False, add_generation_prompt=True
         )
         return prompt, images
+
+    def _sampling_with_grammars(
+        self, request: Image2TextInput, grammars: list[OutputGrammar | None]
+    ) -> dict[str, Any]:
+        """`generate` kwargs for `request`'s sampling, with each row held to its grammar."""
+        sampling = self._sampling(request)
+        if all(grammar is None for grammar in grammars):
+            return sampling
+        vocab = int(self.model.get_output_embeddings().weight.shape[0])
+        mask = GrammarMask(self.grammar_tokenizer, grammars, vocab)
+        return sampling_after(mask, sampling, self.model.generation_config)
 
     @staticmethod
     def _sampling(request: Image2TextInput) -> dict[str, Any]:
@@ -357,6 +378,15 @@ class _DeltaStreamer:
         if len(text) > self.sent:
             self.ctx.on_token(text[self.sent :])
             self.sent = len(text)
+
+
+def _grammar_tokenizer(model: Any, tokenizer: Any) -> Any:
+    """llguidance's tokenizer for structured output, built once (about 1 s for Qwen's vocab)."""
+    import llguidance.hf
+
+    eos = _as_list(model.generation_config.eos_token_id) or [tokenizer.eos_token_id]
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    return llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab, eos_token=eos)
 
 
 def _has_flash_attention() -> bool:

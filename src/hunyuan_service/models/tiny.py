@@ -217,6 +217,10 @@ class QwenVLShape:
     kv_heads: int = 1
     intermediate_size: int = 37
     vocab_size: int | None = None  # None: the tokenizer's own size
+    # Word-like tokens added after the 256 byte tokens, so that a benchmark's tokenizer is as
+    # large as Qwen's (151,643 text tokens) where its size matters, as in constrained decoding.
+    # Without merges, encoding still spells text byte by byte; decoding may emit them.
+    word_tokens: int = 0
     tie_word_embeddings: bool = False
     image_max_pixels: int = 256 * 28 * 28  # the processor's own cap, before the service's
     vision: dict[str, Any] = field(
@@ -267,6 +271,8 @@ def build_qwen_vl(shape: QwenVLShape, dtype: Any = None) -> tuple[Any, Any]:
     )
 
     vocab = {char: index for index, char in enumerate(_byte_level_alphabet())}
+    for word in _word_pieces(shape.word_tokens):
+        vocab[word] = len(vocab)
     for token in _QWEN_SPECIAL_TOKENS:
         vocab[token] = len(vocab)
     tokenizer = Qwen2Tokenizer(
@@ -327,6 +333,30 @@ def build_qwen_vl(shape: QwenVLShape, dtype: Any = None) -> tuple[Any, Any]:
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     return model, processor
+
+
+def _word_pieces(count: int) -> list[str]:
+    """`count` distinct word-like pieces, the same on every machine: letters drawn by English
+    frequency, half with the byte-level space marker, some capitalised, some digits."""
+    import random
+
+    rng = random.Random(0)
+    letters = "etaoinshrdlcumwfgypbvkjxqz"
+    weights = [12, 9, 8, 7.5, 7, 6.7, 6.3, 6, 6, 4.3, 4, 2.8, 2.8, 2.4, 2.4, 2.2, 2, 2, 1.9]
+    weights += [1.5, 1, 0.8, 0.2, 0.2, 0.1, 0.1]
+    pieces: dict[str, None] = {}
+    while len(pieces) < count:
+        word = "".join(rng.choices(letters, weights, k=rng.randint(1, 10)))
+        roll = rng.random()
+        if roll < 0.1:
+            word = word.capitalize()
+        elif roll < 0.13:
+            word = str(rng.randint(0, 999))
+        if rng.random() < 0.5:
+            word = "\u0120" + word  # 'Ġ': a leading space in byte-level BPE
+        if len(word) > 1:
+            pieces.setdefault(word)
+    return list(pieces)
 
 
 def _mrope_sections(head_dim: int) -> list[int]:

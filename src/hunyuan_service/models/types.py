@@ -45,6 +45,15 @@ class ChatMessage:
 
 
 @dataclass(frozen=True)
+class OutputGrammar:
+    """A compiled `response_format`: the text must follow `grammar` (llguidance's format)."""
+
+    grammar: str
+    kind: str  # "json_object" or "json_schema"
+    name: str = ""
+
+
+@dataclass(frozen=True)
 class Image2TextInput:
     messages: tuple[ChatMessage, ...]
     max_new_tokens: int = 128
@@ -54,6 +63,7 @@ class Image2TextInput:
     repetition_penalty: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    grammar: OutputGrammar | None = None  # structured output; None: free text
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,115 @@
+"""The cost of structured output: decode tokens/s with a JSON-schema constraint against without.
+
+It builds a random-weight Qwen2.5-VL on the CPU whose tokenizer is as large as Qwen's (151,643
+text tokens, so the grammar's per-token mask costs what it costs for the real model) and whose
+output layer has Qwen's 152,064 rows, and serves it with the service's own `QwenVLModel`. Each
+round times the same greedy decode without a grammar, then held to `RECORDS_SCHEMA` (an array
+that can't close within the budget, so the grammar is live at every token); runs interleave so
+both see the same machine state. The decode rate is (n - 1) tokens over the time of n minus the
+time of 1, as in bench/gpu.py. It also times compiling a new schema and fetching a cached one.
+
+    uv run python bench/structured_output.py                 # about 2 minutes
+    uv run python bench/structured_output.py --tokens 256 --rounds 5 --hidden 1024
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+QWEN_TEXT_TOKENS = 151_643
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    import torch
+
+    from gpu import RECORDS_SCHEMA
+    from hunyuan_service.models import grammar
+    from hunyuan_service.models.base import JobContext
+    from hunyuan_service.models.qwen_vl import QwenVLModel
+    from hunyuan_service.models.tiny import QwenVLShape, build_qwen_vl
+    from hunyuan_service.models.types import ChatMessage, Image2TextInput
+    from hunyuan_service.settings import Settings
+
+    torch.manual_seed(0)
+    shape = QwenVLShape(
+        hidden_size=args.hidden,
+        layers=args.layers,
+        heads=args.hidden // 64,
+        kv_heads=2,
+        intermediate_size=args.hidden * 3,
+        vocab_size=152_064,
+        word_tokens=QWEN_TEXT_TOKENS - 256,
+    )
+    started = time.perf_counter()
+    model, processor = build_qwen_vl(shape)
+    model.generation_config.eos_token_id = None  # random weights: time a fixed length
+    settings = Settings(_env_file=None, model_type="image2text", model_id="tiny", device="cpu")
+    served = QwenVLModel(settings)
+    served.adopt(model, processor)
+    built_s = time.perf_counter() - started
+    print(f"built in {built_s:.1f} s; a tokenizer of {len(processor.tokenizer)} tokens")
+
+    message = ChatMessage("user", "List every item on the receipt as JSON records.")
+
+    def run(tokens: int, held: Any) -> float:
+        request = Image2TextInput((message,), max_new_tokens=tokens, grammar=held)
+        begin = time.perf_counter()
+        output = served.infer(request, JobContext())
+        assert output.completion_tokens == tokens, output
+        return time.perf_counter() - begin
+
+    started = time.perf_counter()
+    held = grammar.compile_response_format("json_schema", RECORDS_SCHEMA, "records")
+    compile_ms = (time.perf_counter() - started) * 1000
+    started = time.perf_counter()
+    grammar.compile_response_format("json_schema", RECORDS_SCHEMA, "records")
+    cached_ms = (time.perf_counter() - started) * 1000
+
+    n = args.tokens
+    run(n, None)
+    run(n, held)  # warm both paths
+    times: dict[str, list[float]] = {"free": [], "held": [], "first": []}
+    for _ in range(args.rounds):
+        times["first"].append(run(1, None))
+        times["free"].append(run(n, None))
+        times["held"].append(run(n, held))
+    first = statistics.median(times["first"])
+    rates = {key: (n - 1) / (statistics.median(times[key]) - first) for key in ("free", "held")}
+    result = {
+        "tokens": n,
+        "rounds": args.rounds,
+        "shape": f"hidden {args.hidden}, {args.layers} layers, vocab 152064",
+        "free_tok_per_s": round(rates["free"], 2),
+        "held_tok_per_s": round(rates["held"], 2),
+        "ratio": round(rates["held"] / rates["free"], 3),
+        "schema_compile_ms": round(compile_ms, 2),
+        "cached_compile_ms": round(cached_ms, 3),
+        "torch_threads": torch.get_num_threads(),
+    }
+    print(json.dumps(result, indent=2))
+    print(
+        f"\nconstrained decode: {result['ratio']:.3f}x the unconstrained rate "
+        f"({rates['held']:.1f} vs {rates['free']:.1f} tok/s)"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

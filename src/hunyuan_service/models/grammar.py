@@ -1,0 +1,171 @@
+"""Structured output for image2text: JSON (optionally a JSON Schema) enforced while decoding.
+
+The grammar library is llguidance (see docs/structured-output.md for why). A request's
+`response_format` is compiled once per distinct schema into an `OutputGrammar` (cached, and run
+off the event loop by the caller); while generating, `GrammarMask` masks every token that would
+leave the grammar, so whatever the weights say, the text is JSON that fits the schema unless
+generation is cut short by `max_tokens`, a stop sequence or a cancel.
+
+Compiling needs no tokenizer and no torch, so the HTTP layer can refuse an unsupported schema
+with a 400 before the request takes a queue place.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+from hunyuan_service.errors import BadRequest
+from hunyuan_service.models.types import OutputGrammar
+
+MAX_SCHEMA_CHARS = 65_536  # a schema's JSON text; real extraction schemas are a few KB
+# Compact JSON: with flexible whitespace, a model could emit blanks until max_tokens.
+_JSON_OPTIONS: Any = {"whitespace_flexible": False}
+
+
+def compile_response_format(kind: str, schema: dict[str, Any] | None, name: str) -> OutputGrammar:
+    """The grammar for `json_object` (any JSON object) or `json_schema` (that schema).
+
+    Raises `BadRequest` naming the problem when the schema is invalid or uses a feature the
+    grammar library does not implement (e.g. `not`, `if`/`then`, `uniqueItems`).
+    """
+    # Not sorted: the order of `properties` is the order the answer gives them in.
+    text = json.dumps({"type": "object"} if schema is None else schema)
+    if len(text) > MAX_SCHEMA_CHARS:
+        raise BadRequest(
+            f"response_format: the schema is {len(text)} characters of JSON; at most "
+            f"{MAX_SCHEMA_CHARS} are accepted",
+            param="response_format",
+            code="invalid_schema",
+        )
+    grammar = _compile(text)
+    return OutputGrammar(grammar=grammar, kind=kind, name=name)
+
+
+@functools.lru_cache(maxsize=256)
+def _compile(schema_text: str) -> str:
+    """The llguidance grammar of one schema (its JSON text), or `BadRequest`."""
+    from llguidance import LLMatcher
+
+    try:
+        grammar = LLMatcher.grammar_from_json_schema(schema_text, defaults=_JSON_OPTIONS)
+        failed, messages = LLMatcher.validate_grammar_with_warnings(grammar, None)
+    except ValueError as error:
+        failed, messages = True, [str(error)]
+    if failed:
+        problem = " ".join((messages or ["the schema can't be compiled"])[0].split())
+        raise BadRequest(
+            f"response_format: the JSON schema can't be used for constrained decoding: "
+            f"{problem[:400]}",
+            param="response_format",
+            code="unsupported_schema",
+        )
+    return grammar
+
+
+class GrammarMask:
+    """A `generate` logits processor: row i may only continue along its grammar (None: free).
+
+    Each call first feeds the token chosen at the previous step to each row's matcher, then
+    masks the logits of every token the grammar does not allow next; once the JSON is complete,
+    only end-of-sequence is allowed. A row that has ended, or whose job stopped, is left
+    unmasked: its tokens are padding or discarded. It must run before any sampling warper
+    (temperature, top-k, top-p), so they choose among allowed tokens only; `sampling_after`
+    builds that order.
+    """
+
+    def __init__(self, tokenizer: Any, grammars: list[OutputGrammar | None], vocab: int) -> None:
+        import torch
+        from llguidance import LLMatcher, LLParserLimits
+
+        limits = LLParserLimits()  # the library's defaults bound lexer and parser work per token
+        self.matchers = [
+            None
+            if grammar is None
+            else LLMatcher(tokenizer, grammar.grammar, log_level=0, limits=limits)
+            for grammar in grammars
+        ]
+        for matcher in self.matchers:
+            if matcher is not None and matcher.is_error():
+                raise BadRequest(
+                    f"response_format: {matcher.get_error()[:400]}",
+                    param="response_format",
+                    code="unsupported_schema",
+                )
+        self.vocab = vocab
+        self.words = (vocab + 31) // 32
+        self.bitmask = torch.full((len(grammars), self.words), -1, dtype=torch.int32)
+        self.bits: Any = None
+        self.started = False
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        if self.started:
+            for row, matcher in enumerate(self.matchers):
+                if matcher is None:
+                    continue
+                # A finished grammar allowed only end-of-sequence, so the row has ended; and a
+                # token the grammar refuses is padding after the row stopped another way.
+                if matcher.is_stopped() or not matcher.consume_token(int(input_ids[row, -1])):
+                    self.matchers[row] = None
+        self.started = True
+        self.bitmask.fill_(-1)
+        for row, matcher in enumerate(self.matchers):
+            if matcher is None:
+                continue
+            view = self.bitmask[row]
+            matcher.unsafe_compute_mask_ptr(view.data_ptr(), self.words * 4)
+            if matcher.is_error():  # a dead end (never seen): free the row rather than crash
+                self.matchers[row] = None
+                view.fill_(-1)
+        if all(matcher is None for matcher in self.matchers):
+            return scores
+        if self.bits is None or self.bits.device != scores.device:
+            self.bits = torch.arange(32, dtype=torch.int32, device=scores.device)
+        words = self.bitmask.to(scores.device, non_blocking=True)
+        allowed = ((words.unsqueeze(-1) >> self.bits) & 1).bool().flatten(1)
+        width = min(scores.shape[1], self.vocab)
+        scores[:, :width].masked_fill_(~allowed[:, :width], float("-inf"))
+        if scores.shape[1] > width:  # logits past the tokenizer's vocabulary are never text
+            scores[:, width:] = float("-inf")
+        return scores
+
+    def ended(self, row: int) -> bool:
+        """Whether row `row` has no grammar left to follow (none given, or it has ended)."""
+        return self.matchers[row] is None
+
+
+def sampling_after(mask: GrammarMask, sampling: dict[str, Any], defaults: Any) -> dict[str, Any]:
+    """`generate` kwargs that apply `mask` first, then the sampling warpers `sampling` asks for.
+
+    transformers runs custom processors after its own warpers; a top-p warper that kept only
+    disallowed tokens would then leave nothing to sample. So the warpers become custom ones,
+    in transformers' own order, after the mask; a value `sampling` leaves out comes from
+    `defaults` (the checkpoint's generation config), as it would without a grammar.
+    """
+    from transformers import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    kwargs = dict(sampling)
+    processors: list[Any] = [mask]
+    if kwargs.get("do_sample"):
+        temperature, top_k, top_p = (
+            kwargs.pop(name) if name in kwargs else getattr(defaults, name, None)
+            for name in ("temperature", "top_k", "top_p")
+        )
+        if temperature is not None and temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(temperature))
+        if top_k:
+            processors.append(TopKLogitsWarper(top_k))
+        if top_p is not None and top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p))
+        # None turns off the checkpoint's own defaults, which would run before the mask.
+        kwargs.update(temperature=None, top_k=None, top_p=None)
+    kwargs["logits_processor"] = LogitsProcessorList(processors)
+    return kwargs
