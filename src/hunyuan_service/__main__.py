@@ -52,15 +52,18 @@ def main() -> int:
 
 
 def download() -> int:
-    """`hunyuan-service download`: fetches MODEL_ID into the Hugging Face cache and exits, so an
-    image, an init container or an offline host (`HF_HUB_OFFLINE=1`) can be prepared ahead."""
+    """`hunyuan-service download`: fetches MODEL_ID (and the hub adapters of LORAS) into the
+    Hugging Face cache and exits, so an image, an init container or an offline host
+    (`HF_HUB_OFFLINE=1`) can be prepared ahead."""
     from hunyuan_service.models.loading import describe_load_error, download_checkpoint
+    from hunyuan_service.models.lora import download_adapters
 
     settings = read_settings()
     if settings is None:
         return EXIT_BAD_SETTINGS
     try:
         folder = download_checkpoint(settings)
+        adapters = download_adapters(settings)
     except Exception as error:
         reason = describe_load_error(error, settings)
         if reason is None:
@@ -68,6 +71,8 @@ def download() -> int:
         sys.stderr.write(f"hunyuan-service: cannot download: {reason}\n")
         return EXIT_START_FAILED
     sys.stdout.write(f"{settings.model_id} is in {folder}\n")
+    for name, where in adapters:
+        sys.stdout.write(f"LoRA {name} is in {where}\n")
     return 0
 
 

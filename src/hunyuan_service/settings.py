@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -42,6 +44,12 @@ class Settings(BaseSettings):
     channels_last: bool = False
     step_cache_threshold: float = Field(0.0, ge=0, le=1)
     warmup: Annotated[list[str], NoDecode] = []
+
+    # FLUX LoRA adapters that requests may choose by name (docs/loras.md): the *.safetensors
+    # files of lora_dir, named by stem, and hub ones as name=org/repo[:weight_name].
+    lora_dir: Path | None = None
+    loras: Annotated[list[str], NoDecode] = []
+    max_loras_per_request: int = Field(3, ge=1, le=16)
 
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=0, le=65535)
@@ -136,6 +144,39 @@ class Settings(BaseSettings):
                 )
         return value
 
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _split_loras(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("loras")
+    @classmethod
+    def _loras_name_hub_files(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if not HUB_LORA.fullmatch(item):
+                raise ValueError(
+                    f"{item!r} is not name=org/repo or name=org/repo:file.safetensors (names: "
+                    "letters, digits, '-' and '_')"
+                )
+        return value
+
+    @field_validator("lora_dir")
+    @classmethod
+    def _lora_dir_has_names(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        if not value.is_dir():
+            raise ValueError(f"folder {str(value)!r} does not exist")
+        for path in value.glob("*.safetensors"):
+            if not LORA_NAME.fullmatch(path.stem):
+                raise ValueError(
+                    f"file {path.name!r}: a LoRA's name is its file stem, and may only have "
+                    "letters, digits, '-' and '_' (at most 64)"
+                )
+        return value.resolve()
+
     @field_validator("api_key", "webhook_secret", mode="before")
     @classmethod
     def _empty_key_is_unset(cls, value: object) -> object:
@@ -159,9 +200,18 @@ class Settings(BaseSettings):
         if self.min_image_side > self.max_image_side:
             raise ValueError("MIN_IMAGE_SIDE must not exceed MAX_IMAGE_SIDE")
         _check_speed_options(self)
+        _check_lora_options(self)
         if self.webhook_secret is not None:
             webhook_key(self.webhook_secret.get_secret_value())
         return self
+
+    @functools.cached_property
+    def lora_names(self) -> list[str]:
+        """The adapter names requests may use, in LORA_DIR then LORAS order."""
+        names = (
+            [p.stem for p in sorted(self.lora_dir.glob("*.safetensors"))] if self.lora_dir else []
+        )
+        return names + [item.partition("=")[0] for item in self.loras]
 
     @property
     def is_demo(self) -> bool:
@@ -188,6 +238,27 @@ def webhook_key(secret: str) -> bytes:
             "whsec_$(openssl rand -base64 32)"
         )
     return key
+
+
+LORA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+HUB_LORA = re.compile(r"[A-Za-z0-9_-]{1,64}=[\w.-]+/[\w.-]+(:[^:,=]+\.safetensors)?")
+
+
+def _check_lora_options(settings: Settings) -> None:
+    if not (settings.lora_dir or settings.loras):
+        return
+    if settings.model_type != "text2image":
+        raise ValueError("LORA_DIR and LORAS: FLUX LoRA adapters are text2image only")
+    clashing = {
+        f"QUANTIZE={settings.quantize}": settings.quantize != "none",
+        "FUSE_QKV": settings.fuse_qkv,
+    }
+    chosen = [name for name, on in clashing.items() if on]
+    if chosen:
+        raise ValueError(
+            f"LoRA adapters with {', '.join(chosen)}: not supported together (LoRA layers wrap "
+            "the unfused, unquantized projections); drop one"
+        )
 
 
 def _check_speed_options(settings: Settings) -> None:

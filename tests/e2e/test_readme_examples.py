@@ -38,6 +38,18 @@ def examples() -> dict[tuple[tuple[str, str], ...], list[tuple[str, str]]]:
     return groups
 
 
+def make_lora(tiny_cache: Path, folder: Path) -> Path:
+    from diffusers import FluxTransformer2DModel
+
+    from hunyuan_service.models.tiny import build_flux_lora, ensure_tiny_checkpoint
+
+    checkpoint = ensure_tiny_checkpoint("text2image", tiny_cache)
+    transformer = FluxTransformer2DModel.from_pretrained(checkpoint / "transformer")
+    folder.mkdir()
+    build_flux_lora(transformer, folder / "watercolour.safetensors", seed=1)
+    return folder
+
+
 def test_the_readme_labels_its_examples() -> None:
     found = examples()
     types = {dict(env)["MODEL_TYPE"] for env in found}
@@ -55,6 +67,8 @@ def test_readme_examples_run_as_written(
     (tmp_path / "cat.jpg").write_bytes(encoded(Image.new("RGB", (64, 64), (90, 60, 30)), "JPEG"))
     (tmp_path / "dog.png").write_bytes(png_bytes((48, 80)))
     settings = {"MODEL_ID": "tiny", "DEVICE": "cpu", "CACHE_DIR": str(tiny_cache), **dict(env)}
+    if "LORA_DIR" in settings:  # the adapter the example names, made for the tiny FLUX
+        settings["LORA_DIR"] = str(make_lora(tiny_cache, tmp_path / settings["LORA_DIR"]))
     with ServiceProcess(settings) as service:
         for language, code in examples()[env]:
             code = code.replace("http://localhost:8000", service.url)

@@ -141,3 +141,45 @@ def test_impossible_speed_options_are_refused(
     monkeypatch: pytest.MonkeyPatch, env: dict[str, str], named: str
 ) -> None:
     assert named in refusal(monkeypatch, **env)
+
+
+def test_lora_names_come_from_file_stems_then_loras(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for stem in ("watercolour", "ink-v2"):
+        (tmp_path / f"{stem}.safetensors").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("not an adapter")
+    settings = load(
+        monkeypatch,
+        LORA_DIR=str(tmp_path),
+        LORAS="pixel=org/pixel-lora:pixel_v1.safetensors, sketch=org/sketch",
+    )
+    assert settings.lora_names == ["ink-v2", "watercolour", "pixel", "sketch"]
+    assert settings.max_loras_per_request == 3
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"LORAS": "pixel"}, "LORAS: 'pixel' is not name=org/repo"),
+        ({"LORAS": "a.b=org/repo"}, "LORAS: 'a.b=org/repo' is not name=org/repo"),
+        ({"LORAS": "x=org/repo:weights.bin"}, "is not name=org/repo"),
+        ({"LORA_DIR": "/no/such/folder"}, "LORA_DIR: folder '/no/such/folder' does not exist"),
+        ({"LORAS": "x=o/r", "MODEL_TYPE": "image2text"}, "text2image only"),
+        ({"LORAS": "x=o/r", "QUANTIZE": "int8"}, "LoRA adapters with QUANTIZE=int8"),
+        ({"LORAS": "x=o/r", "FUSE_QKV": "true"}, "LoRA adapters with FUSE_QKV"),
+        ({"MAX_LORAS_PER_REQUEST": "0"}, "MAX_LORAS_PER_REQUEST: "),
+    ],
+)
+def test_bad_lora_settings_are_refused(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], named: str
+) -> None:
+    assert named in refusal(monkeypatch, **env)
+
+
+def test_a_lora_file_name_that_is_not_a_name_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "my style.safetensors").write_bytes(b"")
+    message = refusal(monkeypatch, LORA_DIR=str(tmp_path))
+    assert "LORA_DIR: file 'my style.safetensors': a LoRA's name is its file stem" in message

@@ -1,4 +1,5 @@
-"""OpenAI-compatible endpoints: /v1/models, /v1/chat/completions and /v1/images/generations.
+"""OpenAI-compatible endpoints: /v1/models, /v1/chat/completions and /v1/images/generations,
+and /v1/loras, the adapters text2image requests may name.
 
 They share the queue, deadlines and cancellation with /infer; only the wire format differs.
 """
@@ -25,6 +26,7 @@ from hunyuan_service.engine.events import Failed, Heartbeat, Succeeded, Token
 from hunyuan_service.engine.jobs import StopReason
 from hunyuan_service.errors import NotFound, error_body
 from hunyuan_service.media import ImageSource
+from hunyuan_service.models.lora import canonical
 from hunyuan_service.models.types import (
     ChatMessage,
     Image2TextInput,
@@ -55,13 +57,35 @@ def _require(engine: Engine, model_type: str, model: str | None) -> None:
 @router.get("/models")
 async def list_models(engine: EngineDep) -> JSONResponse:
     """Lists the one loaded model, with MODEL_ID as its id."""
-    entry = {
+    entry: dict[str, Any] = {
         "id": engine.settings.model_id,
         "object": "model",
         "created": int(engine.started_at),
         "owned_by": "hunyuan-service",
     }
+    if engine.settings.model_type == "text2image":
+        entry["loras"] = engine.settings.lora_names  # details at GET /v1/loras
     return JSONResponse({"object": "list", "data": [entry]})
+
+
+@router.get("/loras")
+async def list_loras(engine: EngineDep) -> JSONResponse:
+    """The LoRA adapters a text2image request may name in `loras`, with where each came from
+    and its rank (known once the model has loaded)."""
+    _require(engine, "text2image", None)
+    extra = engine.model.info.extra if engine.model is not None else {}
+    loaded = {a["name"]: a for a in extra.get("loras", [])}
+    data = [
+        {"object": "lora", **loaded.get(name, {"name": name})}
+        for name in engine.settings.lora_names
+    ]
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": data,
+            "max_per_request": engine.settings.max_loras_per_request,
+        }
+    )
 
 
 # -- chat completions (image2text) -----------------------------------------------------------
@@ -229,6 +253,7 @@ async def images_generations(request: Request, engine: EngineDep) -> Response:
         guidance_scale=params.guidance_scale,
         seed=params.seed,
         count=params.n,
+        loras=canonical((choice.name, choice.scale) for choice in params.loras),
     )
     handle = engine.submit(payload, request_id_of(request))
     output = await handle.result(functools.partial(wait_for_disconnect, request))

@@ -10,7 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from hunyuan_service.api.schemas import (
     MAX_LIST_ITEMS,
     ImageFormat,
+    LoraChoice,
     ResponseFormat,
+    check_loras,
     check_no_special_tokens,
     check_side,
     check_steps,
@@ -189,6 +191,7 @@ class ImageGenerationRequest(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**63)
     num_inference_steps: int | None = Field(None, ge=1)
     guidance_scale: float | None = Field(None, ge=0, le=30)
+    loras: list[LoraChoice] = Field(default_factory=list, max_length=MAX_LIST_ITEMS)
 
     @model_validator(mode="before")
     @classmethod
@@ -205,6 +208,10 @@ class ImageGenerationRequest(BaseModel):
             raise ValueError(f"prompt: at most {settings.max_prompt_chars} characters")
         if self.n > settings.max_images_per_request:
             raise ValueError(f"n: at most {settings.max_images_per_request} images per request")
+        try:
+            check_loras(self.loras, settings)
+        except ValueError as error:
+            raise ValueError(f"loras: {error}") from None
         try:
             check_steps(self.num_inference_steps, settings)
         except ValueError as error:

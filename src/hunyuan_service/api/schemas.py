@@ -65,6 +65,35 @@ class RequestBase(BaseModel):
         return value
 
 
+class LoraChoice(BaseModel):
+    """One LoRA adapter for a text2image request: a name the operator configured, and a scale."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
+    scale: float = Field(1.0, ge=-4, le=4)
+
+
+def check_loras(value: list[LoraChoice], settings: Settings) -> list[LoraChoice]:
+    """At most MAX_LORAS_PER_REQUEST adapters, each named once, each one the operator set up."""
+    known = settings.lora_names
+    if value and not known:
+        raise ValueError("no LoRA adapters are configured on this server (LORA_DIR, LORAS)")
+    if len(value) > settings.max_loras_per_request:
+        raise ValueError(
+            f"{len(value)} adapters; at most {settings.max_loras_per_request} are allowed "
+            "(MAX_LORAS_PER_REQUEST)"
+        )
+    names = [choice.name for choice in value]
+    if len(set(names)) < len(names):
+        raise ValueError("each adapter may be named once")
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        listed = ", ".join(known[:20]) + (f" and {len(known) - 20} more" if len(known) > 20 else "")
+        raise ValueError(f"unknown adapter {unknown[0][:64]!r}; the adapters here are: {listed}")
+    return value
+
+
 class Text2ImageRequest(RequestBase):
     width: int = 1024
     height: int = 1024
@@ -72,6 +101,12 @@ class Text2ImageRequest(RequestBase):
     guidance_scale: float | None = Field(None, ge=0, le=30)
     seed: int | None = Field(None, ge=0, lt=2**63)
     output_format: ImageFormat = "png"
+    loras: list[LoraChoice] = Field(default_factory=list, max_length=MAX_LIST_ITEMS)
+
+    @field_validator("loras")
+    @classmethod
+    def _loras(cls, value: list[LoraChoice], info: ValidationInfo) -> list[LoraChoice]:
+        return check_loras(value, _limits(info))
 
     @field_validator("width", "height")
     @classmethod

@@ -18,6 +18,7 @@ from hunyuan_service.api.renderers import Prepared, Rendered
 from hunyuan_service.api.schemas import Text2ImageRequest, WebhookField
 from hunyuan_service.engine.engine import Engine, JobHandle
 from hunyuan_service.errors import UnsupportedMediaType
+from hunyuan_service.models.lora import canonical
 from hunyuan_service.models.types import Text2ImageInput, Text2ImageOutput
 
 
@@ -37,6 +38,7 @@ async def prepare_text2image(
         num_inference_steps=params.num_inference_steps,
         guidance_scale=params.guidance_scale,
         seed=params.seed,
+        loras=canonical((choice.name, choice.scale) for choice in params.loras),
     )
     stream = wants_event_stream(request, params.stream)
     fmt = params.output_format

@@ -14,6 +14,7 @@ from hunyuan_service.models.loading import (
     reporting_download,
     resolve_checkpoint,
 )
+from hunyuan_service.models.lora import Adapters, configured_adapters
 from hunyuan_service.models.speed import CompiledShapes, speed_up_flux
 from hunyuan_service.models.types import Text2ImageInput, Text2ImageOutput
 
@@ -41,6 +42,7 @@ class FluxModel(TorchModel[Text2ImageInput, Text2ImageOutput]):
         self.pipe: Any = None
         self.defaults = SCHNELL_DEFAULTS
         self.shapes = CompiledShapes(settings.compile != "off")
+        self.adapters: Adapters | None = None
 
     def load(self) -> None:
         from diffusers import FluxPipeline
@@ -66,11 +68,20 @@ class FluxModel(TorchModel[Text2ImageInput, Text2ImageOutput]):
         self.pipe.set_progress_bar_config(disable=True)
         guidance = bool(getattr(pipe.transformer.config, "guidance_embeds", False))
         self.defaults = DEV_DEFAULTS if guidance else SCHNELL_DEFAULTS
+        # Adapters go in before compiling: hot-swap slots must exist when the graph is traced.
+        self.adapters = Adapters(
+            pipe,
+            configured_adapters(self.settings),
+            slots=self.settings.max_loras_per_request,
+            hotswap=self.settings.compile != "off",
+        )
+        self.adapters.load()
         speed = speed_up_flux(pipe, self.settings, self.device)
         self.info.extra = {
             "variant": "dev" if guidance else "schnell",
             "default_steps": self.defaults.num_inference_steps,
             "default_guidance_scale": self.defaults.guidance_scale,
+            "loras": self.adapters.describe(),
             **speed,
         }
 
@@ -84,6 +95,8 @@ class FluxModel(TorchModel[Text2ImageInput, Text2ImageOutput]):
             steps = min(2, self.defaults.num_inference_steps)
             generator = torch.Generator("cpu").manual_seed(0)
             self._denoise("warm-up", size, steps, self.defaults.guidance_scale, generator, None)
+        if self.adapters is not None:
+            self.adapters.apply(())
 
     def _denoise(
         self,
@@ -99,6 +112,8 @@ class FluxModel(TorchModel[Text2ImageInput, Text2ImageOutput]):
 
         rows = len(prompt) if isinstance(prompt, list) else 1
         self.shapes.note((size.width, size.height, rows))
+        if self.adapters is not None:
+            self.adapters.apply(size.loras)  # every row of a batch has the same, by batch_key
         with torch.inference_mode():
             result = self.pipe(
                 prompt=prompt,
@@ -153,11 +168,12 @@ class FluxModel(TorchModel[Text2ImageInput, Text2ImageOutput]):
     supports_batching = True
 
     def batch_key(self, request: Text2ImageInput) -> Hashable | None:
-        """Jobs of the same size, steps and guidance denoise together; `n > 1` runs alone."""
+        """Jobs of the same size, steps, guidance and LoRA adapters denoise together; `n > 1`
+        runs alone."""
         if request.count != 1:
             return None
         steps, guidance = self._settings_of(request)
-        return (request.width, request.height, steps, guidance)
+        return (request.width, request.height, steps, guidance, request.loras)
 
     def infer_batch(
         self, requests: list[Text2ImageInput], contexts: list[JobContext]

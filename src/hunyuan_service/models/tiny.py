@@ -200,6 +200,44 @@ _QWEN_SPECIAL_TOKENS = [
 ]
 
 
+def build_flux_lora(
+    transformer: Any, target: Path, *, seed: int, rank: int = 4, alpha: float | None = None
+) -> Path:
+    """Saves a random rank-`rank` LoRA for `transformer`'s attention layers to `target` (a
+    `.safetensors` file), the way a trainer would: peft layers, then diffusers' writer.
+
+    Both LoRA matrices are random (a trained LoRA's are not zero), so the adapter changes every
+    image; `transformer` itself is left as it was.
+    """
+    import copy
+
+    import torch
+    from diffusers import FluxPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    model = copy.deepcopy(transformer)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else rank,
+        target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+        init_lora_weights=False,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model.add_adapter(config)
+    layers = get_peft_model_state_dict(model)
+    metadata = config.to_dict()
+    metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in metadata.items()}
+    FluxPipeline.save_lora_weights(
+        target.parent,
+        transformer_lora_layers=layers,
+        weight_name=target.name,
+        transformer_lora_adapter_metadata=metadata,
+    )
+    return target
+
+
 def _byte_level_alphabet() -> list[str]:
     """The 256 characters that stand for raw bytes in a byte-level BPE vocabulary."""
     printable = [*range(33, 127), *range(161, 173), *range(174, 256)]

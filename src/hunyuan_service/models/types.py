@@ -22,6 +22,7 @@ class Text2ImageInput:
     guidance_scale: float | None = None
     seed: int | None = None
     count: int = 1  # images to make; image i uses seed + i
+    loras: tuple[tuple[str, float], ...] = ()  # (adapter name, scale), sorted by name
 
 
 @dataclass(frozen=True)
