@@ -257,3 +257,32 @@ def test_infer_takes_response_format_in_json_and_multipart(service: ServiceProce
     )
     assert reply.status_code == 422
     assert "response_format" in reply.json()["error"]["message"]
+
+
+def test_a_stop_sequence_cuts_a_constrained_answer(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(
+        model="tiny",
+        messages=ask(),
+        max_tokens=400,
+        stop=['":'],
+        response_format=schema_format("receipt"),  # type: ignore[arg-type]
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "stop"
+    assert choice.message.content == '{"merchant'  # cut before the first key's colon
+
+
+def test_a_constrained_job_stops_within_a_token_when_cancelled(qwen: Any) -> None:
+    from hunyuan_service.errors import JobCancelled
+    from hunyuan_service.models.base import JobContext
+    from hunyuan_service.models.grammar import compile_response_format
+    from hunyuan_service.models.types import ChatMessage, Image2TextInput
+
+    grammar = compile_response_format("json_schema", {"type": "array", "items": {}}, "open")
+    request = Image2TextInput((ChatMessage("user", "x"),), max_new_tokens=200, grammar=grammar)
+    pieces: list[str] = []
+    context = JobContext(on_token=pieces.append, should_stop=lambda: len(pieces) >= 3)
+    with pytest.raises(JobCancelled):
+        qwen.infer(request, context)
+    assert len(pieces) <= 4
+    assert "".join(pieces).startswith("[")
