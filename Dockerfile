@@ -3,10 +3,21 @@
 # PyPI's torch wheels bundle the CUDA runtime, so a slim Python base suffices; the host provides
 # the driver through the NVIDIA container toolkit. --stop-timeout must exceed SHUTDOWN_TIMEOUT_S
 # (30 s by default) by about 10 s, or `docker stop` kills a drain in progress.
-FROM python:3.12-slim
+#
+# BASE and UV_IMAGE let a build without registry access use local stand-ins (any image with
+# python3 >= 3.10, and an image holding /uv and /uvx); deploy/docker/smoke.sh builds both.
+ARG BASE=python:3.12-slim
+ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.13
 
-COPY --from=ghcr.io/astral-sh/uv:0.13 /uv /uvx /bin/
-ENV UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy
+FROM ${UV_IMAGE} AS uv
+
+FROM ${BASE}
+# Behind a TLS-inspecting proxy, build with a base that trusts its CA and
+# --build-arg UV_SYSTEM_CERTS=1, so uv reads the system store rather than its own roots.
+ARG UV_SYSTEM_CERTS
+COPY --from=uv /uv /uvx /bin/
+# The image's own python3 runs the service: uv never downloads an interpreter.
+ENV UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy UV_PYTHON_DOWNLOADS=never
 WORKDIR /app
 
 # Dependencies first, in their own layer, so code changes do not reinstall torch.
