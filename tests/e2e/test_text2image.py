@@ -10,6 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from tests.metrics import series, value
+
 
 def decode(b64: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(b64)))
@@ -160,21 +162,16 @@ def test_health_and_ready_describe_the_demo_model(flux_client: TestClient) -> No
 
 def test_metrics_count_completed_jobs(flux_client: TestClient) -> None:
     def completed() -> int:
-        text = flux_client.get("/metrics").text
-        for line in text.splitlines():
-            if line.startswith('hunyuan_jobs_total{outcome="completed"}'):
-                return int(line.split()[-1])
-        return 0
+        return int(
+            value(flux_client.get("/metrics").text, "hunyuan_jobs_total", outcome="completed")
+        )
 
     before = completed()
     flux_client.post("/infer", json={"prompt": "x", "width": 64, "height": 64})
     assert completed() == before + 1
     text = flux_client.get("/metrics").text
-    buckets = [
-        int(line.split()[-1])
-        for line in text.splitlines()
-        if line.startswith("hunyuan_inference_seconds_bucket")
-    ]
+    buckets = [found for _, found in series(text, "hunyuan_inference_seconds_bucket")]
+    assert len(buckets) == 13
     assert buckets == sorted(buckets)  # cumulative
     assert buckets[-1] == completed()  # the +Inf bucket counts every completed job
     assert f"hunyuan_inference_seconds_count {completed()}" in text

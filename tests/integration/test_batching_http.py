@@ -13,6 +13,7 @@ from tests.integration.test_reliability_http import (
     serve,  # noqa: F401  (fixture)
     wait_until,
 )
+from tests.metrics import value
 from tests.sse import parse_sse
 
 
@@ -38,10 +39,8 @@ class BatchingImageModel(BatchingModel):
 
 
 def batch_size_sum_and_count(url: str) -> tuple[float, int]:
-    lines = httpx.get(f"{url}/metrics").text.splitlines()
-    total = next(line for line in lines if line.startswith("hunyuan_batch_size_sum"))
-    count = next(line for line in lines if line.startswith("hunyuan_batch_size_count"))
-    return float(total.split()[-1]), int(count.split()[-1])
+    text = httpx.get(f"{url}/metrics").text
+    return value(text, "hunyuan_batch_size_sum"), int(value(text, "hunyuan_batch_size_count"))
 
 
 def test_queued_requests_of_one_size_are_served_in_one_batch(serve: Any) -> None:  # noqa: F811

@@ -17,6 +17,7 @@ from tests.integration.test_reliability_http import (
     serve,  # noqa: F401  (fixture)
     wait_until,
 )
+from tests.metrics import value
 from tests.sse import parse_sse
 
 
@@ -46,11 +47,8 @@ def event_ids(text: str) -> list[int]:
 
 
 def final_count(url: str, status_value: str) -> int:
-    prefix = f'hunyuan_jobs_final_total{{status="{status_value}",api="jobs"}}'
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(prefix):
-            return int(line.split()[-1])
-    return 0
+    text = httpx.get(f"{url}/metrics").text
+    return int(value(text, "hunyuan_jobs_final_total", status=status_value, api="jobs"))
 
 
 def test_result_is_fetched_after_the_submitting_connection_closed(serve: Any) -> None:  # noqa: F811
@@ -177,10 +175,8 @@ def test_store_cap_evicts_the_oldest_finished_job(serve: Any) -> None:  # noqa: 
     assert evicted.json()["error"]["code"] == "job_evicted"
     assert "MAX_STORED_JOBS=2" in evicted.json()["error"]["message"]
     assert [status(url, job_id).status_code for job_id in ids[1:]] == [200, 200]
-    assert (
-        'hunyuan_stored_jobs_removed_total{reason="evicted"} 1'
-        in httpx.get(f"{url}/metrics").text.splitlines()
-    )
+    metrics = httpx.get(f"{url}/metrics").text
+    assert value(metrics, "hunyuan_stored_jobs_removed_total", reason="evicted") == 1
 
 
 def test_full_queue_and_bad_bodies_are_refused_like_infer(serve: Any) -> None:  # noqa: F811

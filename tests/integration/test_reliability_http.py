@@ -13,15 +13,13 @@ import pytest
 from hunyuan_service.api.app import create_app
 from tests.conftest import LiveServer
 from tests.fakes import FakeImageModel, fake_settings
+from tests.metrics import value
 
 SMALL = {"width": 64, "height": 64}
 
 
 def counter(url: str, outcome: str) -> int:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(f'hunyuan_jobs_total{{outcome="{outcome}"}}'):
-            return int(line.split()[-1])
-    return 0
+    return int(value(httpx.get(f"{url}/metrics").text, "hunyuan_jobs_total", outcome=outcome))
 
 
 def wait_until(condition: Any, timeout: float = 10) -> None:

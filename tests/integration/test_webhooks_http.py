@@ -18,6 +18,7 @@ from tests.integration.test_reliability_http import (
     serve,  # noqa: F401  (fixture)
     wait_until,
 )
+from tests.metrics import value
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -137,7 +138,6 @@ def test_an_allowed_host_on_a_private_address_is_never_contacted(
 
 
 def webhooks_given_up(url: str) -> int:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith('hunyuan_webhooks_total{outcome="given_up"}'):
-            return int(line.split()[-1])
-    return 0
+    return int(
+        value(httpx.get(f"{url}/metrics").text, "hunyuan_webhooks_total", outcome="given_up")
+    )

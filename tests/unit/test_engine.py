@@ -135,3 +135,21 @@ def test_job_ids_are_unguessable_and_distinct() -> None:
         await engine.stop()
 
     run(scenario())
+
+
+def test_cancellations_are_read_from_the_job_counters() -> None:
+    from hunyuan_service.engine.metrics import _cancellations
+
+    counters = {
+        "cancelled_queued_client_disconnected": 2,
+        "cancelled_running_client_disconnected": 1,
+        "cancelled_running_cancelled_by_user": 3,
+        "expired_queued": 4,
+        "completed": 9,
+    }
+    assert _cancellations(counters) == {
+        ("client_disconnected", "queued"): 2,
+        ("client_disconnected", "running"): 1,
+        ("cancelled_by_user", "running"): 3,
+        ("deadline", "queued"): 4,
+    }

@@ -28,6 +28,7 @@ from hunyuan_service.api.playground import router as playground_router
 from hunyuan_service.api.routes import router
 from hunyuan_service.api.schemas import describe_validation_errors
 from hunyuan_service.engine.engine import Engine
+from hunyuan_service.engine.metrics import metrics_registry
 from hunyuan_service.errors import (
     InternalError,
     InvalidInput,
@@ -47,6 +48,8 @@ WEBHOOK_GRACE_S = 5.0
 def error_response(error: ServiceError, request: Request) -> JSONResponse:
     if 400 <= error.status_code < 500:
         request.app.state.engine.client_errors[(error.status_code, error.code)] += 1
+    elif error.status_code == 503:
+        request.app.state.engine.rejections[error.code] += 1
     return JSONResponse(
         error_body(error, request_id_of(request)),
         status_code=error.status_code,
@@ -151,6 +154,7 @@ def create_app(
     )
     app.state.engine = engine
     app.state.jobs_api = jobs_api
+    app.state.metrics = metrics_registry(engine, jobs_api.webhooks.counts)
     if settings.api_key is not None:
         app.add_middleware(
             ApiKeyMiddleware,
@@ -163,7 +167,7 @@ def create_app(
         refusals=engine.client_errors,
     )
     # Added last, so it runs first: even a refused request gets its id.
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(RequestIdMiddleware, answered=engine.http_requests)
     _install_error_handlers(app)
 
     app.include_router(router)

@@ -136,13 +136,15 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
 class RequestIdMiddleware:
-    """Gives every request an id (the client's X-Request-ID if sane) and echoes it back.
+    """Gives every request an id (the client's X-Request-ID if sane) and echoes it back, and
+    counts each answer in `answered` by (method, route template, status) for /metrics.
 
     Pure ASGI rather than `@app.middleware`, which would wrap every response in extra tasks.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, answered: Counter[tuple[str, str, int]]) -> None:
         self.app = app
+        self.answered = answered
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -158,12 +160,21 @@ class RequestIdMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         header = (b"x-request-id", request_id.encode("latin-1"))
 
+        status = 0
+
         async def send_with_id(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 message["headers"] = [*message.get("headers", []), header]
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            # The route template, never the raw path: job ids must not become label values.
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.answered[(scope["method"], route, status)] += 1
 
 
 _ID_PREFIX = uuid.uuid4().hex[:12]

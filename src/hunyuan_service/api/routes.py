@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from hunyuan_service.api.deps import EngineDep
 from hunyuan_service.api.image2text import prepare_image2text
@@ -14,7 +15,6 @@ from hunyuan_service.api.renderers import respond
 from hunyuan_service.api.schemas import Image2TextRequest, Text2ImageRequest, Text2ImageResponse
 from hunyuan_service.api.text2image import prepare_text2image
 from hunyuan_service.engine.lifecycle import State
-from hunyuan_service.engine.metrics import render_prometheus
 
 router = APIRouter()
 
@@ -71,18 +71,6 @@ router.add_api_route("/ready", ready, methods=["HEAD"], include_in_schema=False)
 
 
 @router.get("/metrics", response_class=Response)
-async def metrics(request: Request, engine: EngineDep) -> Response:
-    """Prometheus text format: job counters, latency histograms, queue depth, busy and ready."""
-    sender = request.app.state.jobs_api.webhooks
-    text = render_prometheus(
-        engine.scheduler,
-        engine.jobs,
-        ready=engine.state is State.READY,
-        webhooks={
-            "attempted": sender.attempts,
-            "delivered": sender.delivered,
-            "given_up": sender.given_up,
-        },
-        client_errors=dict(engine.client_errors),
-    )
-    return Response(text, media_type="text/plain; version=0.0.4")
+async def metrics(request: Request) -> Response:
+    """Prometheus text format (prometheus-client): requests, jobs, queue, latency, model, GPU."""
+    return Response(generate_latest(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)

@@ -45,6 +45,10 @@ class WebhookSender:
         self.delivered = 0
         self.given_up = 0
 
+    def counts(self) -> dict[str, int]:
+        """For /metrics: POSTs attempted, webhooks delivered, webhooks given up on."""
+        return {"attempted": self.attempts, "delivered": self.delivered, "given_up": self.given_up}
+
     async def deliver(self, url: str, body: bytes, job_id: str) -> bool:
         """POSTs `body` until a 2xx answer or WEBHOOK_MAX_ATTEMPTS tries; True if delivered."""
         message_id = f"msg_{secrets.token_urlsafe(12)}"

@@ -159,6 +159,10 @@ class Engine:
         self.load_error: str | None = None  # one line, when start-up failed for a known reason
         # 4xx answers by (status, code), for /metrics: refused requests never become jobs.
         self.client_errors: collections.Counter[tuple[int, str]] = collections.Counter()
+        # 503 answers by error code (queue_full, unavailable), and every answer by (method,
+        # route template, status): what /metrics reports about requests, jobs or not.
+        self.rejections: collections.Counter[str] = collections.Counter()
+        self.http_requests: collections.Counter[tuple[str, str, int]] = collections.Counter()
         self.jobs = JobStore(
             ttl_s=settings.job_result_ttl_s,
             max_jobs=settings.max_stored_jobs,
@@ -248,6 +252,10 @@ class Engine:
         if time.monotonic() - self._phase_logged_at >= 10:
             self._phase_logged_at = time.monotonic()
             logger.info("start-up: %s", phase)
+
+    @property
+    def is_ready(self) -> bool:
+        return self.state is State.READY
 
     @property
     def state(self) -> State:

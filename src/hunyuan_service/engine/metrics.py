@@ -1,18 +1,32 @@
-"""Prometheus exposition: job counters, latency histograms and gauges, written by hand.
+"""Prometheus metrics through `prometheus-client`, read from the service's own counters.
 
-The format is a few lines of text; a client library would add a dependency and a global
-registry for what fits in this file.
+The engine, scheduler and job store count on the event loop, with plain `Counter`s and
+`Histogram`s; a `ServiceCollector` turns them into metric families when `/metrics` is scraped.
+Each app has its own `CollectorRegistry`, so two apps in one process (tests) never share a
+global. Names follow Prometheus conventions under one prefix: `hunyuan_..._total` counters,
+`_seconds` and `_bytes` units. The README lists every metric.
 """
 
 from __future__ import annotations
 
 import bisect
 import itertools
-from typing import TYPE_CHECKING
+import sys
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
 
 if TYPE_CHECKING:
-    from hunyuan_service.engine.scheduler import Scheduler
-    from hunyuan_service.engine.store import JobStore
+    from hunyuan_service.engine.engine import Engine
+
+PREFIX = "hunyuan"
 
 
 class Histogram:
@@ -36,69 +50,187 @@ class Histogram:
         """Cumulative counts per bucket bound, as Prometheus wants them."""
         return list(itertools.accumulate(self._hits[:-1]))
 
-
-def render_prometheus(
-    scheduler: Scheduler | None,
-    store: JobStore,
-    *,
-    ready: bool,
-    webhooks: dict[str, int] | None = None,
-    client_errors: dict[tuple[int, str], int] | None = None,
-) -> str:
-    lines = ["# HELP hunyuan_jobs_total Jobs by outcome.", "# TYPE hunyuan_jobs_total counter"]
-    counters = dict(scheduler.counters) if scheduler else {}
-    for outcome, count in sorted(counters.items()):
-        lines.append(f'hunyuan_jobs_total{{outcome="{outcome}"}} {count}')
-    lines += [
-        "# HELP hunyuan_jobs_final_total Jobs by final status; api=jobs for POST /v1/jobs.",
-        "# TYPE hunyuan_jobs_final_total counter",
-    ]
-    finals = dict(scheduler.final_statuses) if scheduler else {}
-    for (status, detached), count in sorted(finals.items()):
-        api = "jobs" if detached else "request"
-        lines.append(f'hunyuan_jobs_final_total{{status="{status}",api="{api}"}} {count}')
-    lines += [
-        "# HELP hunyuan_webhooks_total Webhook POSTs attempted; webhooks delivered or given up.",
-        "# TYPE hunyuan_webhooks_total counter",
-    ]
-    for outcome, count in sorted((webhooks or {}).items()):
-        lines.append(f'hunyuan_webhooks_total{{outcome="{outcome}"}} {count}')
-    lines += [
-        "# HELP hunyuan_client_errors_total Requests answered 4xx, by status and error code.",
-        "# TYPE hunyuan_client_errors_total counter",
-    ]
-    for (http_status, code), count in sorted((client_errors or {}).items()):
-        lines.append(f'hunyuan_client_errors_total{{status="{http_status}",code="{code}"}} {count}')
-    lines += [
-        "# HELP hunyuan_stored_jobs_removed_total Jobs API jobs dropped: expired or evicted.",
-        "# TYPE hunyuan_stored_jobs_removed_total counter",
-    ]
-    for reason in ("evicted", "expired"):
-        lines.append(
-            f'hunyuan_stored_jobs_removed_total{{reason="{reason}"}} {store.evictions[reason]}'
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        buckets = [(f"{b:g}", c) for b, c in zip(self.buckets, self.counts, strict=True)]
+        return HistogramMetricFamily(
+            name, documentation, buckets=[*buckets, ("+Inf", self.total)], sum_value=self.sum
         )
-    gauges = {
-        "hunyuan_queue_depth": (scheduler.queue_depth if scheduler else 0, "Jobs waiting."),
-        "hunyuan_busy": (int(scheduler.busy) if scheduler else 0, "1 while a job runs."),
-        "hunyuan_ready": (int(ready), "1 while accepting requests."),
-        "hunyuan_stored_jobs": (len(store), "Jobs API jobs kept in memory."),
-        "hunyuan_stored_job_bytes": (store.bytes, "Bytes of stored jobs API results."),
-    }
-    for name, (value, help_text) in gauges.items():
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value}"]
-    if scheduler is not None:
-        histograms = {
-            "hunyuan_inference_seconds": (scheduler.inference_seconds, "Run time of jobs done."),
-            "hunyuan_queue_wait_seconds": (scheduler.queue_wait_seconds, "Wait before a run."),
-            "hunyuan_batch_size": (scheduler.batch_sizes, "Jobs run together in one model call."),
-        }
-        for name, (histogram, help_text) in histograms.items():
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
-            for bound, count in zip(histogram.buckets, histogram.counts, strict=True):
-                lines.append(f'{name}_bucket{{le="{bound:g}"}} {count}')
-            lines += [
-                f'{name}_bucket{{le="+Inf"}} {histogram.total}',
-                f"{name}_sum {histogram.sum:.6f}",
-                f"{name}_count {histogram.total}",
-            ]
-    return "\n".join(lines) + "\n"
+
+
+def counter(name: str, documentation: str, labels: list[str], rows: Any) -> CounterMetricFamily:
+    """A counter family from `(label values, value)` rows."""
+    family = CounterMetricFamily(f"{PREFIX}_{name}", documentation, labels=labels)
+    for values, value in rows:
+        family.add_metric([str(v) for v in values], value)
+    return family
+
+
+def gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"{PREFIX}_{name}", documentation, value=value)
+
+
+class ServiceCollector(Collector):
+    """Reads the engine's counters at scrape time; `webhooks` returns the sender's counts."""
+
+    def __init__(self, engine: Engine, webhooks: Callable[[], dict[str, int]]) -> None:
+        self.engine = engine
+        self.webhooks = webhooks
+
+    def collect(self) -> Iterator[Metric]:
+        engine, scheduler = self.engine, self.engine.scheduler
+        counters = dict(scheduler.counters) if scheduler else {}
+        yield counter(
+            "jobs",
+            "Jobs by outcome.",
+            ["outcome"],
+            (((k,), v) for k, v in sorted(counters.items())),
+        )
+        finals = dict(scheduler.final_statuses) if scheduler else {}
+        yield counter(
+            "jobs_final",
+            "Jobs by final status; api=jobs for POST /v1/jobs.",
+            ["status", "api"],
+            (((s, "jobs" if d else "request"), v) for (s, d), v in sorted(finals.items())),
+        )
+        yield counter(
+            "http_requests",
+            "HTTP requests answered, by method, route template and status.",
+            ["method", "route", "status"],
+            sorted(engine.http_requests.items()),
+        )
+        yield counter(
+            "client_errors",
+            "Requests answered 4xx, by status and error code.",
+            ["status", "code"],
+            sorted(engine.client_errors.items()),
+        )
+        yield counter(
+            "rejections",
+            "Requests turned away with a 503 before running, by reason (queue_full, unavailable).",
+            ["reason"],
+            (((code,), v) for code, v in sorted(engine.rejections.items())),
+        )
+        yield counter(
+            "cancellations",
+            "Jobs stopped before finishing, by reason and by whether they were queued or running.",
+            ["reason", "stage"],
+            sorted(_cancellations(counters).items()),
+        )
+        produced = dict(scheduler.produced) if scheduler else {}
+        yield counter(
+            "images_generated",
+            "Images returned by text2image jobs.",
+            [],
+            [((), produced.get("images", 0))],
+        )
+        yield counter(
+            "tokens_generated",
+            "Tokens generated by image2text jobs.",
+            [],
+            [((), produced.get("completion_tokens", 0))],
+        )
+        yield counter(
+            "prompt_tokens",
+            "Prompt tokens (images included) read by image2text jobs that finished.",
+            [],
+            [((), produced.get("prompt_tokens", 0))],
+        )
+        yield counter(
+            "webhooks",
+            "Webhook POSTs attempted; webhooks delivered or given up.",
+            ["outcome"],
+            (((k,), v) for k, v in sorted(self.webhooks().items())),
+        )
+        store = engine.jobs
+        yield counter(
+            "stored_jobs_removed",
+            "Jobs API jobs dropped: expired or evicted.",
+            ["reason"],
+            (((r,), store.evictions[r]) for r in ("evicted", "expired")),
+        )
+        yield gauge("queue_depth", "Jobs waiting.", scheduler.queue_depth if scheduler else 0)
+        yield gauge("running_jobs", "Jobs running now (a batch counts each).", _running(engine))
+        yield gauge("busy", "1 while a job runs.", int(bool(scheduler and scheduler.busy)))
+        yield gauge("ready", "1 while accepting requests.", int(engine.is_ready))
+        yield gauge("stored_jobs", "Jobs API jobs kept in memory.", len(store))
+        yield gauge("stored_job_bytes", "Bytes of stored jobs API results.", store.bytes)
+        yield _model_info(engine)
+        yield from _gpu_memory(engine)
+        if scheduler is not None:
+            yield scheduler.inference_seconds.family(
+                f"{PREFIX}_inference_seconds", "Run time of jobs done."
+            )
+            yield scheduler.queue_wait_seconds.family(
+                f"{PREFIX}_queue_wait_seconds", "Wait before a run."
+            )
+            yield scheduler.batch_sizes.family(
+                f"{PREFIX}_batch_size", "Jobs run together in one model call."
+            )
+
+
+def _running(engine: Engine) -> int:
+    return len(engine.scheduler.running) if engine.scheduler else 0
+
+
+def _cancellations(counters: dict[str, int]) -> dict[tuple[str, str], int]:
+    """From the job counters: cancelled_queued_<reason>, cancelled_running_<reason>, jobs whose
+    client left while queued (skipped_cancelled) and deadlines passed in the queue."""
+    rows: dict[tuple[str, str], int] = {}
+    for key, value in counters.items():
+        for stage in ("queued", "running"):
+            prefix = f"cancelled_{stage}_"
+            if key.startswith(prefix):
+                reason = key.removeprefix(prefix)
+                rows[(reason, stage)] = rows.get((reason, stage), 0) + value
+    if counters.get("expired_queued"):
+        rows[("deadline", "queued")] = (
+            rows.get(("deadline", "queued"), 0) + counters["expired_queued"]
+        )
+    return rows
+
+
+def _model_info(engine: Engine) -> GaugeMetricFamily:
+    labels = ["model_type", "model_id", "device", "dtype", "demo"]
+    family = GaugeMetricFamily(
+        f"{PREFIX}_model_info",
+        "The model served (always 1; the labels carry the facts).",
+        labels=labels,
+    )
+    settings = engine.settings
+    info = engine.model.info if engine.model is not None else None
+    family.add_metric(
+        [
+            settings.model_type,
+            settings.model_id,
+            info.device if info else "unloaded",
+            info.dtype if info else "unloaded",
+            str(settings.is_demo).lower(),
+        ],
+        1,
+    )
+    return family
+
+
+def _gpu_memory(engine: Engine) -> Iterator[GaugeMetricFamily]:
+    """CUDA memory held by torch, when the model runs on CUDA (torch is then imported)."""
+    info = engine.model.info if engine.model is not None else None
+    torch = sys.modules.get("torch")
+    if info is None or info.device != "cuda" or torch is None or not torch.cuda.is_available():
+        return
+    yield gauge(
+        "gpu_memory_allocated_bytes",
+        "CUDA memory held by tensors (torch.cuda.memory_allocated).",
+        torch.cuda.memory_allocated(),
+    )
+    yield gauge(
+        "gpu_memory_reserved_bytes",
+        "CUDA memory reserved by torch's caching allocator (torch.cuda.memory_reserved).",
+        torch.cuda.memory_reserved(),
+    )
+
+
+def metrics_registry(engine: Engine, webhooks: Callable[[], dict[str, int]]) -> CollectorRegistry:
+    """One app's registry: the service collector, and nothing global."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ServiceCollector(engine, webhooks))
+    return registry

@@ -63,6 +63,7 @@ class Scheduler(WorkerLoop):
         self.max_queue_size = max_queue_size
         self.request_timeout_s = request_timeout_s
         self.counters: collections.Counter[str] = collections.Counter()
+        self.produced: collections.Counter[str] = collections.Counter()
         # (final status, detached) -> jobs; detached jobs are the jobs API's
         self.final_statuses: collections.Counter[tuple[str, bool]] = collections.Counter()
         self.running: list[Job] = []  # one job, or one batch

@@ -34,6 +34,7 @@ class WorkerLoop:
 
     model: InferenceModel
     counters: collections.Counter[str]
+    produced: collections.Counter[str]  # images, completion_tokens, prompt_tokens
     final_statuses: collections.Counter[tuple[str, bool]]
     running: list[Job]
     max_batch_size: int
@@ -181,10 +182,20 @@ class WorkerLoop:
             self._finish(job, JobStatus.FAILED, error=error)
         else:
             self.counters["completed"] += 1
+            self._count_output(outcome)
             self.inference_seconds.observe(job.finished_at - job.started_at)  # type: ignore[operator]
             self._finish(job, JobStatus.SUCCEEDED, output=outcome)
             if logger.isEnabledFor(logging.INFO):
                 logger.info("job done", extra=log_fields(job, **job.timings()))
+
+    def _count_output(self, output: Any) -> None:
+        images = getattr(output, "images", None)
+        if images is not None:
+            self.produced["images"] += len(images)
+        for field in ("completion_tokens", "prompt_tokens"):
+            value = getattr(output, field, None)
+            if isinstance(value, int):
+                self.produced[field] += value
 
     def _finish(
         self, job: Job, status: JobStatus, *, output: Any = None, error: ServiceError | None = None
