@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from hunyuan_service import __version__
+from hunyuan_service.api import openapi
 from hunyuan_service.api.deps import request_id_of
 from hunyuan_service.api.jobs_routes import JobsApi
 from hunyuan_service.api.jobs_routes import router as jobs_router
@@ -57,6 +58,24 @@ def error_response(error: ServiceError, request: Request) -> JSONResponse:
     )
 
 
+HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """The methods some route fully serves at this request's path, asked of the router itself
+    (routes may sit in included routers)."""
+    from starlette.routing import Match
+
+    return [
+        method
+        for method in HTTP_METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL
+            for route in request.app.router.routes
+        )
+    ]
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, error: ServiceError) -> JSONResponse:
@@ -79,6 +98,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         response = error_response(mapped, request)
         # Starlette's own headers, e.g. the `Allow` that a 405 must carry.
         response.headers.update(error.headers or {})
+        if error.status_code == 405:
+            # Starlette names the methods of the first route that matched the path; a path
+            # served by several routes (GET and DELETE /v1/jobs/{id}) allows all of theirs.
+            response.headers["Allow"] = ", ".join(allowed_methods(request))
         return response
 
     @app.exception_handler(ClientDisconnect)
@@ -169,6 +192,7 @@ def create_app(
     # Added last, so it runs first: even a refused request gets its id.
     app.add_middleware(RequestIdMiddleware, answered=engine.http_requests)
     _install_error_handlers(app)
+    openapi.install(app, settings)
 
     app.include_router(router)
     app.include_router(jobs_router)

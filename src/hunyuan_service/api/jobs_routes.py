@@ -18,7 +18,6 @@ from hunyuan_service.api.body import requested_image_type
 from hunyuan_service.api.deps import EngineDep
 from hunyuan_service.api.encoding import MEDIA_TYPES, json_bytes, json_object
 from hunyuan_service.api.image2text import prepare_image2text
-from hunyuan_service.api.openapi import request_body
 from hunyuan_service.api.renderers import Rendered, event_stream
 from hunyuan_service.api.schemas import Image2TextJobRequest, Text2ImageJobRequest
 from hunyuan_service.api.text2image import prepare_text2image
@@ -76,18 +75,7 @@ def jobs_api(request: Request) -> JobsApi:
     return request.app.state.jobs_api
 
 
-def _submit_openapi() -> dict[str, Any]:
-    return {
-        "requestBody": request_body(Text2ImageJobRequest, Image2TextJobRequest),
-        "responses": {
-            "202": {
-                "description": "Admitted: {id, status, position, links}; Location names the job.",
-            }
-        },
-    }
-
-
-@router.post("", status_code=202, response_model=None, openapi_extra=_submit_openapi())
+@router.post("", status_code=202, response_model=None)
 async def submit_job(request: Request, engine: EngineDep) -> JSONResponse:
     """Queues a job with the body /infer takes; answers 202 with its id at once."""
     if engine.settings.model_type == "text2image":

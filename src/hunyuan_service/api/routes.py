@@ -2,41 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from hunyuan_service.api.deps import EngineDep
 from hunyuan_service.api.image2text import prepare_image2text
-from hunyuan_service.api.openapi import inline_schema, request_body
 from hunyuan_service.api.renderers import respond
-from hunyuan_service.api.schemas import Image2TextRequest, Text2ImageRequest, Text2ImageResponse
 from hunyuan_service.api.text2image import prepare_text2image
 from hunyuan_service.engine.lifecycle import State
 
 router = APIRouter()
 
 
-def _infer_openapi() -> dict[str, Any]:
-    """Documents /infer's bodies, which the handler parses itself (JSON, multipart, or SSE)."""
-    return {
-        "requestBody": request_body(Text2ImageRequest, Image2TextRequest),
-        "responses": {
-            "200": {
-                "description": "JSON (text2image: Text2ImageResponse; image2text: text), raw "
-                "image bytes for Accept: image/*, or Server-Sent Events when streaming.",
-                "content": {
-                    "application/json": {"schema": inline_schema(Text2ImageResponse)},
-                    "text/event-stream": {"schema": {"type": "string"}},
-                },
-            }
-        },
-    }
-
-
-@router.post("/infer", response_model=None, openapi_extra=_infer_openapi())
+@router.post("/infer", response_model=None)
 async def infer(request: Request) -> Response:
     """Runs one request on the loaded model: text2image or image2text, by MODEL_TYPE."""
     # The hot path reads the engine directly; resolving a dependency costs ~50 us a request.
