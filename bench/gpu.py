@@ -251,6 +251,16 @@ def timed(device: str, fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
+def decode_rate(tokens: int, whole_s: float, first_s: float) -> float:
+    """Tokens per second after the first: (n - 1) over the time of n minus the time of 1.
+
+    With few tokens on a busy CPU the difference can come out at or below zero; the rate over
+    the whole call (prefill included, so lower) is the honest fallback then.
+    """
+    span = whole_s - first_s
+    return (tokens - 1) / span if span > 0 else tokens / whole_s
+
+
 def median(values: list[float]) -> float:
     ordered = sorted(values)
     middle = len(ordered) // 2
@@ -559,7 +569,7 @@ def qwen_section(name: str, shape: QwenVLShape, plan: Plan, report: Report) -> N
     reset_peak(plan.device)
     first_s = median([timed(plan.device, lambda: generate(1))[0] for _ in range(plan.repeats)])
     runs = [timed(plan.device, lambda: generate(n)) for _ in range(plan.repeats)]
-    baseline_rate = (n - 1) / (median([t for t, _ in runs]) - first_s)
+    baseline_rate = decode_rate(n, median([t for t, _ in runs]), first_s)
     baseline_tokens = runs[-1][1][0, width:].tolist()
     report.add(
         section=name,
@@ -626,13 +636,15 @@ def qwen_section(name: str, shape: QwenVLShape, plan: Plan, report: Report) -> N
 
             run(text_message, n)  # a compiled decode step recompiles once for a longer cache
             first = median([run(text_message, 1) for _ in range(plan.repeats)])
-            rate = (n - 1) / (median([run(text_message, n) for _ in range(plan.repeats)]) - first)
+            rate = decode_rate(
+                n, median([run(text_message, n) for _ in range(plan.repeats)]), first
+            )
             if "constrained" not in plan.skip:
                 # The same decode held to a JSON schema that never closes within n tokens.
                 grammar = compile_response_format("json_schema", RECORDS_SCHEMA, "records")
                 run(text_message, n, grammar)
                 held = [run(text_message, n, grammar) for _ in range(plan.repeats)]
-                held_rate = (n - 1) / (median(held) - first)
+                held_rate = decode_rate(n, median(held), first)
                 report.add(
                     section=name,
                     variant=f"{label} + JSON-schema constraint",

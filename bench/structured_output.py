@@ -38,7 +38,7 @@ def main() -> None:
 
     import torch
 
-    from gpu import RECORDS_SCHEMA
+    from gpu import RECORDS_SCHEMA, decode_rate
     from hunyuan_service.models import grammar
     from hunyuan_service.models.base import JobContext
     from hunyuan_service.models.qwen_vl import QwenVLModel
@@ -90,7 +90,7 @@ def main() -> None:
         times["free"].append(run(n, None))
         times["held"].append(run(n, held))
     first = statistics.median(times["first"])
-    rates = {key: (n - 1) / (statistics.median(times[key]) - first) for key in ("free", "held")}
+    rates = {key: decode_rate(n, statistics.median(times[key]), first) for key in ("free", "held")}
     result = {
         "tokens": n,
         "rounds": args.rounds,

@@ -38,6 +38,7 @@ def test_gpu_bench_runs_on_cpu_with_the_tiny_models(tmp_path: Path) -> None:
     qwen = {variant: row for (section, variant), row in rows.items() if section == "Qwen2.5-VL-7B"}
     assert qwen["transformers generate, eager (baseline)"]["tok_per_s"] > 0
     assert qwen["service, eager"]["quality"].startswith("8/8 tokens equal")
+    assert qwen["service, eager + JSON-schema constraint"]["tok_per_s"] > 0
     compiled = qwen["service, static cache + compiled decode (CUDA graph)"]
     assert compiled["tok_per_s"] > 0
     assert compiled["ttft_s"] > 0
