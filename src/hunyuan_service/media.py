@@ -15,6 +15,7 @@ import math
 import os
 import socket
 import stat
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urljoin, urlsplit
 
-from hunyuan_service.errors import InvalidInput, PayloadTooLarge, ServiceError
+from hunyuan_service.errors import InvalidInput, JobCancelled, PayloadTooLarge, ServiceError
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -47,16 +48,25 @@ class ImageSource:
     param: str  # where it came from, for error messages: "images[0]"
 
 
-def load_images(sources: list[ImageSource], settings: Settings) -> list[Image]:
-    """Fetches, decodes, validates and normalises every image; raises a 4xx `ServiceError`."""
+def load_images(
+    sources: list[ImageSource], settings: Settings, stop: threading.Event | None = None
+) -> list[Image]:
+    """Fetches, decodes, validates and normalises every image; raises a 4xx `ServiceError`.
+
+    `stop`, once set (the request was answered or its client left), ends the work before the
+    next image.
+    """
     if len(sources) > settings.max_input_images:
         raise InvalidInput(
             f"{len(sources)} images sent; at most {settings.max_input_images} are allowed",
             param="images",
         )
-    return [
-        decode_image(read_source(source, settings), source.param, settings) for source in sources
-    ]
+    images = []
+    for source in sources:
+        if stop is not None and stop.is_set():
+            raise JobCancelled("image decoding stopped: the request ended")
+        images.append(decode_image(read_source(source, settings), source.param, settings))
+    return images
 
 
 def read_source(source: ImageSource, settings: Settings) -> bytes:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from typing import Any
 
 from fastapi import Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import Message, Receive
 
 from hunyuan_service.api.body import (
@@ -17,6 +20,7 @@ from hunyuan_service.api.body import (
     negotiate,
     parse_json,
     read_body,
+    wait_for_disconnect,
     wants_event_stream,
 )
 from hunyuan_service.api.encoding import json_bytes
@@ -28,7 +32,7 @@ from hunyuan_service.api.schemas import (
     describe_validation_errors,
 )
 from hunyuan_service.engine.engine import Engine, JobHandle
-from hunyuan_service.errors import InvalidInput, PayloadTooLarge
+from hunyuan_service.errors import DeadlineExceeded, InvalidInput, PayloadTooLarge
 from hunyuan_service.media import ImageSource, load_images
 from hunyuan_service.models.grammar import compile_response_format
 from hunyuan_service.models.types import (
@@ -61,7 +65,7 @@ async def prepare_image2text(
     if sources:
         reservation = engine.reserve()
         try:
-            images = await decode_images(engine, sources)
+            images = await decode_images(engine, sources, request, params.timeout_s)
         except BaseException:
             reservation.release()
             raise
@@ -87,11 +91,50 @@ async def compile_grammar(
     return await engine.run_cpu(compile_response_format, response_format.type, schema, name)
 
 
-async def decode_images(engine: Engine, sources: list[ImageSource]) -> list[Any]:
-    """Fetches and decodes client images on the CPU pool; a text-only request skips the hop."""
+async def decode_images(
+    engine: Engine,
+    sources: list[ImageSource],
+    request: Request | None = None,
+    timeout_s: float | None = None,
+) -> list[Any]:
+    """Fetches and decodes client images on the CPU pool; a text-only request skips the hop.
+
+    The request's deadline and its client's disconnect apply here too: the request is answered
+    (504) or dropped at once, and the pool thread stops before its next image. The image it is
+    decoding then finishes in the background; its cost is bounded up front (bytes, pixels,
+    JPEG scans), and /health reports a pool task that runs far too long.
+    """
     if not sources:
         return []
-    return await engine.run_cpu(load_images, sources, engine.settings)
+    stop = threading.Event()
+    decoding = asyncio.ensure_future(engine.run_cpu(load_images, sources, engine.settings, stop))
+    waiters: set[asyncio.Future[Any]] = {decoding}
+    left = None
+    if request is not None:
+        left = asyncio.ensure_future(wait_for_disconnect(request))
+        waiters.add(left)
+    deadline = timeout_s or engine.settings.request_timeout_s
+    try:
+        done, _ = await asyncio.wait(waiters, timeout=deadline, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if left is not None:
+            left.cancel()
+    if decoding in done:
+        return decoding.result()
+    stop.set()
+    decoding.add_done_callback(_forget)
+    if left is not None and left in done:
+        raise ClientDisconnect()
+    raise DeadlineExceeded(
+        f"the images were not decoded within the request's deadline ({deadline:g} s); send "
+        "smaller images or allow more time"
+    )
+
+
+def _forget(future: asyncio.Future[Any]) -> None:
+    """Collects an abandoned decode's outcome, so it is never reported as unretrieved."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def render_text(output: Image2TextOutput, handle: JobHandle) -> Rendered:

@@ -106,7 +106,7 @@ async def chat_completions(request: Request, engine: EngineDep) -> Response:
     flat = [ImageSource(url, param) for group in sources for url, param in group]
     grammar = await compile_grammar(engine, params.response_format)
     with engine.reserve() as reservation:
-        images = iter(await decode_images(engine, flat))
+        images = iter(await decode_images(engine, flat, request))
         messages = tuple(
             ChatMessage(role=m.role, text=text, images=tuple(next(images) for _ in group))
             for m, text, group in zip(params.messages, texts, sources, strict=True)

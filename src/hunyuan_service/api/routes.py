@@ -32,16 +32,21 @@ async def infer(request: Request) -> Response:
 
 @router.get("/health")
 async def health(engine: EngineDep) -> JSONResponse:
-    """Liveness: 200 while the worker is alive, 503 once it has died (restart the process)."""
-    ok = engine.worker_alive or engine.state is State.STARTING
-    return JSONResponse(engine.status(), status_code=200 if ok else 503)
+    """Liveness: 200 while the worker is alive, 503 once it has died or the CPU pool that
+    decodes and encodes images is wedged (restart the process)."""
+    status = engine.status()
+    alive = engine.worker_alive or engine.state is State.STARTING
+    return JSONResponse(
+        status, status_code=200 if alive and not status["cpu_pool"]["wedged"] else 503
+    )
 
 
 @router.get("/ready")
 async def ready(engine: EngineDep) -> JSONResponse:
     """Readiness: 200 only while the model is loaded and new requests are accepted."""
-    ok = engine.state is State.READY and engine.worker_alive
-    return JSONResponse(engine.status(), status_code=200 if ok else 503)
+    status = engine.status()
+    ok = engine.state is State.READY and engine.worker_alive and not status["cpu_pool"]["wedged"]
+    return JSONResponse(status, status_code=200 if ok else 503)
 
 
 # Probes answer HEAD as they answer GET (the body is dropped), out of the OpenAPI document.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import functools
+import itertools
 import logging
 import secrets
 import threading
@@ -31,6 +31,11 @@ from hunyuan_service.models.loading import describe_load_error
 from hunyuan_service.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+CPU_THREADS = 2  # the pool that decodes client images and encodes results
+# A pool task running longer than this plus two whole URL fetches is stuck, not slow: image
+# bytes, pixels and JPEG scans are bounded before decoding.
+CPU_TASK_WEDGED_S = 90.0
 
 T = TypeVar("T")
 
@@ -170,7 +175,13 @@ class Engine:
         )
         # Decoding client images and encoding results run here, not on the event loop and not
         # on the model's thread, so they never delay a job.
-        self.cpu_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hunyuan-cpu")
+        self.cpu_pool = ThreadPoolExecutor(
+            max_workers=CPU_THREADS, thread_name_prefix="hunyuan-cpu"
+        )
+        self._cpu_running: dict[int, float] = {}  # task number -> when it started (monotonic)
+        self._cpu_tasks = itertools.count()
+        # Longer than any pool task may take: a whole URL fetch, then a bounded decode.
+        self.cpu_task_wedged_s = CPU_TASK_WEDGED_S + 2 * settings.media_fetch_timeout_s
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -318,7 +329,28 @@ class Engine:
     async def run_cpu(self, function: Callable[..., T], *args: Any) -> T:
         """Runs CPU-bound pre- or post-processing on the engine's own thread pool."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.cpu_pool, functools.partial(function, *args))
+        return await loop.run_in_executor(self.cpu_pool, self._timed, function, args)
+
+    def _timed(self, function: Callable[..., T], args: tuple[Any, ...]) -> T:
+        """Runs on a pool thread, leaving a start time behind while it runs (see `cpu_pool`)."""
+        number = next(self._cpu_tasks)
+        self._cpu_running[number] = time.monotonic()
+        try:
+            return function(*args)
+        finally:
+            del self._cpu_running[number]
+
+    def cpu_pool_state(self) -> dict[str, Any]:
+        """How many pool tasks run, and for how long the oldest has: a task older than
+        CPU_TASK_WEDGED_S means the pool is stuck (a blocking read, an endless decode)."""
+        started = list(self._cpu_running.values())
+        oldest = time.monotonic() - min(started) if started else 0.0
+        return {
+            "busy": len(started),
+            "threads": CPU_THREADS,
+            "oldest_task_s": round(oldest, 1),
+            "wedged": oldest > self.cpu_task_wedged_s,
+        }
 
     # -- observation -------------------------------------------------------------------------
 
@@ -353,6 +385,7 @@ class Engine:
             queue_depth=scheduler.queue_depth if scheduler else 0,
             max_queue_size=self.settings.max_queue_size,
             busy=scheduler.busy if scheduler else False,
+            cpu_pool=self.cpu_pool_state(),
         )
         return body
 
