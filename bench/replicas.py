@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -199,9 +200,13 @@ async def load(url: str, clients: int, seconds: float, events: list | None = Non
     return outcomes
 
 
-async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from tests.conftest import free_port
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
+
+async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     ports = [free_port() for _ in range(3)]
     edge = free_port()
     replicas = [Replica(port, args.job_s, work) for port in ports]
@@ -294,7 +299,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.burst_seconds = 3.0, 4.0
-    sys.path.insert(0, str(ROOT))
     with tempfile.TemporaryDirectory(prefix="replicas-") as folder:
         result = asyncio.run(measure(args, Path(folder)))
     checks = verdicts(result)
