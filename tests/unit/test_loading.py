@@ -24,9 +24,12 @@ def test_download_progress_is_reported_while_the_cache_grows(
             downloading.set()
 
     blobs = tmp_path / "models--someorg--model" / "blobs"
+    staged = tmp_path / "staged"
+    staged.write_bytes(b"x" * 3 * 2**20)
     with reporting_download("someorg/model", report, interval_s=0.01):
         blobs.mkdir(parents=True)
-        (blobs / "0123abcd.incomplete").write_bytes(b"x" * 3 * 2**20)
+        # Appears whole (a rename), so the watcher never sees it half written.
+        staged.rename(blobs / "0123abcd.incomplete")
         assert downloading.wait(30), "no progress was reported"
     assert reports[0] == "downloading someorg/model: 1 files, 3.0 MiB so far"
     assert reports[-1] == "loading model"
