@@ -199,7 +199,7 @@ def test_deadline_gives_504_and_stops_the_running_job() -> None:
         )
         assert all(isinstance(r, DeadlineExceeded) for r in results)
         await wait_until(lambda: not scheduler.busy)
-        assert model.log.steps_run < 60  # stopped near 0.3 s, not after 5 s
+        assert model.log.steps_run < 250  # stopped long before its 500 steps (5 s), however slow
         assert "behind" not in model.calls  # its deadline passed while it waited
         await scheduler.stop()
 
