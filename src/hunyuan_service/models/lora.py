@@ -131,6 +131,8 @@ class Adapters:
     def load(self) -> None:
         """Reads and loads every adapter; a file that is not a FLUX LoRA stops start-up with
         one line naming it."""
+        if not self.sources:
+            return  # nothing to load, and no reason to import peft
         with _quiet():
             self._load()
         logger.info(
