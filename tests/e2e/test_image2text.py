@@ -55,16 +55,23 @@ def ask(client: TestClient, images: list[str], **extra: Any) -> Any:
 
 
 class RecordingServer:
-    """A loopback HTTP server that serves a PNG, redirects, and records every request it gets."""
+    """A loopback HTTP server that serves a PNG, redirects, and records every request it gets.
+
+    `/held/<name>` serves the PNG only once `release` is set (it starts set).
+    """
 
     def __init__(self) -> None:
         self.paths: list[str] = []
+        self.release = threading.Event()
+        self.release.set()
         owner = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 owner.paths.append(self.path)
-                if self.path == "/red.png":
+                if self.path.startswith("/held/"):
+                    owner.release.wait(60)
+                if self.path == "/red.png" or self.path.startswith("/held/"):
                     data = png_bytes()
                     self.send_response(200)
                     self.send_header("Content-Type", "image/png")

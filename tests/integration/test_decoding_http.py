@@ -3,7 +3,6 @@ it, the pool stops before the next image, and /health reports a pool task that n
 
 from __future__ import annotations
 
-import http.server
 import threading
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -13,46 +12,21 @@ import pytest
 
 from hunyuan_service.api.app import create_app
 from tests.conftest import LiveServer
+from tests.e2e.test_image2text import RecordingServer
 from tests.fakes import FakeImageModel, fake_settings
-from tests.images import png_bytes
 from tests.integration.test_reliability_http import wait_until
 from tests.metrics import value
 
 
-class HeldImages:
-    """Serves a PNG at any path, but only once `release` is set; records each path asked for."""
-
-    def __init__(self) -> None:
-        self.paths: list[str] = []
-        self.release = threading.Event()
-        owner = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                owner.paths.append(self.path)
-                owner.release.wait(60)
-                data = png_bytes()
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *_args: Any) -> None:
-                return
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-
 @pytest.fixture
-def held() -> Iterator[HeldImages]:
-    images = HeldImages()
-    yield images
-    images.release.set()
-    images.server.shutdown()
-    images.server.server_close()
+def held() -> Iterator[RecordingServer]:
+    """Image URLs under /held/ that answer only when the test sets `release`."""
+    server = RecordingServer()
+    server.release.clear()
+    yield server
+    server.release.set()
+    server.server.shutdown()
+    server.server.server_close()
 
 
 class Service(NamedTuple):
@@ -79,13 +53,14 @@ def pool(url: str) -> dict[str, Any]:
     return httpx.get(f"{url}/health").json()["cpu_pool"]
 
 
-def ask(url: str, held: HeldImages, **extra: Any) -> httpx.Response:
-    body = {"prompt": "x", "images": [f"{held.base}/a.png", f"{held.base}/b.png"], **extra}
+def ask(url: str, held: RecordingServer, **extra: Any) -> httpx.Response:
+    images = [held.url("/held/a.png"), held.url("/held/b.png")]
+    body = {"prompt": "x", "images": images, **extra}
     return httpx.post(f"{url}/infer", json=body, timeout=60)
 
 
 def test_the_deadline_ends_decoding_and_the_next_image_is_never_fetched(
-    service: Service, held: HeldImages
+    service: Service, held: RecordingServer
 ) -> None:
     reply = ask(service.url, held, timeout_s=0.5)
     assert reply.status_code == 504
@@ -93,14 +68,14 @@ def test_the_deadline_ends_decoding_and_the_next_image_is_never_fetched(
     assert httpx.get(f"{service.url}/health").json()["queue_depth"] == 0
     held.release.set()
     wait_until(lambda: pool(service.url)["busy"] == 0, timeout=60)
-    assert held.paths == ["/a.png"]  # the pool stopped before the second image
+    assert held.paths == ["/held/a.png"]  # the pool stopped before the second image
 
 
-def test_a_client_that_leaves_ends_decoding(service: Service, held: HeldImages) -> None:
+def test_a_client_that_leaves_ends_decoding(service: Service, held: RecordingServer) -> None:
     with pytest.raises(httpx.TimeoutException):
         httpx.post(
             f"{service.url}/infer",
-            json={"prompt": "x", "images": [f"{held.base}/a.png", f"{held.base}/b.png"]},
+            json={"prompt": "x", "images": [held.url("/held/a.png"), held.url("/held/b.png")]},
             timeout=httpx.Timeout(60, read=0.5),
         )
     answered = "hunyuan_http_requests_total"
@@ -112,10 +87,10 @@ def test_a_client_that_leaves_ends_decoding(service: Service, held: HeldImages) 
     wait_until(lambda: dropped() == 1, timeout=60)
     held.release.set()
     wait_until(lambda: pool(service.url)["busy"] == 0, timeout=60)
-    assert held.paths == ["/a.png"]
+    assert held.paths == ["/held/a.png"]
 
 
-def test_health_reports_a_wedged_pool(service: Service, held: HeldImages) -> None:
+def test_health_reports_a_wedged_pool(service: Service, held: RecordingServer) -> None:
     service.engine.cpu_task_wedged_s = 0.2  # the default is 90 s plus two whole fetches
     worker = threading.Thread(target=ask, args=(service.url, held))
     worker.start()
