@@ -132,10 +132,6 @@ class GrammarMask:
             scores[:, width:] = float("-inf")
         return scores
 
-    def ended(self, row: int) -> bool:
-        """Whether row `row` has no grammar left to follow (none given, or it has ended)."""
-        return self.matchers[row] is None
-
 
 def sampling_after(mask: GrammarMask, sampling: dict[str, Any], defaults: Any) -> dict[str, Any]:
     """`generate` kwargs that apply `mask` first, then the sampling warpers `sampling` asks for.

@@ -111,10 +111,6 @@ class Adapters:
         self.targets: list[dict[str, Any]] = []  # hot-swap: each slot's parameters, by key
         self.active: Selection = ()
 
-    @property
-    def names(self) -> list[str]:
-        return list(self.sources)
-
     def describe(self) -> list[dict[str, Any]]:
         return [
             {
