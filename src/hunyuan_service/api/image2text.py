@@ -119,12 +119,14 @@ async def decode_images(
     finally:
         if left is not None:
             left.cancel()
+    if left is not None and left in done:  # first: its disconnect message is now consumed
+        stop.set()
+        decoding.add_done_callback(_forget)
+        raise ClientDisconnect()
     if decoding in done:
         return decoding.result()
     stop.set()
     decoding.add_done_callback(_forget)
-    if left is not None and left in done:
-        raise ClientDisconnect()
     raise DeadlineExceeded(
         f"the images were not decoded within the request's deadline ({deadline:g} s); send "
         "smaller images or allow more time"
