@@ -3,6 +3,8 @@ it, the pool stops before the next image, and /health reports a pool task that n
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -68,16 +70,23 @@ def test_the_deadline_ends_decoding_and_the_next_image_is_never_fetched(
     assert httpx.get(f"{service.url}/health").json()["queue_depth"] == 0
     held.release.set()
     wait_until(lambda: pool(service.url)["busy"] == 0, timeout=60)
-    assert held.paths == ["/held/a.png"]  # the pool stopped before the second image
+    # The pool stopped before the second image (on a very slow machine the deadline may even
+    # pass before the first fetch began).
+    assert held.paths in (["/held/a.png"], [])
 
 
 def test_a_client_that_leaves_ends_decoding(service: Service, held: RecordingServer) -> None:
-    with pytest.raises(httpx.TimeoutException):
-        httpx.post(
-            f"{service.url}/infer",
-            json={"prompt": "x", "images": [held.url("/held/a.png"), held.url("/held/b.png")]},
-            timeout=httpx.Timeout(60, read=0.5),
-        )
+    body = json.dumps(
+        {"prompt": "x", "images": [held.url("/held/a.png"), held.url("/held/b.png")]}
+    ).encode()
+    port = int(service.url.rsplit(":", 1)[1])
+    client = socket.create_connection(("127.0.0.1", port))
+    client.sendall(
+        b"POST /infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    wait_until(lambda: held.paths == ["/held/a.png"], timeout=60)  # decoding has begun
+    client.close()  # the client leaves while the first image is still being fetched
     answered = "hunyuan_http_requests_total"
 
     def dropped() -> float:
@@ -87,7 +96,7 @@ def test_a_client_that_leaves_ends_decoding(service: Service, held: RecordingSer
     wait_until(lambda: dropped() == 1, timeout=60)
     held.release.set()
     wait_until(lambda: pool(service.url)["busy"] == 0, timeout=60)
-    assert held.paths == ["/held/a.png"]
+    assert held.paths == ["/held/a.png"]  # the pool stopped before the second image
 
 
 def test_health_reports_a_wedged_pool(service: Service, held: RecordingServer) -> None:
