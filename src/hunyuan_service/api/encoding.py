@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic_core import to_json
 
+from hunyuan_service.api import png
+
 if TYPE_CHECKING:
     from PIL.Image import Image
 
@@ -20,11 +22,11 @@ _PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
 def encode_image(image: Image, fmt: str) -> bytes:
     """Encodes `image` as png, jpeg or webp; CPU-bound, so call it from a thread."""
+    if fmt == "png" and png.can_encode(image):
+        return png.encode_png(image)
     buffer = io.BytesIO()
     if fmt == "jpeg" and image.mode not in ("RGB", "L"):
         image = image.convert("RGB")
-    # PNG at zlib level 1: about 35% less encoding time than Pillow's default level 6 for a
-    # 1024x1024 image (130 vs 200 ms here), for a file about 8% larger; still lossless.
     options = {"quality": 95} if fmt in ("jpeg", "webp") else {"compress_level": 1}
     image.save(buffer, format=_PIL_FORMATS[fmt], **options)
     return buffer.getvalue()

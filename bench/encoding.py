@@ -1,0 +1,100 @@
+"""PNG encoding time: the service's encoder against Pillow's, on the same images in one run.
+
+What a 1024x1024 text2image answer spends on the CPU after the model: encoding the PNG, then
+base64. Two images: a synthetic photo-like one (smooth colour fields, finer texture and sensor-
+like noise), and uniform noise, which is what the tiny random-weight model returns and the worst
+case for compression. Each encoder runs `--repeats` times per round, rounds interleaved; medians.
+
+    uv run python bench/encoding.py [--size 1024] [--rounds 5] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image
+
+from hunyuan_service.api.png import encode_png, usable_cores
+
+
+def photo_like(size: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+
+    def upscaled(cells: int, amplitude: float) -> np.ndarray:
+        small = rng.integers(0, 256, (cells, cells, 3), dtype=np.uint8)
+        big = Image.fromarray(small).resize((size, size), Image.Resampling.BICUBIC)
+        return (np.asarray(big, dtype=np.float32) - 128) * amplitude
+
+    pixels = (
+        128 + upscaled(12, 0.9) + upscaled(size // 8, 0.15) + rng.normal(0, 1.5, (size, size, 3))
+    )
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+
+
+def noise(size: int, seed: int = 1) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+def pillow(level: int) -> Callable[[Image.Image], bytes]:
+    def encode(image: Image.Image) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", compress_level=level)
+        return buffer.getvalue()
+
+    return encode
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    encoders: dict[str, Callable[[Image.Image], bytes]] = {
+        "Pillow, zlib level 6 (Pillow's default)": pillow(6),
+        "Pillow, zlib level 1 (the service before)": pillow(1),
+        "service, one band": lambda image: encode_png(image, bands=1),
+        "service, bands for these cores": encode_png,
+    }
+    print(f"{args.size}x{args.size} RGB, {usable_cores()} usable cores")
+    for name, image in (("photo-like", photo_like(args.size)), ("noise", noise(args.size))):
+        reference = np.asarray(image)
+        times: dict[str, list[float]] = {label: [] for label in encoders}
+        sizes: dict[str, int] = {}
+        for label, encode in encoders.items():  # once untimed, and check it is lossless
+            data = encode(image)
+            assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), reference), label
+            sizes[label] = len(data)
+        for _ in range(args.rounds):
+            for label, encode in encoders.items():
+                start = time.perf_counter()
+                for _ in range(args.repeats):
+                    encode(image)
+                times[label].append((time.perf_counter() - start) / args.repeats)
+        start = time.perf_counter()
+        for _ in range(args.repeats):
+            base64.b64encode(encode_png(image))
+        with_base64 = (time.perf_counter() - start) / args.repeats
+        before = statistics.median(times["Pillow, zlib level 1 (the service before)"])
+        print(f"\n{name}: median of {args.rounds} rounds of {args.repeats}")
+        print("| encoder | ms | vs the service before | MB | size vs before |")
+        print("| --- | --- | --- | --- | --- |")
+        before_size = sizes["Pillow, zlib level 1 (the service before)"]
+        for label, values in times.items():
+            ms = statistics.median(values)
+            print(
+                f"| {label} | {ms * 1000:.1f} | {ms / before:.2f} | {sizes[label] / 1e6:.2f} "
+                f"| {sizes[label] / before_size:.2f} |"
+            )
+        print(f"service encoder plus base64: {with_base64 * 1000:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
