@@ -590,6 +590,11 @@ def qwen_section(name: str, shape: QwenVLShape, plan: Plan, report: Report) -> N
     variants: list[tuple[str, dict[str, Any], float]] = [
         ("service, eager", {}, 0),
         ("service, static cache + compiled decode (CUDA graph)", {"compile": "full"}, 120),
+        (
+            "service, compiled decode + decode ahead",
+            {"compile": "full", "decode_ahead": True},
+            120,
+        ),
     ]
     if not plan.quick:
         variants.append(("service, int8 weight-only (lossy)", {"quantize": "int8"}, 60))

@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     fuse_qkv: bool = False
     channels_last: bool = False
     step_cache_threshold: float = Field(0.0, ge=0, le=1)
+    decode_ahead: bool = False
     warmup: Annotated[list[str], NoDecode] = []
 
     # FLUX LoRA adapters that requests may choose by name (docs/loras.md): the *.safetensors
@@ -264,6 +265,8 @@ def _check_lora_options(settings: Settings) -> None:
 def _check_speed_options(settings: Settings) -> None:
     """Refuses option combinations that cannot work, whatever the hardware; the rest is checked
     against the device when the model loads."""
+    if settings.decode_ahead and settings.model_type != "image2text":
+        raise ValueError("DECODE_AHEAD: image2text only (it changes how tokens are decoded)")
     if settings.model_type == "image2text":
         text2image_only = {
             "COMPILE=regional": settings.compile == "regional",
@@ -277,8 +280,8 @@ def _check_speed_options(settings: Settings) -> None:
         chosen = [name for name, on in text2image_only.items() if on]
         if chosen:
             raise ValueError(
-                f"{', '.join(chosen)}: text2image only; image2text takes COMPILE=full, QUANTIZE "
-                "and ATTN_IMPLEMENTATION"
+                f"{', '.join(chosen)}: text2image only; image2text takes COMPILE=full, QUANTIZE, "
+                "DECODE_AHEAD and ATTN_IMPLEMENTATION"
             )
     if settings.offload != "none" and settings.compile == "full":
         raise ValueError(

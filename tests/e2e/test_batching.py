@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -11,6 +12,7 @@ import pytest
 
 from hunyuan_service.errors import JobCancelled
 from hunyuan_service.models.base import JobContext
+from tests.e2e.conftest import tiny_settings
 from tests.images import png_bytes
 
 
@@ -31,6 +33,18 @@ class Row:
             on_token=self.tokens.append,
             stop_reason=lambda: "client_disconnected",
         )
+
+
+@pytest.fixture(scope="module", params=["plain", "decode ahead"])
+def qwen_any(request: pytest.FixtureRequest, qwen: Any, tiny_cache: Path) -> Any:
+    """The tiny Qwen as loaded by default, then with DECODE_AHEAD: batches behave the same."""
+    if request.param == "plain":
+        return qwen
+    from hunyuan_service.models.qwen_vl import QwenVLModel
+
+    model = QwenVLModel(tiny_settings("image2text", tiny_cache, decode_ahead=True))
+    model.load()
+    return model
 
 
 def pixels(output: Any) -> np.ndarray:
@@ -67,20 +81,20 @@ def test_flux_batches_only_alike_requests(flux: Any) -> None:
     assert flux.batch_key(Text2ImageInput("x", 64, 64, 3, count=2)) is None
 
 
-def test_qwen_rows_equal_their_solo_answers_with_their_own_limits(qwen: Any) -> None:
+def test_qwen_rows_equal_their_solo_answers_with_their_own_limits(qwen_any: Any) -> None:
     from hunyuan_service.media import decode_image
     from hunyuan_service.models.types import ChatMessage, Image2TextInput
 
-    image = decode_image(png_bytes(), "images[0]", qwen.settings)
+    image = decode_image(png_bytes(), "images[0]", qwen_any.settings)
     requests = [
         Image2TextInput((ChatMessage("user", "Hi"),), max_new_tokens=3),
         Image2TextInput((ChatMessage("user", "Describe this picture", (image,)),), 6),
         Image2TextInput((ChatMessage("user", "A much longer question, with more words"),), 5),
     ]
-    assert len({qwen.batch_key(r) for r in requests}) == 1
-    solo = [qwen.infer(r, JobContext()) for r in requests]
+    assert len({qwen_any.batch_key(r) for r in requests}) == 1
+    solo = [qwen_any.infer(r, JobContext()) for r in requests]
     rows = [Row() for _ in requests]
-    batch = qwen.infer_batch(requests, [row.context() for row in rows])
+    batch = qwen_any.infer_batch(requests, [row.context() for row in rows])
     for i, (alone, together) in enumerate(zip(solo, batch, strict=True)):
         assert together.prompt_tokens == alone.prompt_tokens, i
         assert together.completion_tokens == alone.completion_tokens, i
@@ -90,7 +104,7 @@ def test_qwen_rows_equal_their_solo_answers_with_their_own_limits(qwen: Any) -> 
         assert "".join(rows[i].tokens) == together.text  # each row streams only its own text
 
 
-def test_qwen_rows_follow_their_own_grammar_or_none(qwen: Any) -> None:
+def test_qwen_rows_follow_their_own_grammar_or_none(qwen_any: Any) -> None:
     from hunyuan_service.models.grammar import compile_response_format
     from hunyuan_service.models.types import ChatMessage, Image2TextInput
 
@@ -112,9 +126,9 @@ def test_qwen_rows_follow_their_own_grammar_or_none(qwen: Any) -> None:
         )
         for i, schema in enumerate(schemas)
     ]
-    assert len({qwen.batch_key(r) for r in requests}) == 1  # a grammar does not split a batch
-    solo = [qwen.infer(r, JobContext()) for r in requests]
-    batch = qwen.infer_batch(requests, [Row().context() for _ in requests])
+    assert len({qwen_any.batch_key(r) for r in requests}) == 1  # a grammar does not split a batch
+    solo = [qwen_any.infer(r, JobContext()) for r in requests]
+    batch = qwen_any.infer_batch(requests, [Row().context() for _ in requests])
     assert [row.text for row in batch] == [alone.text for alone in solo]
     for schema, row in zip(schemas, batch, strict=True):
         if schema is not None:
@@ -124,11 +138,11 @@ def test_qwen_rows_follow_their_own_grammar_or_none(qwen: Any) -> None:
         json.loads(batch[1].text)
 
 
-def test_qwen_cancelled_row_stops_while_its_neighbours_finish(qwen: Any) -> None:
+def test_qwen_cancelled_row_stops_while_its_neighbours_finish(qwen_any: Any) -> None:
     from hunyuan_service.models.types import ChatMessage, Image2TextInput
 
     requests = [Image2TextInput((ChatMessage("user", f"question {i}"),), 8) for i in range(3)]
-    solo = [qwen.infer(r, JobContext()) for r in requests]
+    solo = [qwen_any.infer(r, JobContext()) for r in requests]
     assert solo[1].completion_tokens == 8  # alone, row 1 would run to its limit
     rows = [Row() for _ in requests]
     contexts = [row.context() for row in rows]
@@ -138,7 +152,7 @@ def test_qwen_cancelled_row_stops_while_its_neighbours_finish(qwen: Any) -> None
         on_token=rows[1].tokens.append,
         stop_reason=lambda: "client_disconnected",
     )
-    batch = qwen.infer_batch(requests, contexts)
+    batch = qwen_any.infer_batch(requests, contexts)
     assert isinstance(batch[1], JobCancelled)
     assert [batch[0].text, batch[2].text] == [solo[0].text, solo[2].text]
     # Its row stopped within a token or two, not at its limit: it streamed far less text.

@@ -3,6 +3,7 @@ report progress, stream, cancel within a step, and serve sizes outside the warm-
 
 from __future__ import annotations
 
+import collections
 import logging
 from pathlib import Path
 from typing import Any
@@ -141,10 +142,11 @@ def ask(model: Any, ctx: JobContext, max_new_tokens: int = 12) -> Any:
     return model.infer(Image2TextInput((message,), max_new_tokens=max_new_tokens), ctx)
 
 
+@pytest.mark.parametrize("decode_ahead", [False, True])
 def test_compiled_qwen_gives_the_eager_text_streamed_and_stops_within_a_token(
-    tiny_cache: Path, qwen: Any
+    tiny_cache: Path, qwen: Any, decode_ahead: bool
 ) -> None:
-    compiled = load_qwen(tiny_cache, compile="full", warmup=["64x64"])
+    compiled = load_qwen(tiny_cache, compile="full", warmup=["64x64"], decode_ahead=decode_ahead)
     assert compiled.model.generation_config.cache_implementation == "static"
     eager = ask(qwen, JobContext())
     free = StopAfter("token", 10_000)
@@ -155,6 +157,90 @@ def test_compiled_qwen_gives_the_eager_text_streamed_and_stops_within_a_token(
     with pytest.raises(JobCancelled):
         ask(compiled, stop.context(), max_new_tokens=40)
     assert len(stop.events) <= 3
+
+
+def greedy_tokens(model: Any, count: int) -> list[int]:
+    """The tokens `ask` would produce, read from `generate` itself."""
+    import torch
+
+    from hunyuan_service.media import decode_image
+    from hunyuan_service.models.types import ChatMessage, Image2TextInput
+
+    image = decode_image(png_bytes(), "images[0]", model.settings)
+    request = Image2TextInput((ChatMessage("user", "Describe", (image,)),))
+    prompt, images = model._prompt_and_images(request)
+    inputs = model.processor(text=[prompt], images=images, return_tensors="pt")
+    with torch.inference_mode():
+        output = model.model.generate(**inputs, max_new_tokens=count, do_sample=False)
+    return [int(t) for t in output[0, inputs["input_ids"].shape[1] :]]
+
+
+def test_decoding_ahead_runs_one_step_past_the_end_and_undoes_it(tiny_cache: Path) -> None:
+    plain, ahead = load_qwen(tiny_cache), load_qwen(tiny_cache, decode_ahead=True)
+    tokens = greedy_tokens(plain, 12)
+    # End generation at the first token that differs from all before it (not the first one).
+    end = next(i for i in range(1, len(tokens)) if tokens[i] not in tokens[:i])
+    forwards = {}
+    for name, model in (("plain", plain), ("ahead", ahead)):
+        model.model.generation_config.eos_token_id = [tokens[end]]
+        calls = [0]
+        model.model.register_forward_pre_hook(
+            lambda *_, calls=calls: calls.__setitem__(0, calls[0] + 1)
+        )
+        streamed = StopAfter("token", 10_000)
+        output = ask(model, streamed.context(), max_new_tokens=12)
+        assert output.completion_tokens == end + 1
+        assert output.finish_reason == "stop"
+        assert "".join(d["text"] for _, d in streamed.events) == output.text
+        forwards[name] = (calls[0], output.text)
+    assert forwards["ahead"][1] == forwards["plain"][1]
+    assert forwards["plain"][0] == end + 1  # the prompt's pass gives the first token
+    assert forwards["ahead"][0] == end + 2  # one more step ran before the end was read
+
+
+def host_reads_per_token(model: Any) -> dict[tuple[str, str], float]:
+    """Reads of a tensor's value by the host (each one waits for the device, on a GPU) per
+    generated token, by (file, function), from two decodes of different lengths."""
+    import traceback
+
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    reads = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__}
+    reads |= {torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.numpy}
+
+    class Count(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sites: collections.Counter[tuple[str, str]] = collections.Counter()
+
+        def __torch_function__(
+            self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+        ) -> Any:
+            if func in reads:
+                caller = traceback.extract_stack(limit=2)[0]
+                self.sites[(Path(caller.filename).name, caller.name)] += 1
+            return func(*args, **(kwargs or {}))
+
+    counted = {}
+    for tokens in (8, 40):
+        with Count() as count:
+            assert ask(model, JobContext(), max_new_tokens=tokens).completion_tokens == tokens
+        counted[tokens] = count.sites
+    sites = set(counted[8]) | set(counted[40])
+    per_token = {site: (counted[40][site] - counted[8][site]) / 32 for site in sites}
+    return {site: n for site, n in per_token.items() if n}
+
+
+@pytest.mark.parametrize("decode_ahead", [False, True])
+def test_the_only_per_token_host_reads_are_the_stop_check_and_the_streamer(
+    tiny_cache: Path, decode_ahead: bool
+) -> None:
+    model = load_qwen(tiny_cache, decode_ahead=decode_ahead)
+    model.model.generation_config.eos_token_id = []  # decode exactly max_new_tokens
+    stop_check = ("decode_ahead.py", "__call__") if decode_ahead else ("utils.py", "__call__")
+    # With DECODE_AHEAD the stop check reads a copy made a step earlier, not the step's output.
+    assert host_reads_per_token(model) == {stop_check: 1, ("qwen_vl.py", "put"): 1}
 
 
 def test_int8_qwen_generates(tiny_cache: Path) -> None:

@@ -99,3 +99,50 @@ def test_compiled_qwen_decode_runs_as_a_cuda_graph_and_stops_within_a_token(
     with pytest.raises(JobCancelled):
         model.infer(request, JobContext(on_token=seen.append, should_stop=lambda: len(seen) >= 2))
     assert len(seen) <= 3
+
+
+def synchronisations_per_token(model: Any) -> float:
+    """Host waits on the device per generated token, as CUDA's sync debug mode reports them."""
+    import warnings
+
+    from hunyuan_service.models.base import JobContext
+    from hunyuan_service.models.types import ChatMessage, Image2TextInput
+
+    counts = {}
+    for tokens in (8, 40):
+        request = Image2TextInput((ChatMessage("user", "Describe"),), max_new_tokens=tokens)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                output = model.infer(request, JobContext(on_token=lambda text: None))
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        assert output.completion_tokens == tokens
+        counts[tokens] = sum("synchroniz" in str(w.message) for w in caught)
+    return (counts[40] - counts[8]) / 32
+
+
+def test_decoding_ahead_keeps_the_tokens_and_never_waits_on_the_device_per_token(
+    tiny_cache: Path,
+) -> None:
+    from hunyuan_service.models.base import JobContext
+    from hunyuan_service.models.qwen_vl import QwenVLModel
+    from hunyuan_service.models.types import ChatMessage, Image2TextInput
+    from hunyuan_service.settings import Settings
+
+    models = {}
+    for ahead in (False, True):
+        settings = Settings(
+            _env_file=None, model_type="image2text", model_id="tiny", cache_dir=tiny_cache,
+            compile="full", warmup=["64x64"], decode_ahead=ahead,
+        )  # fmt: skip
+        models[ahead] = QwenVLModel(settings)
+        models[ahead].load()
+        models[ahead].model.generation_config.eos_token_id = []  # exactly max_new_tokens
+        models[ahead].warm_up()
+    request = Image2TextInput((ChatMessage("user", "Describe"),), max_new_tokens=30)
+    texts = [models[ahead].infer(request, JobContext()).text for ahead in (False, True)]
+    assert texts[0] == texts[1]
+    assert synchronisations_per_token(models[False]) >= 1  # the probe sees the stop check's
+    assert synchronisations_per_token(models[True]) == 0

@@ -115,6 +115,7 @@ def test_speed_options_default_to_the_lossless_eager_path() -> None:
         False,
         0,
     )
+    assert settings.decode_ahead is False
     assert settings.warmup_sizes == []
 
 
@@ -135,6 +136,7 @@ def test_warmup_sizes_are_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"OFFLOAD": "group", "COMPILE": "full"}, "OFFLOAD with COMPILE=full"),
         ({"ATTENTION_BACKEND": "flash_hub"}, "ATTENTION_BACKEND=flash_hub: hub kernels"),
         ({"STEP_CACHE_THRESHOLD": "2"}, "STEP_CACHE_THRESHOLD: "),
+        ({"DECODE_AHEAD": "true"}, "DECODE_AHEAD: image2text only"),
     ],
 )
 def test_impossible_speed_options_are_refused(

@@ -7,6 +7,7 @@ from typing import Any
 
 from hunyuan_service.errors import InvalidInput, JobCancelled, ModelLoadError
 from hunyuan_service.models.base import JobContext, TorchModel
+from hunyuan_service.models.decode_ahead import ahead_of_the_device
 from hunyuan_service.models.grammar import GrammarMask, sampling_after
 from hunyuan_service.models.loading import (
     quiet_hf_progress,
@@ -119,7 +120,7 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
             generate_kwargs.update(
                 stop_strings=list(request.stop), tokenizer=self.processor.tokenizer
             )
-        with torch.inference_mode():
+        with torch.inference_mode(), ahead_of_the_device(self.settings.decode_ahead):
             if request.seed is not None:
                 # One job runs at a time, so seeding the global generator is race-free here.
                 torch.manual_seed(request.seed)
@@ -197,7 +198,7 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
             stopping_criteria=StoppingCriteriaList([rows]),
             streamer=_BatchStreamer(self.processor.tokenizer, contexts, rows),
         )
-        with torch.inference_mode():
+        with torch.inference_mode(), ahead_of_the_device(self.settings.decode_ahead):
             output = self.model.generate(**inputs, **generate_kwargs)
         if all(ctx.should_stop() for ctx in contexts):
             raise JobCancelled("every row of the batch stopped")

@@ -12,6 +12,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from hunyuan_service.errors import ModelLoadError
+from hunyuan_service.models.decode_ahead import check_supported
 
 if TYPE_CHECKING:
     from hunyuan_service.settings import Settings
@@ -109,6 +110,8 @@ def speed_up_flux(pipe: Any, settings: Settings, device: str) -> dict[str, Any]:
 def speed_up_qwen(model: Any, settings: Settings, device: str) -> dict[str, Any]:
     """Applies the image2text options to a loaded model already on its device."""
     check_for_device(settings, device)
+    if settings.decode_ahead:
+        check_supported()
     if settings.quantize != "none":
         quantize(model.model.language_model, settings.quantize)
     if settings.compile == "full":
@@ -129,6 +132,8 @@ def speed_up_qwen(model: Any, settings: Settings, device: str) -> dict[str, Any]
 
 def speed_report(settings: Settings, model_type: str) -> dict[str, Any]:
     report: dict[str, Any] = {"compile": settings.compile, "quantize": settings.quantize}
+    if model_type == "image2text":
+        report["decode_ahead"] = settings.decode_ahead
     if model_type == "text2image":
         report.update(
             attention_backend=settings.attention_backend,

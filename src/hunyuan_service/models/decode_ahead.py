@@ -1,0 +1,122 @@
+"""DECODE_AHEAD: the host queues decode step n+1 while the device still runs step n.
+
+After every step, transformers' `generate` reads `unfinished_sequences.max() == 0` on the host,
+and the streamer reads the new tokens. Both wait for the device to finish the step, so the
+Python between two steps (input preparation, stopping criteria, sampling, launching the next
+graph) never overlaps the device's work. With the compiled Qwen decode step as a CUDA graph,
+that Python is most of what separates a step from the memory-bandwidth limit (issue 9;
+docs/performance.md). On the CPU, with the tiny model, counting the tensor reads of a decode
+(`tests/e2e/test_speed_options.py`) finds exactly these two per token and no others.
+
+transformers has the mechanism: `DeferredStopCheck` copies the flag and the tokens without
+waiting and reads them one step later, at the price of one extra step that it then undoes. It
+enables it on Apple's MPS only. `ahead_of_the_device()` puts our own check of the same contract
+in its place for one `generate` call, on any device; the service runs one `generate` at a time,
+on its model thread, so the swap is never seen by another call. Tokens are unchanged; a stop (an
+end-of-text token, a cancel) takes effect one step later, and streamed text lags one step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from hunyuan_service.errors import ModelLoadError
+
+
+def check_supported() -> None:
+    """Refuses DECODE_AHEAD at load when this transformers has no stop check to replace."""
+    from transformers.generation import utils as generation
+
+    if not hasattr(generation, "DeferredStopCheck"):
+        raise ModelLoadError(
+            "DECODE_AHEAD needs a transformers version whose generate defers its stop check "
+            "(5.x with transformers.generation.utils.DeferredStopCheck); unset DECODE_AHEAD"
+        )
+
+
+@contextlib.contextmanager
+def ahead_of_the_device(enabled: bool) -> Iterator[None]:
+    """Within this block, `generate` reads each step's stop flag and tokens one step late."""
+    if not enabled:
+        yield
+        return
+    from transformers.generation import utils
+
+    generation: Any = utils  # `_sample` looks the class up in this module at each call
+    replaced = generation.DeferredStopCheck
+    generation.DeferredStopCheck = StepAheadStopCheck
+    try:
+        yield
+    finally:
+        generation.DeferredStopCheck = replaced
+
+
+class StepAheadStopCheck:
+    """Copies each step's stop flag and tokens to the host without waiting; reads them a step
+    later. The contract of transformers' `DeferredStopCheck`: `is_supported`, a call per step
+    that says whether to stop, and `finish`, which says how many steps to undo.
+
+    Two slots alternate: step k copies into one while the copy of step k-1, in the other, is
+    waited for (by then it is done or nearly) and read. On CUDA the slots are pinned, so the
+    copies are asynchronous, and an event marks each one; on the CPU copies are synchronous.
+    """
+
+    @staticmethod
+    def is_supported(
+        device: Any, cache: Any, cache_is_returned: bool, is_assistant: bool = False
+    ) -> bool:
+        # Undoing a step must not leave its key/value entries in a cache the caller keeps.
+        return not cache_is_returned and not is_assistant
+
+    def __init__(
+        self,
+        input_ids: Any,
+        max_length: int | None,
+        cache: Any,
+        cache_is_returned: bool,
+        streamer: Any = None,
+    ) -> None:
+        import torch
+
+        self.max_length, self.streamer = max_length, streamer
+        cuda = input_ids.device.type == "cuda"
+        rows = input_ids.shape[0]
+        self.slots = [
+            (
+                torch.zeros((), dtype=torch.bool, pin_memory=cuda),
+                torch.zeros(rows, dtype=torch.long, pin_memory=cuda),
+                torch.cuda.Event() if cuda else None,
+            )
+            for _ in range(2)
+        ]
+        self.steps = 0
+        self.stop_seen = False  # a step's flag said every row had finished
+
+    def __call__(self, unfinished_sequences: Any, tokens: Any, length: int) -> bool:
+        flag, held, copied = self.slots[self.steps % 2]
+        flag.copy_(unfinished_sequences.max() == 0, non_blocking=True)
+        held.copy_(tokens, non_blocking=True)
+        if copied is not None:
+            copied.record()
+        self.steps += 1
+        if self.steps > 1:
+            flag, held, copied = self.slots[self.steps % 2]  # the step before this one
+            if copied is not None:
+                copied.synchronize()
+            if self.streamer is not None:
+                self.streamer.put(held.clone())
+            self.stop_seen = bool(flag)
+        return self.stop_seen or (self.max_length is not None and length >= self.max_length)
+
+    def finish(self) -> int:
+        """1 when the last step ran after every row had stopped: generate drops its tokens."""
+        if self.stop_seen:
+            return 1
+        if self.steps > 0 and self.streamer is not None:  # the last step's tokens, not yet sent
+            _, held, copied = self.slots[(self.steps - 1) % 2]
+            if copied is not None:
+                copied.synchronize()
+            self.streamer.put(held.clone())
+        return 0
