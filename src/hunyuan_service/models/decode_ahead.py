@@ -4,7 +4,8 @@ After every step, transformers' `generate` reads `unfinished_sequences.max() == 
 and the streamer reads the new tokens. Both wait for the device to finish the step, so the
 Python between two steps (input preparation, stopping criteria, sampling, launching the next
 graph) never overlaps the device's work. With the compiled Qwen decode step as a CUDA graph,
-that Python is most of what separates a step from the memory-bandwidth limit (issue 9;
+that Python is one part of what separates a 10 ms step of the 7B model on an H100 from the
+~5 ms memory-bandwidth limit; how large a part only a GPU run can tell (issue 9;
 docs/performance.md). On the CPU, with the tiny model, counting the tensor reads of a decode
 (`tests/e2e/test_speed_options.py`) finds exactly these two per token and no others.
 
