@@ -5,7 +5,10 @@ from __future__ import annotations
 import base64
 import io
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -206,3 +209,27 @@ def test_openapi_documents_the_infer_bodies_without_dangling_refs(flux_client: T
     assert "202" in jobs["responses"]
     assert "#/$defs/" not in flux_client.get("/openapi.json").text
     assert flux_client.get("/docs").status_code == 200
+
+
+def test_weights_are_loaded_onto_the_device_by_from_pretrained(flux: Any, tiny_cache: Path) -> None:
+    """`from_pretrained` is told the device, so real checkpoints skip a copy in CPU memory; the
+    image is the one of a pipeline loaded the plain way."""
+    import torch
+    from diffusers import FluxPipeline
+
+    from hunyuan_service.models.base import JobContext
+    from hunyuan_service.models.tiny import ensure_tiny_checkpoint
+    from hunyuan_service.models.types import Text2ImageInput
+
+    assert flux.pipe.hf_device_map == flux.device
+    plain = FluxPipeline.from_pretrained(ensure_tiny_checkpoint("text2image", tiny_cache))
+    assert plain.hf_device_map is None
+    request = Text2ImageInput("a lighthouse", 64, 64, num_inference_steps=3, seed=5)
+    served = np.asarray(flux.infer(request, JobContext()).image)
+    generator = torch.Generator("cpu").manual_seed(5)
+    direct = plain(
+        "a lighthouse", height=64, width=64, num_inference_steps=3, generator=generator,
+        guidance_scale=flux.defaults.guidance_scale,
+        max_sequence_length=flux.defaults.max_sequence_length,
+    ).images[0]  # fmt: skip
+    assert np.array_equal(served, np.asarray(direct))
