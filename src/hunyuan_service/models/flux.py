@@ -53,8 +53,11 @@ class FluxModel(TorchModel[Text2ImageInput, Text2ImageOutput]):
         dtype = self.place()
         source = resolve_checkpoint(self.settings)
         # Weights are read straight onto the device, not into CPU memory first (34 GB for
-        # FLUX.1-dev in bf16); offloading wants them in CPU memory, so there they stay.
-        device_map = self.device if self.settings.offload == "none" else None
+        # FLUX.1-dev in bf16). Offloading wants them in CPU memory, so there they stay, and
+        # quantization moves the transformer over layer by layer as it quantizes it.
+        settings = self.settings
+        straight = settings.offload == "none" and settings.quantize == "none"
+        device_map = self.device if straight else None
         with reporting_download(source, self.report):
             pipe = FluxPipeline.from_pretrained(source, dtype=dtype, device_map=device_map)
         self.adopt(pipe)
