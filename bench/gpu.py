@@ -35,7 +35,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/gpu_profile.py, run as a script
 
+from gpu_profile import profile, save
 from hunyuan_service.models.tiny import FluxShape, QwenVLShape
 
 # Published config.json values of the checkpoints (checked 2026-11-27).
@@ -130,6 +132,7 @@ class Plan:
     repeats: int = 2
     new_tokens: int = 128
     skip: list[str] = field(default_factory=list)
+    profile: bool = False  # also one profiled call per service variant (bench/gpu_profile.py)
     started: float = field(default_factory=time.monotonic)
 
     def left(self) -> float:
@@ -392,6 +395,12 @@ def flux_section(name: str, shape: FluxShape, plan: Plan, report: Report) -> Non
                 setup_s=setup_s,
                 note="setup = options + warm-up (compile)",
             )
+            if plan.profile:
+                two_steps = replace(request, num_inference_steps=2)
+                found = profile(lambda: model.infer(two_steps, JobContext()), plan.device)  # noqa: B023
+                add_profile(
+                    report, name, label, found.line(2, "step"), save(found, report.out, name, label)
+                )
             last = options
             if seconds < best[0] and options.get("offload") is None:
                 best = (seconds, options)
@@ -686,11 +695,24 @@ def qwen_section(name: str, shape: QwenVLShape, plan: Plan, report: Report) -> N
                 note=f"TTFT with one {side}x{side} image "
                 f"(at most {served._max_pixels} pixels after resizing)",
             )
+            if plan.profile:
+                found = profile(lambda: run(text_message, n), plan.device)
+                add_profile(
+                    report,
+                    name,
+                    label,
+                    found.line(n, "token"),
+                    save(found, report.out, name, label),
+                )
         except Exception as error:
             traceback.print_exc()
             report.add(section=name, variant=label, note=f"failed: {_first_line(error)}")
     served = model = None
     free(plan.device)
+
+
+def add_profile(report: Report, section: str, label: str, line: str, details: Path) -> None:
+    report.add(section=section, variant=f"{label} [profiled once]", note=f"{line}; {details.name}")
 
 
 def _agreement(served: Any, message: Any, baseline_tokens: list[int]) -> str:
@@ -758,9 +780,13 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="skip variants whose label has any of these")
     parser.add_argument("--budget-s", type=float, default=None, help="stop starting new work after")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--profile", action="store_true", help="profile one call of each service variant"
+    )
     args = parser.parse_args()
     skip = [word for word in args.skip.split(",") if word]
     plan = Plan(
+        profile=args.profile,
         skip=skip,
         device=args.device,
         tiny=args.tiny,

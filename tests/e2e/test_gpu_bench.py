@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_gpu_bench_runs_on_cpu_with_the_tiny_models(tmp_path: Path) -> None:
     command = [sys.executable, str(ROOT / "bench" / "gpu.py"), "--device", "cpu", "--tiny",
-               "--quick", "--budget-s", "100000", "--out", str(tmp_path)]  # fmt: skip
+               "--quick", "--profile", "--budget-s", "100000", "--out", str(tmp_path)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "gpu.json").read_text())
@@ -24,7 +24,8 @@ def test_gpu_bench_runs_on_cpu_with_the_tiny_models(tmp_path: Path) -> None:
     assert not [row for row in result["rows"] if "failed" in str(row.get("note"))]
     assert result["meta"]["tiny"] is True
     assert "torch" in result["meta"]
-    assert (tmp_path / "gpu.md").read_text().count("| FLUX.1-dev |") == 5
+    # baseline, 2 service variants and their profiles, 2 HTTP rows
+    assert (tmp_path / "gpu.md").read_text().count("| FLUX.1-dev |") == 7
 
     flux = {variant: row for (section, variant), row in rows.items() if section == "FLUX.1-dev"}
     assert flux["diffusers FluxPipeline, eager (baseline)"]["s_per_image"] > 0
@@ -42,3 +43,15 @@ def test_gpu_bench_runs_on_cpu_with_the_tiny_models(tmp_path: Path) -> None:
     compiled = qwen["service, static cache + compiled decode (CUDA graph)"]
     assert compiled["tok_per_s"] > 0
     assert compiled["ttft_s"] > 0
+    assert qwen["service, compiled decode + decode ahead"]["tok_per_s"] > 0
+
+    # --profile: one profiled call per service variant, summarised in a row and a file
+    services = [(s, v) for (s, v) in rows if v.startswith("service, ") and "[" not in v]
+    services = [(s, v) for (s, v) in services if "constraint" not in v]
+    assert len(services) == 5
+    for section, variant in services:
+        note = rows[(section, f"{variant} [profiled once]")]["note"]
+        unit = "step" if section.startswith("FLUX") else "token"
+        assert note.startswith(f"per {unit}: wall "), note
+        table = (tmp_path / note.rsplit("; ", 1)[1]).read_text()
+        assert table.count("\n| ") >= 5  # the header and the heaviest operators
