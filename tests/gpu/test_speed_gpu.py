@@ -101,8 +101,9 @@ def test_compiled_qwen_decode_runs_as_a_cuda_graph_and_stops_within_a_token(
     assert len(seen) <= 3
 
 
-def synchronisations_per_token(model: Any) -> float:
-    """Host waits on the device per generated token, as CUDA's sync debug mode reports them."""
+def synchronisations_per_token(model: Any, rows: int = 1) -> float:
+    """Host waits on the device per generated token, as CUDA's sync debug mode reports them;
+    with `rows` > 1, for a batch of that many requests."""
     import warnings
 
     from hunyuan_service.models.base import JobContext
@@ -110,15 +111,22 @@ def synchronisations_per_token(model: Any) -> float:
 
     counts = {}
     for tokens in (8, 40):
-        request = Image2TextInput((ChatMessage("user", "Describe"),), max_new_tokens=tokens)
+        requests = [
+            Image2TextInput((ChatMessage("user", f"Describe {i}"),), max_new_tokens=tokens)
+            for i in range(rows)
+        ]
+        contexts = [JobContext(on_token=lambda text: None) for _ in requests]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                output = model.infer(request, JobContext(on_token=lambda text: None))
+                if rows == 1:
+                    outputs = [model.infer(requests[0], contexts[0])]
+                else:
+                    outputs = model.infer_batch(requests, contexts)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        assert output.completion_tokens == tokens
+        assert [output.completion_tokens for output in outputs] == [tokens] * rows
         counts[tokens] = sum("synchroniz" in str(w.message) for w in caught)
     return (counts[40] - counts[8]) / 32
 
@@ -146,3 +154,4 @@ def test_decoding_ahead_keeps_the_tokens_and_never_waits_on_the_device_per_token
     assert texts[0] == texts[1]
     assert synchronisations_per_token(models[False]) >= 1  # the probe sees the stop check's
     assert synchronisations_per_token(models[True]) == 0
+    assert synchronisations_per_token(models[True], rows=2) == 0  # a batch's row stops too

@@ -318,8 +318,9 @@ class _RowStops:
         for i, (ctx, limit) in enumerate(zip(self.contexts, self.limits, strict=True)):
             if self.lengths[i] is None and (produced >= limit or ctx.should_stop()):
                 self.lengths[i] = min(produced, limit)
-        done = [length is not None for length in self.lengths]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+        done = torch.tensor([length is not None for length in self.lengths], dtype=torch.bool)
+        # Not `torch.tensor(..., device=cuda)`: that copy waits for the device every step.
+        return done.to(input_ids.device, non_blocking=True)
 
 
 class _BatchStreamer:
