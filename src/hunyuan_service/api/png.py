@@ -3,10 +3,10 @@
 Pillow's PNG encoder chooses a filter for each row adaptively (mostly Paeth, the costliest):
 102-136 ms for a 1024x1024 image at zlib level 1 on the development machine, more than the 2%
 of a GPU request that the whole service may add. With one cheap filter for every row, the same
-zlib level takes under half that time on one core. This one applies the "Sub"
-filter (each byte minus the same channel of the pixel to its left) to all rows with numpy,
-and deflates horizontal bands of rows on separate threads, since numpy and zlib release the GIL
-on large buffers. Each band's deflate stream ends on a byte boundary (a sync flush), so the bands
+zlib level takes under half that time on one core. This encoder applies the "Sub" filter (each
+byte minus the same channel of the pixel to its left) to all rows with numpy, and deflates
+horizontal bands of rows on separate threads, since numpy and zlib release the GIL on large
+buffers. Each band's deflate stream ends on a byte boundary (a sync flush), so the bands
 concatenate into one valid zlib stream; their Adler-32 checksums combine arithmetically. The
 file is standard PNG (RFC 2083); any decoder reads it. `bench/encoding.py` measures it.
 """
@@ -81,7 +81,7 @@ def adler32_combine(first: int, second: int, second_length: int) -> int:
     return (high << 16) | low
 
 
-def run_in_threads(function: Callable[[int], T], items: Sequence[int] | range) -> list[T]:
+def run_in_threads(function: Callable[[int], T], items: Sequence[int]) -> list[T]:
     """`[function(item) for item in items]`, the first on this thread and each other on its own.
 
     Short-lived threads rather than a pool: callers already run on the engine's CPU pool, so

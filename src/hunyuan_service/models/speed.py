@@ -67,7 +67,8 @@ def quantize(module: Any, kind: str, device: str | None = None) -> None:
 
 
 def speed_up_flux(pipe: Any, settings: Settings, device: str) -> dict[str, Any]:
-    """Applies the text2image options to a loaded pipeline still on the CPU, and places it.
+    """Applies the text2image options to a loaded pipeline (in CPU memory, or already on its
+    device when loaded straight there) and places it.
 
     Returns what /health reports. Order matters: attention and fusion change the modules that
     quantization then replaces, quantization moves the transformer to the device layer by
