@@ -7,10 +7,9 @@ from typing import Any
 import httpx
 
 from tests.fakes import BatchingModel
-from tests.integration.test_reliability_http import (
+from tests.integration.live import (
     counter,
     post_in_background,
-    serve,  # noqa: F401  (fixture)
     wait_until,
 )
 from tests.metrics import value
@@ -43,7 +42,7 @@ def batch_size_sum_and_count(url: str) -> tuple[float, int]:
     return value(text, "hunyuan_batch_size_sum"), int(value(text, "hunyuan_batch_size_count"))
 
 
-def test_queued_requests_of_one_size_are_served_in_one_batch(serve: Any) -> None:  # noqa: F811
+def test_queued_requests_of_one_size_are_served_in_one_batch(serve: Any) -> None:
     model = BatchingImageModel()
     model.release.clear()
     url = serve(model, max_batch_size=4, max_queue_size=8)
@@ -64,7 +63,7 @@ def test_queued_requests_of_one_size_are_served_in_one_batch(serve: Any) -> None
     assert batch_size_sum_and_count(url) == (4.0, 2)
 
 
-def test_each_streamed_row_gets_only_its_own_events(serve: Any) -> None:  # noqa: F811
+def test_each_streamed_row_gets_only_its_own_events(serve: Any) -> None:
     model = BatchingImageModel(steps=3)
     model.release.clear()
     url = serve(model, max_batch_size=4)

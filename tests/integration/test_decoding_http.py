@@ -16,7 +16,7 @@ from hunyuan_service.api.app import create_app
 from tests.conftest import LiveServer
 from tests.e2e.test_image2text import RecordingServer
 from tests.fakes import FakeImageModel, fake_settings
-from tests.integration.test_reliability_http import wait_until
+from tests.integration.live import wait_until
 from tests.metrics import value
 
 

@@ -11,10 +11,9 @@ import httpx
 from PIL import Image
 
 from tests.fakes import FakeImageModel
-from tests.integration.test_reliability_http import (
+from tests.integration.live import (
     SMALL,
     counter,
-    serve,  # noqa: F401  (fixture)
     wait_until,
 )
 from tests.metrics import value
@@ -51,7 +50,7 @@ def final_count(url: str, status_value: str) -> int:
     return int(value(text, "hunyuan_jobs_final_total", status=status_value, api="jobs"))
 
 
-def test_result_is_fetched_after_the_submitting_connection_closed(serve: Any) -> None:  # noqa: F811
+def test_result_is_fetched_after_the_submitting_connection_closed(serve: Any) -> None:
     model = FakeImageModel(steps=3, step_s=0.001)
     model.gate.clear()
     url = serve(model)
@@ -76,7 +75,7 @@ def test_result_is_fetched_after_the_submitting_connection_closed(serve: Any) ->
     assert final_count(url, "succeeded") == 1
 
 
-def test_queued_job_reports_its_position_and_running_job_its_progress(serve: Any) -> None:  # noqa: F811
+def test_queued_job_reports_its_position_and_running_job_its_progress(serve: Any) -> None:
     model = FakeImageModel(steps=1000, step_s=0.01)
     model.gate.clear()
     url = serve(model)
@@ -94,7 +93,7 @@ def test_queued_job_reports_its_position_and_running_job_its_progress(serve: Any
         httpx.delete(f"{url}/v1/jobs/{job_id}")
 
 
-def test_events_replay_for_a_late_subscriber_and_resume_after_last_event_id(serve: Any) -> None:  # noqa: F811
+def test_events_replay_for_a_late_subscriber_and_resume_after_last_event_id(serve: Any) -> None:
     url = serve(FakeImageModel(steps=4, step_s=0.001))
     job_id = submit(url, {"prompt": "x", **SMALL}).json()["id"]
     wait_for_status(url, job_id, "succeeded")
@@ -114,7 +113,7 @@ def test_events_replay_for_a_late_subscriber_and_resume_after_last_event_id(serv
     assert parse_sse(events_text(url, job_id, headers={"Last-Event-ID": "99"})) == []
 
 
-def test_dropping_the_event_stream_does_not_cancel_the_job(serve: Any) -> None:  # noqa: F811
+def test_dropping_the_event_stream_does_not_cancel_the_job(serve: Any) -> None:
     model = FakeImageModel(steps=30, step_s=0.01)
     url = serve(model)
     job_id = submit(url, {"prompt": "keep going", **SMALL}).json()["id"]
@@ -130,7 +129,7 @@ def test_dropping_the_event_stream_does_not_cancel_the_job(serve: Any) -> None: 
     assert reopened[-1][0] == "result"
 
 
-def test_delete_withdraws_a_queued_job_and_stops_a_running_one(serve: Any) -> None:  # noqa: F811
+def test_delete_withdraws_a_queued_job_and_stops_a_running_one(serve: Any) -> None:
     model = FakeImageModel(steps=1000, step_s=0.01)
     url = serve(model)
     running = submit(url, {"prompt": "running", **SMALL}).json()["id"]
@@ -151,7 +150,7 @@ def test_delete_withdraws_a_queued_job_and_stops_a_running_one(serve: Any) -> No
     assert final_count(url, "cancelled") == 2
 
 
-def test_expired_and_unknown_ids_get_404s_that_say_which(serve: Any) -> None:  # noqa: F811
+def test_expired_and_unknown_ids_get_404s_that_say_which(serve: Any) -> None:
     url = serve(FakeImageModel(steps=1, step_s=0.001), job_result_ttl_s=0.3)
     unknown = status(url, "job_" + "A" * 24)
     assert unknown.status_code == 404
@@ -164,7 +163,7 @@ def test_expired_and_unknown_ids_get_404s_that_say_which(serve: Any) -> None:  #
     assert httpx.get(f"{url}/v1/jobs/{job_id}/events").status_code == 404
 
 
-def test_store_cap_evicts_the_oldest_finished_job(serve: Any) -> None:  # noqa: F811
+def test_store_cap_evicts_the_oldest_finished_job(serve: Any) -> None:
     url = serve(FakeImageModel(steps=1, step_s=0.001), max_stored_jobs=2)
     ids = []
     for i in range(3):
@@ -179,7 +178,7 @@ def test_store_cap_evicts_the_oldest_finished_job(serve: Any) -> None:  # noqa: 
     assert value(metrics, "hunyuan_stored_jobs_removed_total", reason="evicted") == 1
 
 
-def test_full_queue_and_bad_bodies_are_refused_like_infer(serve: Any) -> None:  # noqa: F811
+def test_full_queue_and_bad_bodies_are_refused_like_infer(serve: Any) -> None:
     model = FakeImageModel()
     model.gate.clear()
     url = serve(model, max_queue_size=1)
@@ -199,7 +198,7 @@ def test_full_queue_and_bad_bodies_are_refused_like_infer(serve: Any) -> None:  
     model.gate.set()
 
 
-def test_jobs_endpoints_need_the_api_key(serve: Any) -> None:  # noqa: F811
+def test_jobs_endpoints_need_the_api_key(serve: Any) -> None:
     url = serve(FakeImageModel(), api_key="s3cret")
     assert submit(url, {"prompt": "x", **SMALL}).status_code == 401
     assert status(url, "job_whatever").status_code == 401
@@ -209,14 +208,14 @@ def test_jobs_endpoints_need_the_api_key(serve: Any) -> None:  # noqa: F811
     wait_until(lambda: status(url, job_id, headers=auth).json()["status"] == "succeeded")
 
 
-def test_infer_refuses_the_jobs_only_webhook_field(serve: Any) -> None:  # noqa: F811
+def test_infer_refuses_the_jobs_only_webhook_field(serve: Any) -> None:
     url = serve(FakeImageModel())
     response = httpx.post(f"{url}/infer", json={"prompt": "x", "webhook": "http://a/", **SMALL})
     assert response.status_code == 422
     assert "webhook" in response.json()["error"]["message"]
 
 
-def test_image2text_job_returns_the_infer_text_body(serve: Any) -> None:  # noqa: F811
+def test_image2text_job_returns_the_infer_text_body(serve: Any) -> None:
     url = serve(FakeImageModel(steps=2, step_s=0.001), model_type="image2text")
     job_id = submit(url, {"prompt": "what is this?"}).json()["id"]
     done = wait_for_status(url, job_id, "succeeded")
@@ -225,7 +224,7 @@ def test_image2text_job_returns_the_infer_text_body(serve: Any) -> None:  # noqa
     assert status(url, job_id, headers={"Accept": "image/png"}).status_code == 406
 
 
-def test_many_subscribers_each_get_the_whole_stream_of_one_run(serve: Any) -> None:  # noqa: F811
+def test_many_subscribers_each_get_the_whole_stream_of_one_run(serve: Any) -> None:
     """Five event streams on one job: each sees every event, and the model runs the job once."""
     model = FakeImageModel(steps=2, step_s=0.001)
     url = serve(model)

@@ -7,17 +7,16 @@ from typing import Any
 import httpx
 
 from tests.fakes import FakeImageModel
-from tests.integration.test_reliability_http import (
+from tests.integration.live import (
     SMALL,
     counter,
     post_in_background,
-    serve,  # noqa: F401  (fixture)
     wait_until,
 )
 from tests.metrics import samples, value
 
 
-def test_counts_after_a_burst_agree_with_the_clients(serve: Any) -> None:  # noqa: F811
+def test_counts_after_a_burst_agree_with_the_clients(serve: Any) -> None:
     model = FakeImageModel(steps=2, step_s=0.001)
     model.gate.clear()  # the first job holds the worker until the burst is settled
     url = serve(model, max_queue_size=3)

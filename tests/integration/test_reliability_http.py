@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -13,51 +11,7 @@ import pytest
 from hunyuan_service.api.app import create_app
 from tests.conftest import LiveServer
 from tests.fakes import FakeImageModel, fake_settings
-from tests.metrics import value
-
-SMALL = {"width": 64, "height": 64}
-
-
-def counter(url: str, outcome: str) -> int:
-    return int(value(httpx.get(f"{url}/metrics").text, "hunyuan_jobs_total", outcome=outcome))
-
-
-def wait_until(condition: Any, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
-
-
-def queue_depth(url: str) -> int:
-    return httpx.get(f"{url}/health").json()["queue_depth"]
-
-
-@pytest.fixture
-def serve() -> Iterator[Any]:
-    servers: list[LiveServer] = []
-
-    def start(model: FakeImageModel, **settings: Any) -> str:
-        app = create_app(fake_settings(**settings), model=model)
-        server = LiveServer(app).__enter__()
-        servers.append(server)
-        return server.url
-
-    yield start
-    for server in servers:
-        server.__exit__()
-
-
-def post_in_background(url: str, body: dict, results: dict, key: Any, timeout: float = 30):
-    def run() -> None:
-        try:
-            results[key] = httpx.post(f"{url}/infer", json=body, timeout=timeout)
-        except httpx.TimeoutException:
-            results[key] = "client-timeout"
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread
+from tests.integration.live import SMALL, counter, post_in_background, queue_depth, wait_until
 
 
 def test_waiting_requests_are_served_in_arrival_order(serve: Any) -> None:
@@ -169,7 +123,7 @@ def test_model_error_and_out_of_memory_fail_only_their_own_request(serve: Any) -
     assert counter(url, "out_of_memory") == 1
 
 
-def test_dead_worker_turns_health_503_and_refuses_requests(serve: Any) -> None:
+def test_dead_worker_turns_health_503_and_refuses_requests() -> None:
     model = FakeImageModel()
     app = create_app(fake_settings(), model=model)
     with LiveServer(app) as server:

@@ -8,18 +8,17 @@ from typing import Any
 import httpx
 
 from tests.fakes import FakeImageModel
-from tests.integration.test_reliability_http import (
+from tests.integration.live import (
     SMALL,
     counter,
     post_in_background,
     queue_depth,
-    serve,  # noqa: F401  (fixture)
     wait_until,
 )
 from tests.sse import parse_sse
 
 
-def test_queued_stream_gets_keepalives_and_position_updates(serve: Any) -> None:  # noqa: F811
+def test_queued_stream_gets_keepalives_and_position_updates(serve: Any) -> None:
     model = FakeImageModel(steps=3, step_s=0.001)
     model.gate.clear()
     url = serve(model, stream_keepalive_s=0.1)
@@ -56,7 +55,7 @@ def test_queued_stream_gets_keepalives_and_position_updates(serve: Any) -> None:
     assert kinds[-1] == "result"
 
 
-def test_dropping_a_stream_cancels_its_running_job(serve: Any) -> None:  # noqa: F811
+def test_dropping_a_stream_cancels_its_running_job(serve: Any) -> None:
     model = FakeImageModel(steps=1000, step_s=0.01)
     url = serve(model)
     body = {"prompt": "watched", "stream": True, **SMALL}

@@ -13,9 +13,8 @@ import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from tests.fakes import FakeImageModel
-from tests.integration.test_reliability_http import (
+from tests.integration.live import (
     SMALL,
-    serve,  # noqa: F401  (fixture)
     wait_until,
 )
 from tests.metrics import value
@@ -74,7 +73,7 @@ WEBHOOK_SETTINGS = {
 
 
 def test_webhook_is_called_once_with_a_valid_signature(
-    serve: Any,  # noqa: F811
+    serve: Any,
     listener: Listener,
 ) -> None:
     url = serve(FakeImageModel(steps=2, step_s=0.001), **WEBHOOK_SETTINGS)
@@ -95,7 +94,7 @@ def test_webhook_is_called_once_with_a_valid_signature(
 
 
 def test_a_failing_webhook_is_retried_and_never_touches_the_job(
-    serve: Any,  # noqa: F811
+    serve: Any,
     listener: Listener,
 ) -> None:
     listener.statuses[:] = [500, 503]
@@ -111,7 +110,7 @@ def test_a_failing_webhook_is_retried_and_never_touches_the_job(
 
 
 def test_a_host_off_the_allowlist_is_refused_and_never_contacted(
-    serve: Any,  # noqa: F811
+    serve: Any,
     listener: Listener,
 ) -> None:
     url = serve(FakeImageModel(), **WEBHOOK_SETTINGS)
@@ -124,7 +123,7 @@ def test_a_host_off_the_allowlist_is_refused_and_never_contacted(
 
 
 def test_an_allowed_host_on_a_private_address_is_never_contacted(
-    serve: Any,  # noqa: F811
+    serve: Any,
     listener: Listener,
 ) -> None:
     settings = {**WEBHOOK_SETTINGS, "allow_private_webhook_addresses": False}
