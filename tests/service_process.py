@@ -15,6 +15,11 @@ import httpx
 from tests.conftest import free_port
 
 
+def tiny_env(cache: Path, **extra: str) -> dict[str, str]:
+    """The environment of a service on the tiny demo model, on the CPU, with `extra` on top."""
+    return {"MODEL_ID": "tiny", "DEVICE": "cpu", "CACHE_DIR": str(cache), **extra}
+
+
 class ServiceProcess:
     """The installed console script, run with the given environment, torn down on exit."""
 

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from tests.images import data_uri, png_bytes
-from tests.service_process import ServiceProcess
+from tests.service_process import ServiceProcess, tiny_env
 
 pytestmark = pytest.mark.slow
 KEY = "test-key-123"
@@ -27,27 +27,13 @@ def sdk(service: ServiceProcess, key: str = KEY) -> openai.OpenAI:
 
 @pytest.fixture(scope="module")
 def flux_service(tiny_cache: Path) -> Iterator[ServiceProcess]:
-    env = {
-        "MODEL_ID": "tiny",
-        "DEVICE": "cpu",
-        "CACHE_DIR": str(tiny_cache),
-        "API_KEY": KEY,
-        "MAX_QUEUE_SIZE": "1",
-    }
-    with ServiceProcess(env) as service:
+    with ServiceProcess(tiny_env(tiny_cache, API_KEY=KEY, MAX_QUEUE_SIZE="1")) as service:
         yield service
 
 
 @pytest.fixture(scope="module")
 def qwen_service(tiny_cache: Path) -> Iterator[ServiceProcess]:
-    env = {
-        "MODEL_TYPE": "image2text",
-        "MODEL_ID": "tiny",
-        "DEVICE": "cpu",
-        "CACHE_DIR": str(tiny_cache),
-        "API_KEY": KEY,
-    }
-    with ServiceProcess(env) as service:
+    with ServiceProcess(tiny_env(tiny_cache, MODEL_TYPE="image2text", API_KEY=KEY)) as service:
         yield service
 
 

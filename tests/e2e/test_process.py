@@ -19,13 +19,9 @@ import pytest
 from PIL import Image
 
 from tests.conftest import free_port
-from tests.service_process import ServiceProcess
+from tests.service_process import ServiceProcess, tiny_env
 
 pytestmark = pytest.mark.slow
-
-
-def tiny_env(cache: Path, **extra: str) -> dict[str, str]:
-    return {"MODEL_ID": "tiny", "DEVICE": "cpu", "CACHE_DIR": str(cache), **extra}
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from tests.images import encoded, png_bytes
-from tests.service_process import ServiceProcess
+from tests.service_process import ServiceProcess, tiny_env
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 BLOCK = re.compile(r"```(bash|python)\n(.*?)```", re.S)
@@ -66,7 +66,7 @@ def test_readme_examples_run_as_written(
     (tmp_path / "cat.png").write_bytes(png_bytes((96, 64)))
     (tmp_path / "cat.jpg").write_bytes(encoded(Image.new("RGB", (64, 64), (90, 60, 30)), "JPEG"))
     (tmp_path / "dog.png").write_bytes(png_bytes((48, 80)))
-    settings = {"MODEL_ID": "tiny", "DEVICE": "cpu", "CACHE_DIR": str(tiny_cache), **dict(env)}
+    settings = tiny_env(tiny_cache, **dict(env))
     if "LORA_DIR" in settings:  # the adapter the example names, made for the tiny FLUX
         settings["LORA_DIR"] = str(make_lora(tiny_cache, tmp_path / settings["LORA_DIR"]))
     with ServiceProcess(settings) as service:

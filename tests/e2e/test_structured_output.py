@@ -15,7 +15,7 @@ import pytest
 from pydantic import BaseModel, Field
 
 from tests.images import png_bytes
-from tests.service_process import ServiceProcess
+from tests.service_process import ServiceProcess, tiny_env
 
 pytestmark = pytest.mark.slow
 
@@ -77,14 +77,7 @@ SAMPLING = [{}, {"temperature": 1.0, "seed": 7}, {"temperature": 2.0, "top_p": 0
 
 @pytest.fixture(scope="module")
 def service(tiny_cache: Path) -> Iterator[ServiceProcess]:
-    env = {
-        "MODEL_TYPE": "image2text",
-        "MODEL_ID": "tiny",
-        "DEVICE": "cpu",
-        "CACHE_DIR": str(tiny_cache),
-        "MAX_BATCH_SIZE": "4",
-        "BATCH_WAIT_MS": "50",
-    }
+    env = tiny_env(tiny_cache, MODEL_TYPE="image2text", MAX_BATCH_SIZE="4", BATCH_WAIT_MS="50")
     with ServiceProcess(env) as process:
         yield process
 
