@@ -168,15 +168,14 @@ class Settings(BaseSettings):
     def _lora_dir_has_names(cls, value: Path | None) -> Path | None:
         if value is None:
             return None
-        if not value.is_dir():
-            raise ValueError(f"folder {str(value)!r} does not exist")
+        value = _existing_folder(value)
         for path in value.glob("*.safetensors"):
             if not LORA_NAME.fullmatch(path.stem):
                 raise ValueError(
                     f"file {path.name!r}: a LoRA's name is its file stem, and may only have "
                     "letters, digits, '-' and '_' (at most 64)"
                 )
-        return value.resolve()
+        return value
 
     @field_validator("api_key", "webhook_secret", mode="before")
     @classmethod
@@ -186,11 +185,7 @@ class Settings(BaseSettings):
     @field_validator("allowed_local_media_dir")
     @classmethod
     def _local_dir_exists(cls, value: Path | None) -> Path | None:
-        if value is None:
-            return None
-        if not value.is_dir():
-            raise ValueError(f"folder {str(value)!r} does not exist")
-        return value.resolve()
+        return None if value is None else _existing_folder(value)
 
     @model_validator(mode="after")
     def _resolve_model_id(self) -> Settings:
@@ -221,6 +216,12 @@ class Settings(BaseSettings):
     @property
     def warmup_sizes(self) -> list[tuple[int, int]]:
         return [(int(w), int(h)) for w, _, h in (item.partition("x") for item in self.warmup)]
+
+
+def _existing_folder(value: Path) -> Path:
+    if not value.is_dir():
+        raise ValueError(f"folder {str(value)!r} does not exist")
+    return value.resolve()
 
 
 def webhook_key(secret: str) -> bytes:
