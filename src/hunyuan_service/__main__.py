@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import os
@@ -24,19 +25,55 @@ EXIT_START_FAILED = 3
 EXIT_CANNOT_LISTEN = 4
 DUPLICATE_SIGNAL_S = 1.0  # a repeat within this is the same Ctrl+C delivered twice
 EXIT_INTERRUPTED = 130  # Ctrl+C before the server was up; afterwards a stop is a clean exit 0
+EXIT_CODES = (
+    "0 stopped after a drain; 2 bad settings or arguments; 3 the model could not load; "
+    "4 the port is taken; 130 interrupted during start-up"
+)
 
 
-USAGE = "usage: hunyuan-service [download]   (settings come from the environment; see README)"
+def parser() -> argparse.ArgumentParser:
+    """The command line: `serve` (the default) or `download`; everything else is a setting."""
+    from hunyuan_service import __version__
+    from hunyuan_service.settings import settings_help
+
+    epilog = f"{settings_help()}\n\nexit codes: {EXIT_CODES}"
+    formatter = argparse.RawDescriptionHelpFormatter
+    main_parser = argparse.ArgumentParser(
+        prog="hunyuan-service",
+        description="Serves one generative model on one GPU over HTTP (FLUX text2image or "
+        "Qwen2.5-VL image2text). Settings come from the environment, not from flags.",
+        epilog=epilog,
+        formatter_class=formatter,
+    )
+    main_parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = main_parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser(
+        "serve",
+        help="load the model and serve HTTP until SIGTERM (the default)",
+        description="Loads MODEL_ID and serves it over HTTP; SIGTERM drains, then exits 0.",
+        epilog=epilog,
+        formatter_class=formatter,
+    )
+    commands.add_parser(
+        "download",
+        help="fetch MODEL_ID (and the adapters of LORAS) into the Hugging Face cache, then exit",
+        description="Fetches MODEL_ID, and the hub adapters of LORAS, into the Hugging Face "
+        "cache (HF_HOME), prints where, and exits; the service can then start offline "
+        "(HF_HUB_OFFLINE=1).",
+        epilog=epilog,
+        formatter_class=formatter,
+    )
+    return main_parser
 
 
 def main() -> int:
     """Starts the service; exits with one line and a documented code when it cannot."""
-    arguments = sys.argv[1:]
-    if arguments not in ([], ["download"]):
-        sys.stderr.write(f"hunyuan-service: unknown arguments {' '.join(arguments)!r}\n{USAGE}\n")
-        return EXIT_BAD_SETTINGS
     try:
-        code = download() if arguments == ["download"] else serve()
+        command = parser().parse_args(sys.argv[1:]).command
+    except SystemExit as done:  # --help, --version, or a usage error (exit 2)
+        return done.code if isinstance(done.code, int) else EXIT_BAD_SETTINGS
+    try:
+        code = download() if command == "download" else serve()
     except KeyboardInterrupt:
         sys.stderr.write("hunyuan-service: interrupted during start-up\n")
         code = EXIT_INTERRUPTED

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import re
+import textwrap
+import typing
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -30,88 +32,200 @@ class Settings(BaseSettings):
         env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
     )
 
-    model_type: ModelType = "text2image"
-    model_id: str = ""
-    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
+    model_type: ModelType = Field(
+        "text2image", description="the model served: text2image (FLUX) or image2text (Qwen2.5-VL)"
+    )
+    model_id: str = Field(
+        "",
+        description="a hub id, a local folder, or `tiny` (the built-in demo)",
+    )
+    device: Literal["auto", "cuda", "mps", "cpu"] = Field(
+        "auto", description="where the model runs; auto picks cuda, then mps, then cpu"
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="weights' dtype; auto: bf16 on CUDA where supported, fp16 on mps, fp32 on cpu",
+    )
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
+        "sdpa", description="image2text attention kernels (flash_attention_2 needs flash-attn)"
+    )
     # Speed options (docs/performance.md). Only lossless ones may ever be on by default.
-    compile: Literal["off", "regional", "full"] = "off"
-    quantize: Literal["none", "fp8", "int8"] = "none"
-    attention_backend: str = Field("native", pattern=r"^[a-z0-9_]+$")
-    offload: Literal["none", "model", "sequential", "group"] = "none"
-    fuse_qkv: bool = False
-    channels_last: bool = False
-    step_cache_threshold: float = Field(0.0, ge=0, le=1)
-    decode_ahead: bool = False
-    warmup: Annotated[list[str], NoDecode] = []
+    compile: Literal["off", "regional", "full"] = Field(
+        "off",
+        description="torch.compile: regional (text2image blocks) or full (text2image "
+        "transformer; image2text static cache and compiled decode step)",
+    )
+    quantize: Literal["none", "fp8", "int8"] = Field(
+        "none", description="torchao quantization: fp8 (CUDA, capability 8.9+) or int8; lossy"
+    )
+    attention_backend: str = Field(
+        "native",
+        pattern=r"^[a-z0-9_]+$",
+        description="text2image: a diffusers attention backend (native, _native_cudnn, flash, ...)",
+    )
+    offload: Literal["none", "model", "sequential", "group"] = Field(
+        "none", description="text2image: keep weights in CPU memory and move them when used"
+    )
+    fuse_qkv: bool = Field(False, description="text2image: fuse the attention projections")
+    channels_last: bool = Field(False, description="text2image: channels-last VAE")
+    step_cache_threshold: float = Field(
+        0.0, ge=0, le=1, description="text2image: first-block cache; 0 is off (lossy above 0)"
+    )
+    decode_ahead: bool = Field(
+        False,
+        description="image2text: queue each decode step before reading the last one's tokens",
+    )
+    warmup: Annotated[list[str], NoDecode] = Field(
+        [], description="sizes run before /ready, e.g. 1024x1024,768x1344"
+    )
 
     # FLUX LoRA adapters that requests may choose by name (docs/loras.md): the *.safetensors
     # files of lora_dir, named by stem, and hub ones as name=org/repo[:weight_name].
-    lora_dir: Path | None = None
-    loras: Annotated[list[str], NoDecode] = []
-    max_loras_per_request: int = Field(3, ge=1, le=16)
+    lora_dir: Path | None = Field(
+        None, description="text2image: a folder of LoRA .safetensors files, named by stem"
+    )
+    loras: Annotated[list[str], NoDecode] = Field(
+        [],
+        description="text2image: hub adapters, name=org/repo[:file.safetensors], comma-separated",
+    )
+    max_loras_per_request: int = Field(
+        3, ge=1, le=16, description="text2image: adapters one request may combine"
+    )
 
-    host: str = "0.0.0.0"
-    port: int = Field(8000, ge=0, le=65535)
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    host: str = Field("0.0.0.0", description="the address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="the port to listen on")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="how much the log says"
+    )
 
     # Admission and time limits. One job runs; at most max_queue_size wait behind it.
-    max_queue_size: int = Field(8, ge=1, le=10_000)
-    request_timeout_s: float = Field(300.0, gt=0, le=86_400)
-    shutdown_timeout_s: float = Field(30.0, ge=0, le=3_600)
-    stream_keepalive_s: float = Field(5.0, gt=0, le=300)
+    max_queue_size: int = Field(
+        8, ge=1, le=10_000, description="requests waiting behind the running one; more get a 503"
+    )
+    request_timeout_s: float = Field(
+        300.0, gt=0, le=86_400, description="seconds of queue wait plus run time before a 504"
+    )
+    shutdown_timeout_s: float = Field(
+        30.0,
+        ge=0,
+        le=3_600,
+        description="seconds after SIGTERM to finish admitted jobs; jobs still running then end "
+        "with a 503",
+    )
+    stream_keepalive_s: float = Field(
+        5.0, gt=0, le=300, description="seconds between keep-alive comments on an idle stream"
+    )
     # Slow clients: the whole body must arrive within body_timeout_s (else 408), and at most
     # limit_concurrency connections and requests are served at once (uvicorn answers 503 above).
-    body_timeout_s: float = Field(60.0, gt=0, le=3600)
-    limit_concurrency: int = Field(256, ge=8, le=100_000)
+    body_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="seconds a request body may take to arrive (else 408)"
+    )
+    limit_concurrency: int = Field(
+        256, ge=8, le=100_000, description="connections and requests served at once; 503 above"
+    )
 
     # Dynamic batching: up to max_batch_size compatible jobs from the head of the queue run
     # together; 1 keeps the one-job-at-a-time contract exactly.
-    max_batch_size: int = Field(1, ge=1, le=64)
-    batch_wait_ms: float = Field(50.0, ge=0, le=1000)
+    max_batch_size: int = Field(
+        1, ge=1, le=64, description="jobs run together in one model call; 1 runs one at a time"
+    )
+    batch_wait_ms: float = Field(
+        50.0, ge=0, le=1000, description="how long the worker may wait for batch companions"
+    )
 
     # Input limits shared by both model types.
-    max_prompt_chars: int = Field(4_000, ge=1, le=1_000_000)
-    max_body_bytes: int = Field(64 * 2**20, ge=1024)
+    max_prompt_chars: int = Field(4_000, ge=1, le=1_000_000, description="prompt length limit")
+    max_body_bytes: int = Field(
+        64 * 2**20, ge=1024, description="request body limit in bytes (413 above it)"
+    )
 
     # text2image limits.
-    min_image_side: int = Field(64, ge=16)
-    max_image_side: int = Field(2048, ge=16, le=8192)
-    max_inference_steps: int = Field(100, ge=1, le=1000)
-    max_images_per_request: int = Field(4, ge=1, le=64)
+    min_image_side: int = Field(64, ge=16, description="text2image: smallest width or height")
+    max_image_side: int = Field(
+        2048, ge=16, le=8192, description="text2image: largest width or height"
+    )
+    max_inference_steps: int = Field(
+        100, ge=1, le=1000, description="text2image: most denoising steps a request may ask for"
+    )
+    max_images_per_request: int = Field(
+        4, ge=1, le=64, description="text2image: n on /v1/images/generations"
+    )
 
     # image2text limits.
-    max_new_tokens_limit: int = Field(2048, ge=1)
+    max_new_tokens_limit: int = Field(
+        2048, ge=1, description="image2text: the largest max_new_tokens a request may ask for"
+    )
     # Tokens of the templated prompt, images included (1280 per image at the default
     # VL_MAX_PIXELS): bounds what a request's prefill may cost.
-    max_input_tokens: int = Field(16_384, ge=256, le=1_000_000)
-    max_input_images: int = Field(8, ge=1, le=256)
-    max_image_bytes: int = Field(20 * 2**20, ge=1024)
-    max_image_pixels: int = Field(40_000_000, ge=1024)
-    vl_max_pixels: int = Field(1280 * 28 * 28, ge=4 * 28 * 28)
-    allowed_media_domains: Annotated[list[str], NoDecode] = []
-    allowed_local_media_dir: Path | None = None
-    allow_private_media_addresses: bool = False
-    media_fetch_timeout_s: float = Field(10.0, gt=0, le=600)
+    max_input_tokens: int = Field(
+        16_384,
+        ge=256,
+        le=1_000_000,
+        description="image2text: tokens of the templated prompt, images included",
+    )
+    max_input_images: int = Field(8, ge=1, le=256, description="image2text: images per request")
+    max_image_bytes: int = Field(
+        20 * 2**20, ge=1024, description="image2text: bytes per image (413 above it)"
+    )
+    max_image_pixels: int = Field(
+        40_000_000, ge=1024, description="image2text: pixels per image, read from its header"
+    )
+    vl_max_pixels: int = Field(
+        1280 * 28 * 28,
+        ge=4 * 28 * 28,
+        description="image2text: images are downscaled to at most this many pixels",
+    )
+    allowed_media_domains: Annotated[list[str], NoDecode] = Field(
+        [], description="image2text: hosts whose http(s) image URLs may be fetched; empty: none"
+    )
+    allowed_local_media_dir: Path | None = Field(
+        None, description="image2text: a folder whose files requests may name by path"
+    )
+    allow_private_media_addresses: bool = Field(
+        False, description="image2text: let allowed hosts resolve to private addresses"
+    )
+    media_fetch_timeout_s: float = Field(
+        10.0, gt=0, le=600, description="image2text: seconds one URL fetch may take in all"
+    )
 
     # The async jobs API (/v1/jobs): retention of detached jobs and their results.
-    job_result_ttl_s: float = Field(3600.0, gt=0, le=30 * 86_400)
-    max_stored_jobs: int = Field(256, ge=1, le=1_000_000)
-    job_store_max_bytes: int = Field(512 * 2**20, ge=0)
+    job_result_ttl_s: float = Field(
+        3600.0, gt=0, le=30 * 86_400, description="jobs API: seconds a finished job is kept"
+    )
+    max_stored_jobs: int = Field(256, ge=1, le=1_000_000, description="jobs API: jobs kept at most")
+    job_store_max_bytes: int = Field(
+        512 * 2**20, ge=0, description="jobs API: bytes of stored results kept at most"
+    )
 
     # Webhooks called when a jobs API job ends (Standard Webhooks signatures).
-    webhook_secret: SecretStr | None = None
-    allowed_webhook_domains: Annotated[list[str], NoDecode] = []
-    allow_private_webhook_addresses: bool = False
-    webhook_timeout_s: float = Field(10.0, gt=0, le=600)
-    webhook_max_attempts: int = Field(5, ge=1, le=20)
+    webhook_secret: SecretStr | None = Field(
+        None, description="jobs API: the Standard Webhooks secret (whsec_...); unset: no webhooks"
+    )
+    allowed_webhook_domains: Annotated[list[str], NoDecode] = Field(
+        [], description="jobs API: hosts webhooks may call; empty: none"
+    )
+    allow_private_webhook_addresses: bool = Field(
+        False, description="jobs API: let webhook hosts resolve to private addresses"
+    )
+    webhook_timeout_s: float = Field(
+        10.0, gt=0, le=600, description="jobs API: seconds for one webhook POST"
+    )
+    webhook_max_attempts: int = Field(
+        5, ge=1, le=20, description="jobs API: tries per webhook, with backoff between them"
+    )
 
-    api_key: SecretStr | None = None
+    api_key: SecretStr | None = Field(
+        None, description="when set, every endpoint but /health and /ready needs this key"
+    )
     # Host headers accepted (DNS rebinding); empty accepts any. Probes are exempt.
-    allowed_hosts: Annotated[list[str], NoDecode] = []
-    playground: bool = True  # the page at GET /
-    cache_dir: Path = Field(default_factory=_default_cache_dir)
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        [], description="Host header names accepted; empty: any"
+    )
+    playground: bool = Field(True, description="serve the playground page at GET /")
+    cache_dir: Path = Field(
+        default_factory=_default_cache_dir,
+        description="where the tiny demo models are built",
+    )
 
     @field_validator(
         "allowed_media_domains", "allowed_webhook_domains", "allowed_hosts", mode="before"
@@ -328,3 +442,40 @@ def describe_settings_error(error: ValidationError) -> str:
         shown = f" (got {given!r})" if isinstance(given, (str, int, float)) else ""
         parts.append(f"{name}: {message}{shown}")
     return "invalid configuration: " + "; ".join(parts)
+
+
+# Defaults that are computed rather than declared.
+SHOWN_DEFAULTS = {
+    "model_id": " / ".join(DEFAULT_MODEL_IDS.values()) + " (by MODEL_TYPE)",
+    "cache_dir": "~/.cache/hunyuan-service",
+}
+
+
+def settings_table() -> list[tuple[str, str, str]]:
+    """(variable, default, meaning) of every setting, in declaration order: what `--help` lists
+    and what the README's configuration table must match."""
+    rows = []
+    for name, field in Settings.model_fields.items():
+        if name in SHOWN_DEFAULTS:
+            default = SHOWN_DEFAULTS[name]
+        elif field.default in (None, "", []):
+            default = "unset"
+        elif isinstance(field.default, bool):
+            default = str(field.default).lower()
+        else:
+            default = str(field.default)
+        choices = typing.get_args(field.annotation)
+        meaning = field.description or ""
+        if choices and all(isinstance(choice, str) for choice in choices):
+            meaning = f"{' | '.join(choices)}: {meaning}"
+        rows.append((name.upper(), default, meaning))
+    return rows
+
+
+def settings_help() -> str:
+    """The settings part of `--help`: each variable, its default and what it means."""
+    lines = ["settings (environment variables, or a .env file in the working directory):"]
+    for variable, default, meaning in settings_table():
+        lines.append(f"  {variable} (default: {default})")
+        lines.extend(f"      {line}" for line in textwrap.wrap(meaning, 88))
+    return "\n".join(lines)

@@ -193,6 +193,30 @@ def test_unknown_arguments_are_refused_with_the_usage(tiny_cache: Path) -> None:
     done = run_command(tiny_env(tiny_cache), "serve", "--now")
     assert done.returncode == 2
     assert done.stderr.splitlines() == [
-        "hunyuan-service: unknown arguments 'serve --now'",
-        "usage: hunyuan-service [download]   (settings come from the environment; see README)",
+        "usage: hunyuan-service [-h] [--version] COMMAND ...",
+        "hunyuan-service: error: unrecognized arguments: --now",
     ]
+
+
+@pytest.mark.parametrize("command", [[], ["download"], ["serve"]])
+def test_help_lists_every_setting_with_its_default_and_exits_zero(
+    tiny_cache: Path, command: list[str]
+) -> None:
+    from hunyuan_service.settings import settings_table
+
+    done = run_command(tiny_env(tiny_cache), *command, "--help", timeout=60)
+    assert done.returncode == 0, done.stderr
+    text = done.stdout
+    assert text.startswith("usage: hunyuan-service")
+    for variable, default, _meaning in settings_table():
+        assert f"  {variable} (default: {default})" in text
+    assert "SHUTDOWN_TIMEOUT_S (default: 30.0)" in text
+    assert "exit codes:" in text
+    assert "loading model" not in done.stderr  # help never starts anything
+
+
+def test_version_prints_the_package_version(tiny_cache: Path) -> None:
+    from hunyuan_service import __version__
+
+    done = run_command(tiny_env(tiny_cache), "--version", timeout=60)
+    assert (done.returncode, done.stdout) == (0, f"hunyuan-service {__version__}\n")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -185,3 +187,25 @@ def test_a_lora_file_name_that_is_not_a_name_is_refused(
     (tmp_path / "my style.safetensors").write_bytes(b"")
     message = refusal(monkeypatch, LORA_DIR=str(tmp_path))
     assert "LORA_DIR: file 'my style.safetensors': a LoRA's name is its file stem" in message
+
+
+def test_the_readme_configuration_table_lists_exactly_the_settings() -> None:
+    """`--help` is generated from the settings class; the README's table must name the same
+    variables, so neither can drift from the other."""
+    from hunyuan_service.settings import settings_table
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Configuration", 1)[1].splitlines()
+    start = next(i for i, line in enumerate(section) if line.startswith("| variable |"))
+    rows = itertools.takewhile(lambda line: line.startswith("|"), section[start + 2 :])
+    first_cells = [row.split("|")[1] for row in rows]
+    documented = [name for cell in first_cells for name in re.findall(r"`([A-Z0-9_]+)`", cell)]
+    assert len(documented) == len(set(documented)), "a variable is listed twice"
+    assert set(documented) == {variable for variable, _default, _meaning in settings_table()}
+
+
+def test_every_setting_has_a_meaning_for_the_help() -> None:
+    from hunyuan_service.settings import settings_table
+
+    missing = [variable for variable, _default, meaning in settings_table() if not meaning]
+    assert missing == []
