@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from typing import Any
 
 import httpx
@@ -63,3 +64,30 @@ def test_counts_after_a_burst_agree_with_the_clients(serve: Any) -> None:
     routes = {dict(labels)["route"] for (name, labels) in samples(text) if name == requests}
     assert "unmatched" in routes
     assert not any("nowhere" in route for route in routes)
+
+
+def test_metrics_carry_the_standard_process_and_python_collectors(serve: Any) -> None:
+    url = serve(FakeImageModel(steps=1, step_s=0.001))
+    text = httpx.get(f"{url}/metrics").text
+    found = samples(text)
+    names = {name for name, _labels in found}
+    assert value(text, "process_resident_memory_bytes") > 10 * 2**20
+    assert value(text, "process_open_fds") >= 3
+    assert value(text, "process_max_fds") > 0
+    assert value(text, "process_start_time_seconds") > 1.7e9
+    assert "process_cpu_seconds_total" in names
+    assert "process_virtual_memory_bytes" in names
+    python = [dict(labels) for name, labels in found if name == "python_info"]
+    assert [info["version"] for info in python] == [platform.python_version()]
+    for generation in ("0", "1", "2"):
+        assert ("python_gc_collections_total", frozenset({("generation", generation)})) in found
+        assert ("python_gc_objects_collected_total", frozenset({("generation", generation)})) in (
+            found
+        )
+    # It describes this process (the live server runs in the test's own process).
+    assert value(text, "process_start_time_seconds") == value(
+        httpx.get(f"{url}/metrics").text, "process_start_time_seconds"
+    )
+    assert value(text, "process_virtual_memory_bytes") >= value(
+        text, "process_resident_memory_bytes"
+    )

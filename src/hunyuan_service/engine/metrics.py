@@ -21,6 +21,9 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
 if TYPE_CHECKING:
@@ -224,7 +227,12 @@ def _gpu_memory(engine: Engine) -> Iterator[GaugeMetricFamily]:
 
 
 def metrics_registry(engine: Engine, webhooks: Callable[[], dict[str, int]]) -> CollectorRegistry:
-    """One app's registry: the service collector, and nothing global."""
+    """One app's registry: the service collector, plus prometheus-client's standard process
+    (`process_*`), garbage-collector (`python_gc_*`) and `python_info` collectors that stock
+    dashboards and alert rules expect; nothing global."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ServiceCollector(engine, webhooks))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
     return registry
