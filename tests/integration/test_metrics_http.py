@@ -36,7 +36,10 @@ def test_counts_after_a_burst_agree_with_the_clients(serve: Any) -> None:
     assert httpx.get(f"{url}/v1/jobs/no-such-job").status_code == 404
     codes = [results[i].status_code for i in range(10)]
     ok, full = codes.count(200), codes.count(503)
-    assert (ok, full) == (4, 6)  # one running and three queued; the rest turned away
+    # Admission guarantees three queue places, plus the running one once the worker has taken
+    # the first job off the queue; whether it did before the burst ended is the loop's business.
+    assert ok + full == 10
+    assert ok in (3, 4)
 
     text = httpx.get(f"{url}/metrics").text
     requests = "hunyuan_http_requests_total"
