@@ -27,6 +27,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+ROOT = str(Path(__file__).resolve().parents[1])
+
 BARE_APP = """
 from fastapi import FastAPI
 app = FastAPI()
@@ -95,15 +97,22 @@ def main() -> None:
         Path(folder, "bare.py").write_text(BARE_APP)
         bare = [sys.executable, "-m", "uvicorn", "bare:app", "--port", "{port}"]
         until_ready(service, env, poll_s)  # builds the tiny checkpoint once; not timed
-        # An install without bytecode (uv's default; `compile-bytecode` in pyproject.toml turns
-        # it on): an empty pycache prefix that Python may not write to.
+        # An install without bytecode where Python may not cache it either (uv's default with
+        # PYTHONDONTWRITEBYTECODE set): an empty pycache prefix that Python may not write to.
         no_bytecode = {**env, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPYCACHEPREFIX": folder}
+        # The README's command, `uv run hunyuan-service`, with uv's environment check counted;
+        # and the same with uv's `compile-bytecode` on, which pyproject.toml had until
+        # 2026-12-04 and which made every `uv run` recompile the environment (uv#12202).
+        uv_run = ["uv", "run", "--frozen", "hunyuan-service"]
+        recompiling = {**env, "UV_COMPILE_BYTECODE": "1"}
         times: dict[str, list[float]] = {
             "bare FastAPI": [],
             "import torch": [],
             "the model's libraries": [],
             "service": [],
             "service, no bytecode": [],
+            "uv run hunyuan-service": [],
+            "uv run, compile-bytecode on": [],
         }
         for round_ in range(args.rounds):
             times["bare FastAPI"].append(until_ready(bare, dict(os.environ), poll_s, folder))
@@ -111,6 +120,10 @@ def main() -> None:
             times["the model's libraries"].append(run_python(LIBRARY_IMPORTS[args.model_type]))
             times["service"].append(until_ready(service, env, poll_s))
             times["service, no bytecode"].append(until_ready(service, no_bytecode, poll_s))
+            times["uv run hunyuan-service"].append(until_ready(uv_run, env, poll_s, ROOT))
+            times["uv run, compile-bytecode on"].append(
+                until_ready(uv_run, recompiling, poll_s, ROOT)
+            )
             print(
                 f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items())
             )

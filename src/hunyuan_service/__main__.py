@@ -150,6 +150,7 @@ def serve() -> int:
     from hunyuan_service.logs import configure_logging
 
     configure_logging(settings.log_level)
+    logger.info("listening on http://%s:%d (pid %d)", settings.host, settings.port, os.getpid())
     servers: list[uvicorn.Server] = []
 
     def stop_after_failed_start() -> None:
