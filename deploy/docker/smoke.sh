@@ -100,17 +100,35 @@ say "built in $(( $(date +%s) - started )) s; $("$DOCKER" image inspect -f '{{.S
 # -- run --------------------------------------------------------------------------------------
 # The image's HEALTHCHECK probes every 30 s after a 600 s grace for model downloads; here the
 # probe runs every 2 s so that "healthy" comes within seconds.
-CONTAINER=$("$DOCKER" run -d --network host -e PORT="$PORT" -e MODEL_ID=tiny -e DEVICE=cpu \
-  -e SHUTDOWN_TIMEOUT_S=60 --stop-timeout 70 --health-interval 2s --health-start-period 300s \
-  "$IMAGE")
 url="http://127.0.0.1:$PORT"
-ready=0
-for _ in $(seq 1 600); do
-  if curl -fs "$url/ready" >/dev/null 2>&1; then ready=1; break; fi
-  [ "$("$DOCKER" inspect -f '{{.State.Running}}' "$CONTAINER")" = true ] || break
-  sleep 0.5
-done
-[ "$ready" = 1 ] || { "$DOCKER" logs "$CONTAINER" | tail -30; say "FAIL: /ready never turned 200"; exit 1; }
+start_container() {  # SHUTDOWN_TIMEOUT_S, --stop-timeout, extra -e options...
+  local drain=$1 stop=$2
+  shift 2
+  CONTAINER=$("$DOCKER" run -d --network host -e PORT="$PORT" -e MODEL_ID=tiny -e DEVICE=cpu \
+    -e SHUTDOWN_TIMEOUT_S="$drain" "$@" --stop-timeout "$stop" --health-interval 2s \
+    --health-start-period 300s "$IMAGE")
+  local ready=0
+  for _ in $(seq 1 600); do
+    if curl -fs "$url/ready" >/dev/null 2>&1; then ready=1; break; fi
+    [ "$("$DOCKER" inspect -f '{{.State.Running}}' "$CONTAINER")" = true ] || break
+    sleep 0.5
+  done
+  [ "$ready" = 1 ] || { "$DOCKER" logs "$CONTAINER" | tail -30; say "FAIL: /ready never turned 200"; exit 1; }
+}
+# Starts a job in the background (its status code goes to $WORK/$1.code, its body to
+# $WORK/$1.body) and returns once it runs (hunyuan_busy 1), not after a fixed time.
+start_job() {  # name, body
+  ( curl -s -o "$WORK/$1.body" -w '%{http_code}' --max-time 300 "$url/infer" -d "$2" \
+      >"$WORK/$1.code" ) &
+  client=$!
+  local busy=0
+  for _ in $(seq 1 600); do
+    if curl -fs "$url/metrics" | grep -q '^hunyuan_busy 1'; then busy=1; break; fi
+    sleep 0.1
+  done
+  [ "$busy" = 1 ] || { say "FAIL: the job $1 never started"; exit 1; }
+}
+start_container 60 70
 say "/ready is 200 on PORT=$PORT"
 
 curl -fs "$url/infer" -H 'Accept: image/png' -o "$WORK/out.png" \
@@ -129,18 +147,9 @@ done
 say "the HEALTHCHECK says healthy on the non-default port"
 
 # -- docker stop with a job in flight ---------------------------------------------------------
-# A job long enough to be running when the stop comes: 1024x1024 with 100 steps on the tiny
-# model. The check waits until the job runs (hunyuan_busy 1), not for a fixed time.
-body='{"prompt": "a long job", "width": 1024, "height": 1024, "num_inference_steps": 100}'
-( curl -s -o /dev/null -w '%{http_code}' --max-time 300 "$url/infer" -d "$body" \
-    >"$WORK/inflight.code" ) &
-client=$!
-busy=0
-for _ in $(seq 1 600); do
-  if curl -fs "$url/metrics" | grep -q '^hunyuan_busy 1'; then busy=1; break; fi
-  sleep 0.1
-done
-[ "$busy" = 1 ] || { say "FAIL: the long job never started"; exit 1; }
+# A job long enough to be running when the stop comes, short enough to finish within the 60 s
+# drain: 1024x1024 with 100 steps on the tiny model.
+start_job inflight '{"prompt": "a long job", "width": 1024, "height": 1024, "num_inference_steps": 100}'
 say "a job is running; docker stop"
 "$DOCKER" stop "$CONTAINER" >/dev/null
 wait "$client" || true
@@ -149,4 +158,23 @@ exit_code=$("$DOCKER" inspect -f '{{.State.ExitCode}}' "$CONTAINER")
 [ "$code" = 200 ] || { "$DOCKER" logs "$CONTAINER" | tail -20; say "FAIL: the in-flight request got $code"; exit 1; }
 [ "$exit_code" = 0 ] || { "$DOCKER" logs "$CONTAINER" | tail -20; say "FAIL: exit code $exit_code"; exit 1; }
 say "the in-flight job finished with 200 and the container exited 0"
+"$DOCKER" rm "$CONTAINER" >/dev/null
+
+# -- docker stop with a job longer than the drain ---------------------------------------------
+# 2048x2048 with 1000 steps outlives a 2 s drain on any machine: the service ends it with its
+# own 503 (code shutdown, Retry-After) before uvicorn would cut the connection, and exits 0.
+start_container 2 15 -e MAX_INFERENCE_STEPS=1000
+start_job outlived '{"prompt": "a longer job", "width": 2048, "height": 2048, "num_inference_steps": 1000}'
+say "a job longer than the 2 s drain is running; docker stop"
+"$DOCKER" stop "$CONTAINER" >/dev/null
+wait "$client" || true
+code=$(cat "$WORK/outlived.code")
+exit_code=$("$DOCKER" inspect -f '{{.State.ExitCode}}' "$CONTAINER")
+error_code=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['error']['code'])" "$WORK/outlived.body" 2>/dev/null || echo none)
+[ "$code/$error_code" = 503/shutdown ] || { "$DOCKER" logs "$CONTAINER" | tail -20; say "FAIL: the outlived job got $code ($error_code)"; exit 1; }
+[ "$exit_code" = 0 ] || { "$DOCKER" logs "$CONTAINER" | tail -20; say "FAIL: exit code $exit_code"; exit 1; }
+if "$DOCKER" logs "$CONTAINER" 2>&1 | grep -q Traceback; then
+  "$DOCKER" logs "$CONTAINER" | tail -30; say "FAIL: a traceback in the log"; exit 1
+fi
+say "the job longer than the drain got a 503 shutdown, no traceback, and the container exited 0"
 say "passed"

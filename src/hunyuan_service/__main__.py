@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
-import math
 import os
 import signal
 import socket
@@ -23,6 +23,10 @@ logger = logging.getLogger("hunyuan_service")
 EXIT_BAD_SETTINGS = 2
 EXIT_START_FAILED = 3
 EXIT_CANNOT_LISTEN = 4
+# After the drain, how long uvicorn waits for the last responses to be written: every job has
+# ended by then, so what remains is writing small bodies. The drain, this and the webhooks'
+# grace stay under SHUTDOWN_TIMEOUT_S + 10 s, the stop timeout the README asks for.
+RESPONSE_GRACE_S = 3
 DUPLICATE_SIGNAL_S = 1.0  # a repeat within this is the same Ctrl+C delivered twice
 EXIT_INTERRUPTED = 130  # Ctrl+C before the server was up; afterwards a stop is a clean exit 0
 EXIT_CODES = (
@@ -161,26 +165,44 @@ def serve() -> int:
     engine = app.state.engine
 
     class DrainingServer(uvicorn.Server):
-        """Marks the service as draining the moment a stop signal arrives.
+        """Drains on a stop signal, and only then lets uvicorn shut down.
 
-        uvicorn then stops accepting connections and waits for in-flight responses (bounded by
-        SHUTDOWN_TIMEOUT_S) before the lifespan stops the worker. Unlike uvicorn's own handler
-        it does not re-raise the signal afterwards, so a completed drain exits 0.
+        The first SIGTERM or SIGINT starts the engine's drain: the server keeps listening, so new
+        requests and `/ready` get a 503 with `Retry-After` rather than a refused connection,
+        while admitted jobs finish. Jobs still running SHUTDOWN_TIMEOUT_S later end with a 503
+        `shutdown`. Then uvicorn closes the listener and waits RESPONSE_GRACE_S at most for the
+        last responses to be written. Unlike uvicorn's own handler it does not re-raise the
+        signal afterwards, so a completed drain exits 0.
         """
 
         first_signal_at: float | None = None
+        drain_task: asyncio.Task[None] | None = None
+
+        async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+            self.loop = asyncio.get_running_loop()
+            await super().serve(sockets)
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            engine.begin_drain()
             # Only a second, later Ctrl+C forces an exit. One Ctrl+C under `uv run` arrives
             # twice within milliseconds (from the terminal, and forwarded by uv), and so does
             # SIGTERM from `pkill -f`; both must still drain.
             now = time.monotonic()
             if self.first_signal_at is None:
                 self.first_signal_at = now
+                engine.begin_drain()
+                self.loop.call_soon_threadsafe(self._start_drain)
             elif sig == signal.SIGINT and now - self.first_signal_at > DUPLICATE_SIGNAL_S:
                 self.force_exit = True
-            self.should_exit = True
+                self.should_exit = True
+
+        def _start_drain(self) -> None:
+            self.drain_task = asyncio.ensure_future(self._drain_then_exit())
+
+        async def _drain_then_exit(self) -> None:
+            try:
+                await engine.drain()
+            finally:
+                self.should_exit = True
 
     config = uvicorn.Config(
         app,
@@ -188,7 +210,7 @@ def serve() -> int:
         port=settings.port,
         log_config=None,
         access_log=settings.log_level == "debug",
-        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s) or None,
+        timeout_graceful_shutdown=RESPONSE_GRACE_S,
         limit_concurrency=settings.limit_concurrency,
         lifespan="on",
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import signal
 import socket
@@ -13,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -90,16 +92,85 @@ def test_sigterm_drains_admitted_jobs_then_exits_zero(tiny_cache: Path) -> None:
         assert health()["queue_depth"] == 2
         service.terminate()
         service.terminate()  # as `uv run` forwarding plus `pkill -f` deliver it: twice
-        time.sleep(0.05)
-        try:
-            late = httpx.post(f"{service.url}/infer", json=body, timeout=5).status_code
-        except httpx.TransportError:
-            late = None  # the listener already closed: also a refusal
+        # The drain keeps listening: a new request and the readiness probe get a 503 with
+        # Retry-After at once (a load balancer then sends the request elsewhere), as long as
+        # admitted jobs remain.
+        wait_for_drain(service)
+        late = httpx.post(f"{service.url}/infer", json=body, timeout=60)
+        assert late.status_code == 503
+        assert late.headers["Retry-After"] == "1"
+        assert late.json()["error"]["code"] == "unavailable"
+        ready = httpx.get(f"{service.url}/ready", timeout=60)
+        assert (ready.status_code, ready.json()["state"]) == (503, "draining")
         for thread in threads:
             thread.join(timeout=900)
         assert service.wait(timeout=120) == 0
         assert outcomes == {0: 200, 1: 200, 2: 200}
-        assert late in (503, None)
+
+
+def wait_for_drain(service: ServiceProcess) -> None:
+    """Until the log says the drain began (the signal is handled on the service's loop)."""
+    deadline = time.monotonic() + 120
+    while "draining: no new requests" not in service.log():
+        assert time.monotonic() < deadline, "the drain never began"
+        time.sleep(0.01)
+
+
+def test_jobs_that_outlive_the_drain_get_a_503_shutdown_and_the_process_exits_zero(
+    tiny_cache: Path,
+) -> None:
+    env = tiny_env(tiny_cache, SHUTDOWN_TIMEOUT_S="2", MAX_INFERENCE_STEPS="1000")
+    with ServiceProcess(env) as service:
+        # Far longer than the 2 s drain on any machine; stopped at its next step afterwards.
+        body = {"prompt": "slow", "width": 2048, "height": 2048, "num_inference_steps": 1000}
+        answers: dict[str, Any] = {}
+
+        def plain() -> None:
+            answers["plain"] = httpx.post(f"{service.url}/infer", json=body, timeout=600)
+
+        def streamed() -> None:
+            with httpx.stream(
+                "POST", f"{service.url}/infer", json={**body, "stream": True}, timeout=600
+            ) as response:
+                answers["stream"] = (response.status_code, response.read().decode())
+
+        def health() -> dict:
+            return httpx.get(f"{service.url}/health").json()
+
+        threads = [threading.Thread(target=plain), threading.Thread(target=streamed)]
+        threads[0].start()
+        wait_until_true(lambda: health()["busy"])
+        threads[1].start()
+        wait_until_true(lambda: health()["queue_depth"] == 1)
+        service.terminate()
+        for thread in threads:
+            thread.join(timeout=600)
+        assert service.wait(timeout=120) == 0
+
+    response = answers["plain"]
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "1"
+    assert response.json()["error"]["code"] == "shutdown"
+    status, text = answers["stream"]
+    assert status == 200
+    events = [block for block in text.strip().split("\n\n") if not block.startswith(":")]
+    assert events[-1].splitlines()[1] == "event: error"
+    assert json.loads(events[-1].splitlines()[2].removeprefix("data: "))["error"]["code"] == (
+        "shutdown"
+    )
+    log = service.log()
+    assert "Traceback" not in log
+    assert "client_disconnected" not in log
+    ended = [line for line in log.splitlines() if "reason=shutdown" in line]
+    assert len(ended) == 2  # one line for each job, the running one and the queued one
+    assert {"stage=running", "stage=queued"} == {line.split()[-1] for line in ended}
+
+
+def wait_until_true(condition: Any, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
 
 
 def run_command(

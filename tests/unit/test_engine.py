@@ -153,3 +153,39 @@ def test_cancellations_are_read_from_the_job_counters() -> None:
         ("cancelled_by_user", "running"): 3,
         ("deadline", "queued"): 4,
     }
+
+
+def test_jobs_still_running_at_the_drain_deadline_end_with_a_503_shutdown() -> None:
+    async def scenario() -> None:
+        model = BlockingModel()  # never released: the job outlives any drain
+        engine = Engine(fake_settings(shutdown_timeout_s=0.2), model)
+        await engine.start()
+        running = engine.submit("running", "r0", detached=True)
+        queued = engine.submit("queued", "r1", detached=True)
+        reserved = engine.reserve()  # a request still decoding its images
+        await asyncio.to_thread(model.started.wait, 30)
+        await engine.stop()
+        for handle in (running, queued):
+            assert handle.status is JobStatus.FAILED
+            assert isinstance(handle.error, Unavailable)
+            assert (handle.error.code, handle.error.status_code) == ("shutdown", 503)
+            assert handle.error.headers() == {"Retry-After": "1"}
+        assert model.calls == ["running"]  # the queued one never ran
+        with pytest.raises(Unavailable, match="shutting down") as refused:
+            engine.submit("late", "r2", reservation=reserved)
+        assert refused.value.code == "shutdown"
+        counters = engine.scheduler.counters  # type: ignore[union-attr]
+        assert counters["cancelled_running_shutdown"] == counters["cancelled_queued_shutdown"] == 1
+
+    run(scenario())
+
+
+def test_jobs_that_finish_within_the_drain_are_not_touched() -> None:
+    async def scenario() -> None:
+        engine = Engine(fake_settings(shutdown_timeout_s=60), SteppingModel(steps=3))
+        await engine.start()
+        handles = [engine.submit(f"job{i}", f"r{i}", detached=True) for i in range(3)]
+        await engine.stop()
+        assert [h.status for h in handles] == [JobStatus.SUCCEEDED] * 3
+
+    run(scenario())

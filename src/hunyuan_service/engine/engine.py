@@ -160,6 +160,7 @@ class Engine:
         self.scheduler: Scheduler | None = None
         self.started_at = time.time()
         self.phase, self.phase_since = "waiting", time.monotonic()
+        self.drain_deadline = float("inf")  # set when the drain begins
         self._phase_logged_at = 0.0
         self.load_error: str | None = None  # one line, when start-up failed for a known reason
         # 4xx answers by (status, code), for /metrics: refused requests never become jobs.
@@ -228,20 +229,31 @@ class Engine:
             logger.warning("DEMO MODEL in use: tiny random weights; outputs are noise")
 
     def begin_drain(self) -> None:
-        """Called on SIGTERM/SIGINT: /ready turns 503 and new requests are refused at once."""
+        """Called on SIGTERM/SIGINT: /ready turns 503 and new requests are refused at once;
+        admitted jobs get SHUTDOWN_TIMEOUT_S from now to finish (see `drain`)."""
         if self.lifecycle.begin_drain():
+            self.drain_deadline = time.monotonic() + self.settings.shutdown_timeout_s
             logger.info("draining: no new requests; finishing admitted ones")
 
+    async def drain(self) -> None:
+        """Waits for admitted jobs until the drain's deadline, then ends those still queued or
+        running with a 503 `shutdown`, so that each client gets an answer in the service's
+        error shape before the server closes its connection. Safe to call more than once."""
+        self.begin_drain()
+        if self.scheduler is None:
+            return
+        remaining = max(self.drain_deadline - time.monotonic(), 0.0)
+        if not await self.scheduler.drain(remaining):
+            self.scheduler.end_for_shutdown()
+
     async def stop(self) -> None:
-        """Finishes admitted jobs (up to SHUTDOWN_TIMEOUT_S), then stops the worker.
+        """Drains (see `drain`), then stops the worker.
 
         The CPU pool stays up, so that results of the last jobs can still be encoded; `close`
         shuts it down.
         """
-        self.begin_drain()
+        await self.drain()
         if self.scheduler is not None:
-            if not await self.scheduler.drain(self.settings.shutdown_timeout_s):
-                logger.warning("shutdown timeout reached with jobs still in flight")
             await self.scheduler.stop()
             logger.info("stopped", extra=dict(self.scheduler.counters))
         self.lifecycle.mark_stopped()

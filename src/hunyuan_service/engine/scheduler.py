@@ -21,7 +21,7 @@ from hunyuan_service.engine.jobs import Job, JobQueue, JobStatus, StopReason
 from hunyuan_service.engine.lifecycle import Lifecycle, State
 from hunyuan_service.engine.metrics import Histogram
 from hunyuan_service.engine.runner import ModelThread
-from hunyuan_service.engine.worker import WorkerLoop, deadline_error, log_fields
+from hunyuan_service.engine.worker import WorkerLoop, deadline_error, log_fields, shutdown_error
 from hunyuan_service.errors import (
     JobCancelled,
     QueueFull,
@@ -69,6 +69,7 @@ class Scheduler(WorkerLoop):
         self.running: list[Job] = []  # one job, or one batch
         self._queue = JobQueue(maxsize=max_queue_size)
         self._reserved = 0
+        self._shutting_down = False  # the drain's deadline has passed: nothing more runs
         self._observed_waiting = 0  # queued jobs that want position updates
         self._task: asyncio.Task[None] | None = None
         self._thread = ModelThread()
@@ -106,21 +107,43 @@ class Scheduler(WorkerLoop):
                 await asyncio.wait_for(self._idle.wait(), timeout=deadline - time.monotonic())
             except asyncio.TimeoutError:
                 break
-        return not self.running and self._queue.qsize() == 0
+        return not (self.running or self._queue.qsize() or self._reserved)
 
-    async def stop(self) -> None:
-        """Stops the worker; jobs still queued or running get a 503 rather than silence."""
-        self.lifecycle.mark_stopped()
-        shutting_down = "the service is shutting down; retry elsewhere"
+    def end_for_shutdown(self) -> int:
+        """Ends every queued and running job now with a 503 `shutdown` (retry elsewhere), asks
+        running ones to stop at their next step or token, and refuses reserved places; returns
+        how many jobs it ended. The drain's deadline calls it, before the server would cut the
+        connections."""
+        self._shutting_down = True
+        ended = 0
         while True:
             try:
                 job = self._queue.get_nowait()
             except asyncio.QueueEmpty:
                 break
             self._observed_waiting -= job.observed
-            self._finish(job, JobStatus.FAILED, error=Unavailable(shutting_down))
+            ended += self._end_for_shutdown(job, "queued")
         for job in self.running:
-            job.request_stop(StopReason.SHUTDOWN)
+            ended += self._end_for_shutdown(job, "running")
+        self._set_idle_if_empty()
+        return ended
+
+    def _end_for_shutdown(self, job: Job, stage: str) -> bool:
+        job.request_stop(StopReason.SHUTDOWN)
+        if job.done.done():
+            return False
+        self.counters[f"cancelled_{stage}_{StopReason.SHUTDOWN.value}"] += 1
+        logger.warning(
+            "shutdown deadline reached: job ended with a 503",
+            extra=log_fields(job, reason=StopReason.SHUTDOWN.value, stage=stage),
+        )
+        self._finish(job, JobStatus.FAILED, error=shutdown_error())
+        return True
+
+    async def stop(self) -> None:
+        """Stops the worker; jobs still queued or running get a 503 rather than silence."""
+        self.lifecycle.mark_stopped()
+        self.end_for_shutdown()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -169,8 +192,11 @@ class Scheduler(WorkerLoop):
         `observed` jobs keep their progress and token events for a stream or a later poll.
         """
         if reservation is not None:
-            # Admission was decided when the place was reserved; only a dead worker refuses now.
+            # Admission was decided when the place was reserved; only a dead worker or the
+            # drain's deadline refuses now.
             reservation.release()
+            if self._shutting_down:
+                raise shutdown_error()
             if not self.worker_alive:
                 raise Unavailable("the worker has stopped; the service needs a restart")
         else:

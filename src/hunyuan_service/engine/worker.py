@@ -68,9 +68,7 @@ class WorkerLoop:
             except asyncio.CancelledError:
                 for job in batch:
                     job.request_stop(StopReason.SHUTDOWN)
-                    self._finish(
-                        job, JobStatus.FAILED, error=Unavailable("the service is shutting down")
-                    )
+                    self._finish(job, JobStatus.FAILED, error=shutdown_error())
                 raise
             except Exception:  # one batch's failure must never end the loop
                 logger.exception("worker bookkeeping failed", extra=log_fields(head))
@@ -151,6 +149,8 @@ class WorkerLoop:
     async def _settle(self, job: Job, outcome: Any) -> None:
         if isinstance(outcome, JobCancelled):
             reason = job.stop_reason or StopReason.CLIENT_GONE
+            if reason is StopReason.SHUTDOWN and job.done.done():
+                return  # ended, counted and logged by the drain's deadline
             self.counters[f"cancelled_running_{reason.value}"] += 1
             logger.info("running job stopped early", extra=log_fields(job, reason=reason.value))
             if reason is StopReason.DEADLINE:
@@ -215,6 +215,16 @@ def deadline_error(job: Job) -> DeadlineExceeded:
     return DeadlineExceeded(
         f"the request did not finish within its deadline ({job.budget_s:g} s); try fewer "
         "steps or a smaller size, or retry when the queue is shorter"
+    )
+
+
+def shutdown_error() -> Unavailable:
+    """The 503 of a job the drain's deadline ended, or that was admitted too late to run."""
+    return Unavailable(
+        "the service is shutting down and its drain time (SHUTDOWN_TIMEOUT_S) ran out before "
+        "this job finished; retry, another replica will take it",
+        code="shutdown",
+        retry_after_s=1,
     )
 
 
