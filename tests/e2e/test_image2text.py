@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import base64
-import http.server
 import os
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +15,7 @@ from PIL import Image
 from hunyuan_service.api.app import create_app
 from tests.images import bomb_png, data_uri, encoded, png_bytes
 from tests.metrics import value
+from tests.recording import RecordingServer
 
 
 def assert_text_answer(
@@ -52,60 +50,6 @@ def text_only_tokens(client: TestClient, prompt: str) -> int:
 def ask(client: TestClient, images: list[str], **extra: Any) -> Any:
     body = {"prompt": "Describe this image", "images": images, "max_new_tokens": 8, **extra}
     return client.post("/infer", json=body)
-
-
-class RecordingServer:
-    """A loopback HTTP server that serves a PNG, redirects, and records every request it gets.
-
-    `/held/<name>` serves the PNG only once `release` is set (it starts set).
-    """
-
-    def __init__(self) -> None:
-        self.paths: list[str] = []
-        self.release = threading.Event()
-        self.release.set()
-        owner = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                owner.paths.append(self.path)
-                if self.path.startswith("/held/"):
-                    owner.release.wait(60)
-                if self.path == "/red.png" or self.path.startswith("/held/"):
-                    data = png_bytes()
-                    self.send_response(200)
-                    self.send_header("Content-Type", "image/png")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                elif self.path.startswith("/redirect-to/"):
-                    self.send_response(302)
-                    self.send_header("Location", self.path.removeprefix("/redirect-to/"))
-                    self.end_headers()
-                elif self.path == "/huge.png":
-                    self.send_response(200)
-                    self.send_header("Content-Type", "image/png")
-                    self.end_headers()  # no length: the service must count while streaming
-                    for _ in range(100):
-                        self.wfile.write(b"\0" * 65536)
-                elif self.path == "/slow.png":
-                    self.send_response(200)
-                    self.end_headers()
-                    time.sleep(5)
-                else:
-                    self.send_response(404)
-                    self.end_headers()
-
-            def log_message(self, *_args: Any) -> None:
-                return
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def url(self, path: str, host: str = "127.0.0.1") -> str:
-        return f"http://{host}:{self.port}{path}"
 
 
 @pytest.fixture

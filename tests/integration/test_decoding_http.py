@@ -14,10 +14,10 @@ import pytest
 
 from hunyuan_service.api.app import create_app
 from tests.conftest import LiveServer
-from tests.e2e.test_image2text import RecordingServer
 from tests.fakes import FakeImageModel, fake_settings
 from tests.integration.live import wait_until
 from tests.metrics import value
+from tests.recording import RecordingServer
 
 
 @pytest.fixture
