@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -19,6 +22,7 @@ from hunyuan_service.media import (
 )
 from tests.fakes import fake_settings
 from tests.images import bomb_png, encoded, png_bytes
+from tests.recording import RecordingServer
 
 SETTINGS = fake_settings(model_type="image2text", vl_max_pixels=200_000)
 
@@ -267,3 +271,112 @@ def test_a_jpeg_with_thousands_of_scans_is_refused_before_decoding() -> None:
 
 def test_ordinary_progressive_jpegs_still_decode() -> None:
     assert decode_image(repeated_scan_jpeg(3), "images[0]", SETTINGS).size == (64, 64)
+
+
+# -- the fetcher's promises, against a resolver the test controls -----------------------------
+
+
+class Resolver:
+    """Stands in for DNS in `socket.getaddrinfo`: each name gets its answers in turn (the last
+    one repeats), and a pretend public address is routed to a loopback server, since no public
+    address is reachable here. Anything else goes to the real resolver."""
+
+    def __init__(self, real: Any, names: dict[str, list[str]], routes: dict[str, str]) -> None:
+        self.real, self.names, self.routes = real, names, routes
+        self.asked: list[str] = []
+
+    def __call__(self, host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        self.asked.append(host)
+        if host in self.names:
+            answers = self.names[host]
+            address = answers.pop(0) if len(answers) > 1 else answers[0]
+        elif host in self.routes:
+            address = self.routes[host]
+        else:
+            return self.real(host, port, *args, **kwargs)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, int(port)))]
+
+
+PUBLIC = "93.184.216.34"  # a global address, routed to the test's server by the resolver
+
+
+@pytest.fixture
+def servers() -> Iterator[tuple[RecordingServer, RecordingServer]]:
+    """The images host on 127.0.0.1, and an "internal" one on 127.0.0.2 at the same port."""
+    images = RecordingServer()
+    internal = RecordingServer(host="127.0.0.2", port=images.port)
+    yield images, internal
+    images.close()
+    internal.close()
+
+
+def fetch_settings(**overrides: Any) -> Any:
+    return fake_settings(model_type="image2text", allowed_media_domains=[".test"], **overrides)
+
+
+def test_the_connection_goes_to_the_address_that_was_checked(
+    servers: tuple[RecordingServer, RecordingServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images, internal = servers
+    # DNS rebinding: the first answer is public and passes the check; any later lookup of the
+    # same name would lead to the internal server.
+    resolver = Resolver(
+        socket.getaddrinfo, {"images.test": [PUBLIC, "127.0.0.2"]}, {PUBLIC: "127.0.0.1"}
+    )
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    url = f"http://images.test:{images.port}/red.png"
+    assert read_source(ImageSource(url, "images[0]"), fetch_settings()) == png_bytes()
+    assert images.paths == ["/red.png"]
+    assert images.hosts == [f"images.test:{images.port}"]  # the name, though the IP was dialled
+    assert internal.paths == []
+    assert resolver.asked.count("images.test") == 1
+
+
+def test_a_redirect_to_a_private_address_is_refused_before_connecting(
+    servers: tuple[RecordingServer, RecordingServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images, internal = servers
+    resolver = Resolver(
+        socket.getaddrinfo,
+        {"images.test": [PUBLIC], "intranet.test": ["127.0.0.2"], "meta.test": ["169.254.169.254"]},
+        {PUBLIC: "127.0.0.1"},
+    )
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    for name in ("intranet.test", "meta.test"):
+        url = f"http://images.test:{images.port}/redirect-to/http://{name}:{images.port}/red.png"
+        with pytest.raises(MediaNotAllowed) as caught:
+            read_source(ImageSource(url, "images[0]"), fetch_settings())
+        assert caught.value.message == (
+            f"images[0]: {name} resolves to a private, loopback, link-local or reserved address, "
+            "which is refused (operators: ALLOW_PRIVATE_MEDIA_ADDRESSES)"
+        )
+    assert internal.paths == []  # never connected to
+    assert len(images.paths) == 2  # the first hop of each was fetched, then refused
+
+
+@pytest.mark.parametrize(("redirects", "fetched"), [(3, True), (4, False)])
+def test_at_most_three_redirects_are_followed(
+    servers: tuple[RecordingServer, RecordingServer],
+    monkeypatch: pytest.MonkeyPatch,
+    redirects: int,
+    fetched: bool,
+) -> None:
+    images, _internal = servers
+    monkeypatch.setattr(
+        socket,
+        "getaddrinfo",
+        Resolver(socket.getaddrinfo, {"images.test": [PUBLIC]}, {PUBLIC: "127.0.0.1"}),
+    )
+    path = "/redirect-to/" * redirects + "/red.png"
+    url = f"http://images.test:{images.port}{path}"
+    source = ImageSource(url, "images[0]")
+    if fetched:
+        assert read_source(source, fetch_settings()) == png_bytes()
+        assert images.paths[-1] == "/red.png"
+    else:
+        with pytest.raises(InvalidInput) as caught:
+            read_source(source, fetch_settings())
+        assert caught.value.message == "images[0]: too many redirects"
+        assert "/red.png" not in images.paths
+    # The first request and the redirects followed; with four, the fourth is never followed.
+    assert len(images.paths) == min(redirects, 3) + 1
