@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import math
@@ -254,14 +255,32 @@ def timed(device: str, fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
-def decode_rate(tokens: int, whole_s: float, first_s: float) -> float:
+@dataclasses.dataclass(frozen=True)
+class Rate:
+    """Tokens per second, and what they measure: `decode` (after the first token) or, as a
+    labelled fallback, the `whole call` (prefill included, so lower)."""
+
+    per_s: float
+    kind: str
+
+    def __truediv__(self, other: Rate) -> float | None:
+        """The ratio of two rates of the same kind; None for two different metrics."""
+        return self.per_s / other.per_s if self.kind == other.kind else None
+
+    def label(self) -> str:
+        return "" if self.kind == "decode" else "; rate over the whole call, prefill included"
+
+
+def decode_rate(tokens: int, whole_s: float, first_s: float) -> Rate:
     """Tokens per second after the first: (n - 1) over the time of n minus the time of 1.
 
     With few tokens on a busy CPU the difference can come out at or below zero; the rate over
-    the whole call (prefill included, so lower) is the honest fallback then.
+    the whole call is the fallback then, labelled as such, and never divided by a decode rate.
     """
     span = whole_s - first_s
-    return (tokens - 1) / span if span > 0 else tokens / whole_s
+    if span > 0:
+        return Rate((tokens - 1) / span, "decode")
+    return Rate(tokens / whole_s, "whole call")
 
 
 def median(values: list[float]) -> float:
@@ -595,15 +614,19 @@ def qwen_section(name: str, shape: QwenVLShape, plan: Plan, report: Report) -> N
     runs = [timed(plan.device, lambda: generate(n)) for _ in range(plan.repeats)]
     baseline_rate = decode_rate(n, median([t for t, _ in runs]), first_s)
     baseline_tokens = runs[-1][1][0, width:].tolist()
+    assert len(baseline_tokens) == n, f"the baseline made {len(baseline_tokens)} tokens, not {n}"
+    baseline_text = processor.batch_decode(
+        [baseline_tokens], skip_special_tokens=True, clean_up_tokenization_spaces=False
+    )[0]
     report.add(
         section=name,
         variant="transformers generate, eager (baseline)",
-        tok_per_s=baseline_rate,
+        tok_per_s=baseline_rate.per_s,
         vs_baseline=1.0,
         peak_gib=peak_gib(plan.device),
         setup_s=setup_s,
         note=f"decode rate: ({n} - 1) tokens over the time of {n} "
-        "minus the time of 1; text prompt, batch 1",
+        f"minus the time of 1; text prompt, batch 1{baseline_rate.label()}",
     )
 
     side = plan.size
@@ -659,41 +682,58 @@ def qwen_section(name: str, shape: QwenVLShape, plan: Plan, report: Report) -> N
                 lambda: (served.adopt(model, processor), served.warm_up()),  # noqa: B023
             )
 
+            outputs: list[Any] = []  # what the service answered to the latest text timings
+
             def run(message: Any, tokens: int, grammar: Any = None) -> float:
+                """Times one call of the service's own `infer`; every call must produce exactly
+                `tokens` tokens, or its time would measure something else."""
                 request = Image2TextInput((message,), max_new_tokens=tokens, grammar=grammar)
-                return timed(plan.device, lambda: served.infer(request, JobContext()))[0]  # noqa: B023
+                seconds, output = timed(plan.device, lambda: served.infer(request, JobContext()))  # noqa: B023
+                if output.completion_tokens != tokens:
+                    raise RuntimeError(
+                        f"a timed call made {output.completion_tokens} tokens, not {tokens}"
+                    )
+                if grammar is None and message is text_message:
+                    outputs.append(output)  # noqa: B023
+                return seconds
 
             run(text_message, n)  # a compiled decode step recompiles once for a longer cache
             first = median([run(text_message, 1) for _ in range(plan.repeats)])
             rate = decode_rate(
                 n, median([run(text_message, n) for _ in range(plan.repeats)]), first
             )
+            served_text = outputs[-1].text
             if "constrained" not in plan.skip:
                 # The same decode held to a JSON schema that never closes within n tokens.
                 grammar = compile_response_format("json_schema", RECORDS_SCHEMA, "records")
                 run(text_message, n, grammar)
                 held = [run(text_message, n, grammar) for _ in range(plan.repeats)]
                 held_rate = decode_rate(n, median(held), first)
+                same_variant = held_rate / rate
                 report.add(
                     section=name,
                     variant=f"{label} + JSON-schema constraint",
-                    tok_per_s=held_rate,
+                    tok_per_s=held_rate.per_s,
                     vs_baseline=held_rate / baseline_rate,
-                    note=f"{held_rate / rate:.3f}x the same variant's decode rate without it; "
-                    f"tokenizer of {len(processor.tokenizer)} tokens",
+                    note=(
+                        f"{same_variant:.3f}x the same variant's decode rate without it"
+                        if same_variant is not None
+                        else "not comparable with the same variant's rate"
+                    )
+                    + f"; tokenizer of {len(processor.tokenizer)} tokens{held_rate.label()}",
                 )
             ttft = median([run(image_message, 1) for _ in range(plan.repeats)])
             report.add(
                 section=name,
                 variant=label,
-                tok_per_s=rate,
+                tok_per_s=rate.per_s,
                 ttft_s=ttft,
                 vs_baseline=rate / baseline_rate,
-                quality=_agreement(served, text_message, baseline_tokens),
+                quality=_agreement(served_text, baseline_text, n),
                 peak_gib=peak_gib(plan.device),
                 setup_s=setup_s,
                 note=f"TTFT with one {side}x{side} image "
-                f"(at most {served._max_pixels} pixels after resizing)",
+                f"(at most {served._max_pixels} pixels after resizing){rate.label()}",
             )
             if plan.profile:
                 # 32 tokens, prefill included: an eager 7B decode launches about a thousand
@@ -718,32 +758,16 @@ def add_profile(report: Report, section: str, label: str, line: str, details: Pa
     report.add(section=section, variant=f"{label} [profiled once]", note=f"{line}; {details.name}")
 
 
-def _agreement(served: Any, message: Any, baseline_tokens: list[int]) -> str:
-    """Share of positions where the served model's greedy tokens equal the baseline's."""
-    import torch
-
-    from hunyuan_service.models.types import Image2TextInput
-
-    prompt, images = served._prompt_and_images(Image2TextInput((message,)))
-    inputs = served.processor(text=[prompt], images=images or None, return_tensors="pt")
-    inputs = inputs.to(served.device)
-    with torch.inference_mode():
-        output = served.model.generate(
-            **inputs,
-            max_new_tokens=len(baseline_tokens),
-            min_new_tokens=len(baseline_tokens),
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-        )
-    tokens = output[0, inputs["input_ids"].shape[1] :].tolist()
-    same = sum(a == b for a, b in zip(tokens, baseline_tokens, strict=False))
+def _agreement(served_text: str, baseline_text: str, tokens: int) -> str:
+    """Whether the text the service answered in its timed calls equals the baseline's greedy
+    text (both exactly `tokens` tokens long), and where they part if not."""
+    if served_text == baseline_text:
+        return f"same text as the baseline ({tokens} tokens)"
     first = next(
-        (i for i, (a, b) in enumerate(zip(tokens, baseline_tokens, strict=False)) if a != b), None
+        (i for i, (a, b) in enumerate(zip(served_text, baseline_text, strict=False)) if a != b),
+        min(len(served_text), len(baseline_text)),
     )
-    where = "all equal" if first is None else f"first difference at token {first}"
-    return f"{same}/{len(baseline_tokens)} tokens equal ({where})"
+    return f"text differs from the baseline's at character {first} of {len(baseline_text)}"
 
 
 def _first_line(error: BaseException) -> str:
