@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from hunyuan_service.engine.events import Progress
 from hunyuan_service.engine.jobs import JobStatus, StopReason
 from hunyuan_service.engine.scheduler import Scheduler
-from hunyuan_service.errors import JobCancelled
+from hunyuan_service.errors import DeadlineExceeded, JobCancelled
 from tests.fakes import BatchingModel
 from tests.unit.test_worker import run, wait_until
 
@@ -195,6 +196,31 @@ def test_a_model_that_cannot_batch_runs_alone_whatever_the_setting() -> None:
         assert scheduler.max_batch_size == 1
         scheduler.start()
         await scheduler.wait(scheduler.submit("a", "a"))
+        await scheduler.stop()
+
+    run(scenario())
+
+
+def test_a_deadline_that_passes_inside_a_batch_ends_only_its_row() -> None:
+    async def scenario() -> None:
+        model = BatchingModel()
+        model.gates[0] = threading.Event()  # the batch of rows 0-2 waits here, mid-run
+        scheduler = await started(model, batch=3)
+        head = await blocked_head(model, scheduler)
+        jobs = [scheduler.submit(req(i), f"r{i}", timeout_s=600) for i in range(3)]
+        model.release.set()
+        await wait_until(lambda: model.running_ids == [0, 1, 2])
+        jobs[1].deadline = time.monotonic()  # row 1's time runs out while the batch runs
+        model.gates[0].set()
+        outcomes = await asyncio.gather(
+            *(scheduler.wait(job) for job in [head, *jobs]), return_exceptions=True
+        )
+        assert isinstance(outcomes[2], DeadlineExceeded)
+        assert jobs[1].status is JobStatus.EXPIRED
+        assert [outcomes[1]["echo"], outcomes[3]["echo"]] == [0, 2]
+        assert [jobs[0].status, jobs[2].status] == [JobStatus.SUCCEEDED] * 2
+        assert model.stopped_rows == [1]
+        assert scheduler.counters["cancelled_running_deadline"] == 1
         await scheduler.stop()
 
     run(scenario())
