@@ -112,3 +112,53 @@ def test_every_other_route_needs_the_key(locked: TestClient, headers: dict) -> N
 def test_either_header_carries_the_key(locked: TestClient, headers: dict) -> None:
     body = {"prompt": "x", "width": 64, "height": 64}
     assert locked.post("/infer", json=body, headers=headers).status_code == 200
+
+
+HELLO = {"model": "tiny", "messages": [{"role": "user", "content": "go"}], "max_tokens": 12}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("logit_bias", {"50256": -100}),
+        ("frequency_penalty", 0.5),
+        ("presence_penalty", -1.0),
+    ],
+)
+def test_unsupported_sampling_fields_are_refused_naming_the_field(
+    vl_client: TestClient, field: str, value: object
+) -> None:
+    response = vl_client.post("/v1/chat/completions", json={**HELLO, field: value})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == field
+    assert error["message"].startswith(f"{field}: ")
+
+
+def test_fields_that_ask_for_nothing_unsupported_are_accepted_and_change_nothing(
+    vl_client: TestClient,
+) -> None:
+    plain = vl_client.post("/v1/chat/completions", json=HELLO).json()
+    extras = {
+        "user": "alice",
+        "metadata": {"ticket": "42"},
+        "store": False,
+        "logit_bias": {},
+        "frequency_penalty": 0,
+        "presence_penalty": 0,
+    }
+    with_extras = vl_client.post("/v1/chat/completions", json={**HELLO, **extras})
+    assert with_extras.status_code == 200
+    assert with_extras.json()["choices"] == plain["choices"]  # greedy: the same answer
+
+
+def test_max_completion_tokens_bounds_the_answer_before_max_tokens(vl_client: TestClient) -> None:
+    full = vl_client.post("/v1/chat/completions", json=HELLO).json()
+    assert full["usage"]["completion_tokens"] > 2  # the precondition: a longer answer
+    short = vl_client.post("/v1/chat/completions", json={**HELLO, "max_completion_tokens": 2})
+    assert short.status_code == 200
+    body = short.json()
+    assert body["usage"]["completion_tokens"] == 2
+    assert body["choices"][0]["finish_reason"] == "length"
+    two = vl_client.post("/v1/chat/completions", json={**HELLO, "max_tokens": 2}).json()
+    assert body["choices"] == two["choices"]  # the same answer as max_tokens=2 gives

@@ -34,7 +34,7 @@ def _refuse_extras(model: BaseModel, explain: dict[str, str]) -> None:
         if name in IGNORED_FIELDS:
             continue
         if name in explain:
-            if value in (None, False, 0, [], "text", {"type": "text"}, ["text"]):
+            if value in (None, False, 0, [], {}, "text", {"type": "text"}, ["text"]):
                 continue  # the default value asks for nothing unsupported
             raise ValueError(f"{name}: {explain[name]}")
         raise ValueError(f"{name}: unknown field")
