@@ -32,12 +32,12 @@ def free_port() -> int:
 class LiveServer:
     """Runs an app under a real uvicorn server in a thread, for tests that need real sockets."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, **options: Any) -> None:
         import uvicorn
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None)
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None, **options)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

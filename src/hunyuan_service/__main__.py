@@ -213,6 +213,8 @@ def serve() -> int:
         timeout_graceful_shutdown=RESPONSE_GRACE_S,
         limit_concurrency=settings.limit_concurrency,
         lifespan="on",
+        # Slow-header clients (api/slow_clients.py); HEADER_TIMEOUT_S=0 keeps uvicorn's own.
+        http=app.state.header_guard.protocol_class() if app.state.header_guard.enabled else "h11",
     )
     server = DrainingServer(config)
     servers.append(server)

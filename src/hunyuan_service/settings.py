@@ -121,7 +121,18 @@ class Settings(BaseSettings):
         60.0, gt=0, le=3600, description="seconds a request body may take to arrive (else 408)"
     )
     limit_concurrency: int = Field(
-        256, ge=8, le=100_000, description="connections and requests served at once; 503 above"
+        256,
+        ge=8,
+        le=100_000,
+        description="requests served at once (503 above); also how many connections may wait "
+        "for their headers at once",
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        ge=0,
+        le=3600,
+        description="seconds a connection has to send its request line and headers (else 408 "
+        "and closed); 0 turns this guard off",
     )
 
     # Dynamic batching: up to max_batch_size compatible jobs from the head of the queue run

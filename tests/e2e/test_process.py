@@ -227,13 +227,29 @@ def test_sigint_twice_after_start_exits_zero_without_a_traceback(tiny_cache: Pat
         assert "Traceback" not in service.log()
 
 
-def test_connections_over_limit_concurrency_get_a_503(tiny_cache: Path) -> None:
-    with ServiceProcess(tiny_env(tiny_cache, LIMIT_CONCURRENCY="8")) as service:
-        idle = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(8)]
+def test_stalled_headers_get_a_408_and_requests_over_limit_concurrency_a_503(
+    tiny_cache: Path,
+) -> None:
+    env = tiny_env(tiny_cache, LIMIT_CONCURRENCY="8", HEADER_TIMEOUT_S="1")
+    with ServiceProcess(env) as service:
+        # The command serves with the header deadline (api/slow_clients.py).
+        with socket.create_connection(("127.0.0.1", service.port)) as stalled:
+            stalled.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            stalled.settimeout(120)
+            assert stalled.recv(4096).startswith(b"HTTP/1.1 408 Request Timeout")
+        # Requests whose headers arrived and whose body never comes fill the limit.
+        waiting = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(8)]
         try:
-            assert httpx.get(f"{service.url}/health", timeout=60).status_code == 503
+            for connection in waiting:
+                connection.sendall(
+                    b"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"
+                )
+            deadline = time.monotonic() + 60
+            while httpx.get(f"{service.url}/health", timeout=60).status_code != 503:
+                assert time.monotonic() < deadline, "the requests never filled the limit"
+                time.sleep(0.05)
         finally:
-            for connection in idle:
+            for connection in waiting:
                 connection.close()
         # Once they are gone, the service answers again (uvicorn notices closes at once, but
         # the closes travel through the kernel: wait for them, boundedly).

@@ -28,6 +28,7 @@ from hunyuan_service.api.openai_routes import router as openai_router
 from hunyuan_service.api.playground import router as playground_router
 from hunyuan_service.api.routes import router
 from hunyuan_service.api.schemas import describe_validation_errors
+from hunyuan_service.api.slow_clients import HeaderGuard
 from hunyuan_service.engine.engine import Engine
 from hunyuan_service.engine.metrics import metrics_registry
 from hunyuan_service.errors import (
@@ -177,7 +178,11 @@ def create_app(
     )
     app.state.engine = engine
     app.state.jobs_api = jobs_api
-    app.state.metrics = metrics_registry(engine, jobs_api.webhooks.counts)
+    # The command serves with this guard's protocol (`__main__`); /metrics reports its closes.
+    app.state.header_guard = guard = HeaderGuard.from_settings(settings)
+    app.state.metrics = metrics_registry(
+        engine, jobs_api.webhooks.counts, lambda: dict(guard.closed)
+    )
     if settings.api_key is not None:
         app.add_middleware(
             ApiKeyMiddleware,

@@ -83,11 +83,18 @@ def gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
 
 
 class ServiceCollector(Collector):
-    """Reads the engine's counters at scrape time; `webhooks` returns the sender's counts."""
+    """Reads the engine's counters at scrape time; `webhooks` returns the sender's counts, and
+    `slow_connections` the connections closed for sending their headers too slowly."""
 
-    def __init__(self, engine: Engine, webhooks: Callable[[], dict[str, int]]) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        webhooks: Callable[[], dict[str, int]],
+        slow_connections: Callable[[], dict[str, int]],
+    ) -> None:
         self.engine = engine
         self.webhooks = webhooks
+        self.slow_connections = slow_connections
 
     def collect(self) -> Iterator[Metric]:
         engine, scheduler = self.engine, self.engine.scheduler
@@ -137,6 +144,13 @@ class ServiceCollector(Collector):
             "Webhook POSTs attempted; webhooks delivered or given up.",
             ["outcome"],
             (((k,), v) for k, v in sorted(self.webhooks().items())),
+        )
+        yield counter(
+            "slow_connections_closed",
+            "Connections closed before their request: headers too slow (header_timeout), or the "
+            "longest waiting when too many waited (evicted).",
+            ["reason"],
+            (((r,), self.slow_connections().get(r, 0)) for r in ("header_timeout", "evicted")),
         )
         store = engine.jobs
         yield counter(
@@ -226,12 +240,16 @@ def _gpu_memory(engine: Engine) -> Iterator[GaugeMetricFamily]:
     )
 
 
-def metrics_registry(engine: Engine, webhooks: Callable[[], dict[str, int]]) -> CollectorRegistry:
+def metrics_registry(
+    engine: Engine,
+    webhooks: Callable[[], dict[str, int]],
+    slow_connections: Callable[[], dict[str, int]],
+) -> CollectorRegistry:
     """One app's registry: the service collector, plus prometheus-client's standard process
     (`process_*`), garbage-collector (`python_gc_*`) and `python_info` collectors that stock
     dashboards and alert rules expect; nothing global."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ServiceCollector(engine, webhooks))
+    registry.register(ServiceCollector(engine, webhooks, slow_connections))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
