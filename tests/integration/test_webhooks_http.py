@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -29,6 +30,10 @@ class Listener(ThreadingHTTPServer):
         self.statuses = statuses
         self.connections = 0
         self.received: list[tuple[dict[str, str], bytes]] = []
+        self.paths: list[str] = []
+        self.times: list[float] = []  # when each POST arrived (monotonic)
+        self.answer = threading.Event()  # cleared: hold each POST without answering
+        self.answer.set()
         super().__init__(("127.0.0.1", 0), _Handler)
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
@@ -45,9 +50,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["content-length"]))
+        self.server.times.append(time.monotonic())
+        self.server.paths.append(self.path)
         self.server.received.append((dict(self.headers.items()), body))
+        self.server.answer.wait(60)
         status = self.server.statuses.pop(0) if self.server.statuses else 200
         self.send_response(status)
+        if 300 <= status < 400:
+            self.send_header("location", "/elsewhere")
         self.send_header("content-length", "0")
         self.end_headers()
 
@@ -61,6 +71,7 @@ def listener() -> Iterator[Listener]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
+    server.answer.set()
     server.shutdown()
     server.server_close()
 
@@ -137,6 +148,81 @@ def test_an_allowed_host_on_a_private_address_is_never_contacted(
 
 
 def webhooks_given_up(url: str) -> int:
-    return int(
-        value(httpx.get(f"{url}/metrics").text, "hunyuan_webhooks_total", outcome="given_up")
+    return webhook_count(url, "given_up")
+
+
+def webhook_count(url: str, outcome: str) -> int:
+    return int(value(httpx.get(f"{url}/metrics").text, "hunyuan_webhooks_total", outcome=outcome))
+
+
+def submit(url: str, listener: Listener, **body: Any) -> str:
+    response = httpx.post(
+        f"{url}/v1/jobs", json={"prompt": "x", "webhook": listener.url, **SMALL, **body}
     )
+    assert response.status_code == 202, response.text
+    return response.json()["id"]
+
+
+def test_a_webhook_is_given_up_after_the_last_attempt_with_growing_backoff(
+    serve: Any, listener: Listener
+) -> None:
+    listener.statuses[:] = [500] * 10
+    url = serve(FakeImageModel(steps=1, step_s=0.001), webhook_max_attempts=3, **WEBHOOK_SETTINGS)
+    submit(url, listener)
+    wait_until(lambda: webhooks_given_up(url) == 1, timeout=60)
+    # Given up: the sequence has ended, so no fourth attempt can still come.
+    assert len(listener.received) == 3
+    assert webhook_count(url, "attempted") == 3
+    assert webhook_count(url, "delivered") == 0
+    first, second, third = listener.times
+    assert second - first >= 0.5  # BACKOFF_BASE_S, then doubled: lower bounds only
+    assert third - second >= 1.0
+
+
+def test_a_receiver_that_never_answers_is_cut_off_by_the_timeout(
+    serve: Any, listener: Listener
+) -> None:
+    listener.answer.clear()  # holds every POST until the test ends
+    url = serve(
+        FakeImageModel(steps=1, step_s=0.001),
+        webhook_max_attempts=2,
+        webhook_timeout_s=0.2,
+        **WEBHOOK_SETTINGS,
+    )
+    submit(url, listener)
+    # Without WEBHOOK_TIMEOUT_S the first attempt would wait for as long as the receiver holds.
+    wait_until(lambda: webhooks_given_up(url) == 1, timeout=60)
+    assert len(listener.received) == 2
+
+
+def test_a_redirect_is_not_followed(serve: Any, listener: Listener) -> None:
+    listener.statuses[:] = [307]
+    url = serve(FakeImageModel(steps=1, step_s=0.001), webhook_max_attempts=1, **WEBHOOK_SETTINGS)
+    submit(url, listener)
+    wait_until(lambda: webhooks_given_up(url) == 1, timeout=60)
+    assert listener.paths == ["/hook"]  # never "/elsewhere"
+
+
+@pytest.mark.parametrize("ending", ["failed", "cancelled", "expired"])
+def test_jobs_that_end_without_a_result_call_their_webhook_too(
+    serve: Any, listener: Listener, ending: str
+) -> None:
+    model = FakeImageModel(steps=1, step_s=0.001)
+    if ending != "failed":
+        model.gate.clear()  # the job waits to run until the test ends it
+    url = serve(model, **WEBHOOK_SETTINGS)
+    body: dict[str, Any] = {"prompt": "boom"} if ending == "failed" else {}
+    if ending == "expired":
+        body["timeout_s"] = 0.2
+    job_id = submit(url, listener, **body)
+    if ending == "cancelled":
+        assert httpx.delete(f"{url}/v1/jobs/{job_id}").status_code == 200
+    wait_until(lambda: len(listener.received) == 1, timeout=60)
+    model.gate.set()
+    headers, raw = listener.received[0]
+    payload = Webhook(SECRET).verify(raw, headers)
+    assert (payload["id"], payload["status"]) == (job_id, ending)
+    expected_code = {"failed": "internal_error", "cancelled": "cancelled_by_user"}
+    expected_code["expired"] = "deadline_exceeded"
+    assert payload["error"]["code"] == expected_code[ending]
+    assert "result" not in payload or payload["result"] is None
