@@ -88,3 +88,18 @@ def test_greedy_keeps_its_settings_and_gets_the_mask_only() -> None:
     kwargs = grammar.sampling_after(mask, greedy, SimpleNamespace())  # type: ignore[arg-type]
     assert list(kwargs["logits_processor"]) == [mask]
     assert {k: kwargs[k] for k in greedy} == greedy
+
+
+def test_a_constrained_sampled_request_gets_the_same_warper_defaults_as_generate() -> None:
+    from transformers import GenerationConfig, TemperatureLogitsWarper, TopKLogitsWarper
+
+    from hunyuan_service.models.grammar import sampling_after
+
+    mask = object()
+    # A checkpoint that sets no sampling defaults: generate would still apply top-k 50.
+    kwargs = sampling_after(mask, {"do_sample": True, "temperature": 0.7}, GenerationConfig())
+    processors = list(kwargs["logits_processor"])
+    assert processors[0] is mask  # the grammar first, then the warpers
+    assert [type(p) for p in processors[1:]] == [TemperatureLogitsWarper, TopKLogitsWarper]
+    assert processors[2].top_k == 50
+    assert kwargs["top_k"] is None  # generate's own warpers are off: these replace them

@@ -152,7 +152,7 @@ def sampling_after(mask: GrammarMask, sampling: dict[str, Any], defaults: Any) -
     processors: list[Any] = [mask]
     if kwargs.get("do_sample"):
         temperature, top_k, top_p = (
-            kwargs.pop(name) if name in kwargs else getattr(defaults, name, None)
+            kwargs.pop(name) if name in kwargs else generation_default(defaults, name)
             for name in ("temperature", "top_k", "top_p")
         )
         if temperature is not None and temperature != 1.0:
@@ -165,3 +165,14 @@ def sampling_after(mask: GrammarMask, sampling: dict[str, Any], defaults: Any) -
         kwargs.update(temperature=None, top_k=None, top_p=None)
     kwargs["logits_processor"] = LogitsProcessorList(processors)
     return kwargs
+
+
+def generation_default(config: Any, name: str) -> Any:
+    """What `generate` uses for a sampling setting a request leaves out: the checkpoint's
+    generation config, else transformers' own default (top_k 50, for example)."""
+    from transformers import GenerationConfig
+
+    value = getattr(config, name, None)
+    if value is not None:
+        return value
+    return GenerationConfig._get_default_generation_params().get(name)
