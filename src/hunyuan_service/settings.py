@@ -143,6 +143,19 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(
         50.0, ge=0, le=1000, description="how long the worker may wait for batch companions"
     )
+    continuous_batching: bool = Field(
+        True,
+        description="image2text with MAX_BATCH_SIZE above 1: requests join and leave the "
+        "running decode at every token; false forms static batches at the head of the queue",
+    )
+    kv_cache_tokens: int = Field(
+        0,
+        ge=0,
+        le=100_000_000,
+        description="image2text with MAX_BATCH_SIZE above 1: KV cache positions shared by the "
+        "rows decoding together; 0: MAX_BATCH_SIZE x 4096, and at least one request of "
+        "MAX_INPUT_TOKENS + MAX_NEW_TOKENS_LIMIT",
+    )
 
     # Input limits shared by both model types.
     max_prompt_chars: int = Field(4_000, ge=1, le=1_000_000, description="prompt length limit")

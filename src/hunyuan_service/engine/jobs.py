@@ -201,6 +201,10 @@ class JobQueue(asyncio.Queue["Job"]):
             return False
         return True
 
+    def put_front(self, job: Job) -> None:
+        """Gives a job taken off the queue its place back, at the head."""
+        self._queue.appendleft(job)
+
     def position(self, job: Job) -> int | None:
         try:
             return self._queue.index(job)

@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from hunyuan_service.engine.continuous import ContinuousLoop
 from hunyuan_service.engine.jobs import Job, JobQueue, JobStatus, StopReason
 from hunyuan_service.engine.lifecycle import Lifecycle, State
 from hunyuan_service.engine.metrics import Histogram
@@ -36,7 +37,7 @@ WATCH_AFTER_S = 0.05
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
-class Scheduler(WorkerLoop):
+class Scheduler(WorkerLoop, ContinuousLoop):
     """Admits jobs into a bounded FIFO queue and runs them one at a time on a worker task.
 
     Args:
@@ -57,7 +58,8 @@ class Scheduler(WorkerLoop):
     ):
         self.model = model
         # A model that cannot batch runs one job at a time whatever the setting says.
-        self.max_batch_size = max_batch_size if model.supports_batching else 1
+        batches = model.supports_batching or model.decodes_continuously()
+        self.max_batch_size = max_batch_size if batches else 1
         self.batch_wait_s = batch_wait_s
         self.lifecycle = lifecycle or Lifecycle()
         self.max_queue_size = max_queue_size
@@ -86,7 +88,11 @@ class Scheduler(WorkerLoop):
 
     def start(self) -> None:
         self._thread.start()
-        self._task = asyncio.create_task(self._work(), name="hunyuan-worker")
+        # A model that decodes continuously takes jobs into its running batch between steps
+        # (engine/continuous.py); otherwise batches form at the head of the queue.
+        continuous = self.max_batch_size > 1 and self.model.decodes_continuously()
+        work = self._work_continuously() if continuous else self._work()
+        self._task = asyncio.create_task(work, name="hunyuan-worker")
         self._idle.set()
         if self.lifecycle.state is State.STARTING:  # a stop signal may have come during loading
             self.lifecycle.advance(State.READY)

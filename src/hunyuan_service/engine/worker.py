@@ -73,7 +73,7 @@ class WorkerLoop:
             except Exception:  # one batch's failure must never end the loop
                 logger.exception("worker bookkeeping failed", extra=log_fields(head))
                 for job in batch:
-                    self._finish(job, JobStatus.FAILED, error=InternalError(_generic_500(job)))
+                    self._finish(job, JobStatus.FAILED, error=InternalError(generic_500(job)))
             finally:
                 self.running = []
                 self._set_idle_if_empty()
@@ -147,6 +147,13 @@ class WorkerLoop:
             return [error] * len(jobs)
 
     async def _settle(self, job: Job, outcome: Any) -> None:
+        oom = isinstance(outcome, BaseException) and not isinstance(outcome, ServiceError)
+        if oom and self.model.is_out_of_memory(outcome):
+            await self._thread.run(self.model.recover_from_oom)
+        self._settle_now(job, outcome)
+
+    def _settle_now(self, job: Job, outcome: Any) -> None:
+        """Gives `job` its final status from the model's `outcome` (output or exception)."""
         if isinstance(outcome, JobCancelled):
             reason = job.stop_reason or StopReason.CLIENT_GONE
             if reason is StopReason.SHUTDOWN and job.done.done():
@@ -170,7 +177,6 @@ class WorkerLoop:
             if self.model.is_out_of_memory(outcome):
                 self.counters["out_of_memory"] += 1
                 logger.error("out of memory", extra=log_fields(job))
-                await self._thread.run(self.model.recover_from_oom)
                 error: ServiceError = OutOfMemory(
                     "the model ran out of accelerator memory for this request; "
                     "try a smaller size, fewer steps or fewer images"
@@ -178,7 +184,7 @@ class WorkerLoop:
             else:
                 self.counters["failed"] += 1
                 logger.error("inference failed", exc_info=outcome, extra=log_fields(job))
-                error = InternalError(_generic_500(job))
+                error = InternalError(generic_500(job))
             self._finish(job, JobStatus.FAILED, error=error)
         else:
             self.counters["completed"] += 1
@@ -228,7 +234,7 @@ def shutdown_error() -> Unavailable:
     )
 
 
-def _generic_500(job: Job) -> str:
+def generic_500(job: Job) -> str:
     return (
         f"internal error while running the model; see the server log for request {job.request_id}"
     )

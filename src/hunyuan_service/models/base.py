@@ -96,6 +96,18 @@ class InferenceModel(abc.ABC, Generic[InputT, OutputT]):
         """
         raise NotImplementedError(f"{type(self).__name__} does not batch")
 
+    def decodes_continuously(self) -> bool:
+        """Continuous batching (MAX_BATCH_SIZE > 1): jobs go to `serve_continuously` instead,
+        which takes new ones between its decode steps."""
+        return False
+
+    def serve_continuously(self, feed: Any) -> None:
+        """Runs on the model thread while there is work: takes jobs from `feed.take()` between
+        steps (key, input, context), reports each one's output or exception with
+        `feed.finished(key, outcome)` as soon as its row ends, and returns once
+        `feed.close_if_idle()` agrees that nothing is left. See `engine/continuous.py`."""
+        raise NotImplementedError(f"{type(self).__name__} does not decode continuously")
+
     def recover_from_oom(self) -> None:
         """Frees what an out-of-memory failure left behind, so the next job can run."""
 

@@ -8,6 +8,7 @@ from typing import Any
 from hunyuan_service.errors import InvalidInput, JobCancelled, ModelLoadError
 from hunyuan_service.models.base import JobContext, TorchModel
 from hunyuan_service.models.decode_ahead import ahead_of_the_device
+from hunyuan_service.models.decoding.rows import TextStream
 from hunyuan_service.models.grammar import GrammarMask, sampling_after
 from hunyuan_service.models.loading import (
     quiet_hf_progress,
@@ -33,6 +34,7 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
         self.model: Any = None
         self.processor: Any = None
         self.grammar_tokenizer: Any = None  # llguidance's view of the vocabulary
+        self.decoder: Any = None  # the continuous decoder, with MAX_BATCH_SIZE above 1
 
     def load(self) -> None:
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
@@ -69,6 +71,18 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
         self.processor.tokenizer.padding_side = "left"
         self.grammar_tokenizer = _grammar_tokenizer(self.model, self.processor.tokenizer)
         speed = speed_up_qwen(self.model, self.settings, self.device)
+        if self.settings.max_batch_size > 1 and self.settings.continuous_batching:
+            from hunyuan_service.models.decoding.batch import DecodeBatch
+
+            # Built at load, so that its KV pool is taken before the service turns ready.
+            self.decoder = DecodeBatch(
+                self.model,
+                self.processor,
+                self._prompt_and_images,
+                self._row_grammar,
+                capacity=kv_cache_tokens(self.settings),
+            )
+            speed["kv_cache_tokens"] = self.decoder.pool.capacity
         self.info.extra = {
             "attn_implementation": self.settings.attn_implementation,
             "vl_max_pixels": self._max_pixels,
@@ -114,7 +128,7 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
         generate_kwargs.update(
             max_new_tokens=request.max_new_tokens,
             stopping_criteria=StoppingCriteriaList([StopWhenCancelled()]),
-            streamer=_DeltaStreamer(self.processor.tokenizer, ctx, prompt_tokens),
+            streamer=TextStream(self.processor.tokenizer, ctx),
         )
         if request.stop:
             generate_kwargs.update(
@@ -132,6 +146,24 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
             if stop in text:
                 text = text[: text.index(stop)]
         return _output(text, prompt_tokens, int(generated.shape[0]), request.max_new_tokens)
+
+    # -- continuous batching (MAX_BATCH_SIZE > 1) ---------------------------------------------
+
+    def decodes_continuously(self) -> bool:
+        return self.decoder is not None
+
+    def serve_continuously(self, feed: Any) -> None:
+        """Decodes jobs together as they come and go (models/decoding/)."""
+        import torch
+
+        from hunyuan_service.models.decoding.serve import serve_rows
+
+        with torch.inference_mode():
+            serve_rows(self.decoder, feed, self.is_out_of_memory, self.recover_from_oom)
+
+    def _row_grammar(self, grammar: OutputGrammar) -> GrammarMask:
+        vocab = int(self.model.get_output_embeddings().weight.shape[0])
+        return GrammarMask(self.grammar_tokenizer, [grammar], vocab)
 
     # -- batching ----------------------------------------------------------------------------
 
@@ -286,6 +318,15 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
         )
 
 
+def kv_cache_tokens(settings: Any) -> int:
+    """KV_CACHE_TOKENS, or by default room for MAX_BATCH_SIZE rows of 4096 positions, and at
+    least for one request of the largest size allowed."""
+    if settings.kv_cache_tokens:
+        return int(settings.kv_cache_tokens)
+    largest = settings.max_input_tokens + settings.max_new_tokens_limit
+    return max(settings.max_batch_size * 4096, largest)
+
+
 def _output(text: str, prompt_tokens: int, completion_tokens: int, limit: int) -> Image2TextOutput:
     return Image2TextOutput(
         text=text,
@@ -328,7 +369,7 @@ class _BatchStreamer:
 
     def __init__(self, tokenizer: Any, contexts: list[JobContext], rows: _RowStops) -> None:
         self.rows = rows
-        self.streams = [_DeltaStreamer(tokenizer, ctx, 0) for ctx in contexts]
+        self.streams = [TextStream(tokenizer, ctx) for ctx in contexts]
         self.prompt_seen = False
 
     def put(self, value: Any) -> None:
@@ -347,39 +388,6 @@ class _BatchStreamer:
     def end(self) -> None:
         for stream in self.streams:
             stream.end()
-
-
-class _DeltaStreamer:
-    """A `generate` streamer that emits each new piece of decoded text as a `token` event.
-
-    It runs on the worker thread inside `generate`, so no extra thread is needed. Text that ends in
-    an incomplete UTF-8 sequence is held back until the next token completes it.
-    """
-
-    def __init__(self, tokenizer: Any, ctx: JobContext, prompt_tokens: int) -> None:
-        self.tokenizer = tokenizer
-        self.ctx = ctx
-        self.tokens: list[int] = []
-        self.sent = 0
-        self.prompt_seen = False
-
-    def put(self, value: Any) -> None:
-        if not self.prompt_seen:  # generate first hands over the whole prompt
-            self.prompt_seen = True
-            return
-        self.tokens.extend(int(t) for t in value.reshape(-1).tolist())
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return
-        if len(text) > self.sent:
-            self.ctx.on_token(text[self.sent :])
-            self.sent = len(text)
-
-    def end(self) -> None:
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if len(text) > self.sent:
-            self.ctx.on_token(text[self.sent :])
-            self.sent = len(text)
 
 
 def _grammar_tokenizer(model: Any, tokenizer: Any) -> Any:

@@ -1,0 +1,234 @@
+"""The continuous decoder for Qwen2.5-VL: rows join between steps, step together, leave alone.
+
+`DecodeBatch` is the small interface the model class drives from its thread:
+
+- `prepare(request, ctx, key)` templates and tokenizes a request (its images included) and
+  says how many KV positions it needs;
+- `admit(prepared)` reserves its KV range, runs its prefill (vision encoder and prompt, through
+  transformers' own forward, which computes the 3-D rotary positions of its images), copies its
+  keys and values into the pool and chooses its first token;
+- `step()` decodes one token for every row in one forward pass over the pool and returns the
+  rows that ended (by their end of text, a stop string, `max_new_tokens`, or their job
+  stopping);
+- `free(row)` gives a row's range back.
+
+The decode step is this module's own forward over the text model's layers and weights: it reads
+each row's keys and values from its range (grouped-query attention, KV heads never repeated),
+with every row at its own length and its own rotary position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hunyuan_service.errors import InvalidInput
+from hunyuan_service.models.base import JobContext
+from hunyuan_service.models.decoding.kv_pool import KVPool
+from hunyuan_service.models.decoding.rows import Row, RowSampler, TextStream
+from hunyuan_service.models.types import Image2TextInput
+
+
+@dataclass
+class Prepared:
+    """A request templated and tokenized, waiting for KV room."""
+
+    key: Any
+    request: Image2TextInput
+    ctx: JobContext
+    inputs: Any  # the processor's tensors, on the device
+    prompt_tokens: int
+
+    @property
+    def needs(self) -> int:
+        return self.prompt_tokens + self.request.max_new_tokens
+
+
+class DecodeBatch:
+    """The rows decoding together on one model, and the KV pool they share.
+
+    Args:
+        model: a loaded `Qwen2_5_VLForConditionalGeneration`.
+        processor: its processor (tokenizer left-padding does not matter here: one row each).
+        prompt_and_images: turns a request into (templated prompt, resized images).
+        grammar_mask: makes a row's `GrammarMask` for an `OutputGrammar` (None: no grammar).
+        capacity: KV positions in all (KV_CACHE_TOKENS).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        prompt_and_images: Any,
+        grammar_mask: Any,
+        capacity: int,
+    ) -> None:
+        config = model.config.text_config
+        if any(kind != "full_attention" for kind in getattr(config, "layer_types", [])):
+            raise ValueError("the continuous decoder needs full attention in every layer")
+        self.model = model
+        self.text_model = model.model.language_model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.prompt_and_images = prompt_and_images
+        self.grammar_mask = grammar_mask
+        self.device = model.device
+        head_dim = config.hidden_size // config.num_attention_heads
+        self.pool = KVPool(
+            len(self.text_model.layers),
+            config.num_key_value_heads,
+            head_dim,
+            capacity,
+            self.device,
+            model.dtype,
+        )
+        eos = model.generation_config.eos_token_id
+        self.eos = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        self.rows: list[Row] = []
+
+    # -- joining ---------------------------------------------------------------------------------
+
+    def prepare(self, request: Image2TextInput, ctx: JobContext, key: Any) -> Prepared:
+        prompt, images = self.prompt_and_images(request)
+        inputs = self.processor(
+            text=[prompt], images=images or None, return_tensors="pt", padding=True
+        ).to(self.device)
+        return Prepared(key, request, ctx, inputs, int(inputs["input_ids"].shape[1]))
+
+    def fits(self, prepared: Prepared) -> bool:
+        """Whether the pool could ever hold it (else the request must be refused)."""
+        return prepared.needs <= self.pool.capacity
+
+    def too_big(self, prepared: Prepared) -> InvalidInput:
+        return InvalidInput(
+            f"messages: the input is {prepared.prompt_tokens} tokens and max_new_tokens "
+            f"{prepared.request.max_new_tokens}; together they need more KV cache than the "
+            f"service has ({self.pool.capacity} positions, KV_CACHE_TOKENS): send less or ask "
+            "for fewer tokens",
+            param="messages",
+        )
+
+    def admit(self, prepared: Prepared) -> Row | None:
+        """Prefills the request as a new row, or returns None while its KV range is not free."""
+        import torch
+
+        start = self.pool.reserve(prepared.needs)
+        if start is None:
+            return None
+        try:
+            with torch.inference_mode():
+                logits, rope_delta = self._prefill(prepared, start)
+        except BaseException:
+            self.pool.release(start, prepared.needs)
+            raise
+        request, ctx = prepared.request, prepared.ctx
+        grammar = None if request.grammar is None else self.grammar_mask(request.grammar)
+        row = Row(
+            key=prepared.key,
+            request=request,
+            ctx=ctx,
+            prompt_ids=prepared.inputs["input_ids"][0].tolist(),
+            start=start,
+            reserved=prepared.needs,
+            rope_delta=rope_delta,
+            sampler=RowSampler(request, self.model.generation_config, grammar, self.device),
+            streamer=TextStream(self.tokenizer, ctx, prompt_seen=True),
+            eos=self.eos,
+            cached=prepared.prompt_tokens,
+        )
+        row.take(self._choose(row, logits), self.decode)
+        self.rows.append(row)
+        return row
+
+    def _prefill(self, prepared: Prepared, start: int) -> tuple[Any, int]:
+        """Runs the prompt through transformers' own forward, as `generate`'s first step does,
+        and moves its keys and values into the row's range."""
+        model = self.model
+        inputs = dict(prepared.inputs)
+        positions = model._prepare_position_ids_for_generation(inputs["input_ids"], inputs)
+        output = model(**inputs, position_ids=positions, use_cache=True, return_dict=True)
+        delta = model.model.rope_deltas
+        rope_delta = int(delta.reshape(-1)[0]) if delta is not None else 0
+        cache = output.cache if hasattr(output, "cache") else output.past_key_values
+        for index, layer in enumerate(cache.layers):
+            self.pool.write(index, start, layer.keys[0], layer.values[0])
+        return output.logits[:, -1, :].float(), rope_delta
+
+    # -- stepping --------------------------------------------------------------------------------
+
+    def step(self) -> list[Row]:
+        """One token for every row; returns the rows that ended (the caller frees them)."""
+        import torch
+
+        rows = self.rows
+        with torch.inference_mode():
+            logits = self._forward(rows).float()
+        ended = []
+        for index, row in enumerate(rows):
+            row.cached += 1
+            if row.ctx.should_stop():
+                ended.append(row)
+                continue
+            row.take(self._choose(row, logits[index : index + 1]), self.decode)
+            if row.ended is not None:
+                ended.append(row)
+        return ended
+
+    def stopped(self) -> list[Row]:
+        """Rows whose job stopped (cancelled, deadline, shutdown) since the last step."""
+        return [row for row in self.rows if row.ctx.should_stop()]
+
+    def free(self, row: Row) -> None:
+        self.rows.remove(row)
+        self.pool.release(row.start, row.reserved)
+
+    def _forward(self, rows: list[Row]) -> Any:
+        """Logits [rows, vocab] for each row's `next_token` at its own position."""
+        import torch
+        from torch.nn.functional import scaled_dot_product_attention
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
+
+        device, count = self.device, len(rows)
+        tokens = torch.tensor([[row.generated[-1]] for row in rows], device=device)
+        at = torch.tensor([row.start + row.cached for row in rows], device=device)
+        rotary = torch.tensor([row.cached + row.rope_delta for row in rows], device=device)
+        lengths = torch.tensor([row.cached + 1 for row in rows], device=device)
+        starts = torch.tensor([row.start for row in rows], device=device)
+        width = int(max(row.cached for row in rows)) + 1
+        offsets = torch.arange(width, device=device)
+        valid = offsets[None, :] < lengths[:, None]  # [rows, width]
+        index = starts[:, None] + torch.minimum(offsets[None, :], lengths[:, None] - 1)
+        mask = valid[:, None, None, :]
+
+        model = self.text_model
+        hidden = model.embed_tokens(tokens)  # [rows, 1, hidden]
+        cos, sin = model.rotary_emb(hidden, rotary.view(1, count, 1).expand(3, count, 1))
+        for number, layer in enumerate(model.layers):
+            attention = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            query = attention.q_proj(x).view(count, 1, -1, attention.head_dim).transpose(1, 2)
+            key = attention.k_proj(x).view(count, 1, -1, attention.head_dim).transpose(1, 2)
+            value = attention.v_proj(x).view(count, 1, -1, attention.head_dim).transpose(1, 2)
+            query, key = apply_rotary_pos_emb(query, key, cos, sin)
+            self.pool.scatter(number, at, key[:, :, 0], value[:, :, 0])
+            keys, values = self.pool.gather(number, index)
+            out = scaled_dot_product_attention(
+                query, keys, values, attn_mask=mask, scale=attention.scaling, enable_gqa=True
+            )
+            hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(count, 1, -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = model.norm(hidden)
+        return self.model.lm_head(hidden[:, -1, :])
+
+    def _choose(self, row: Row, logits: Any) -> int:
+        import torch
+
+        ids = torch.tensor([row.prompt_ids + row.generated], device=logits.device)
+        return row.sampler.choose(ids, logits)
+
+    def decode(self, tokens: list[int]) -> str:
+        return str(
+            self.tokenizer.decode(
+                tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False
+            )
+        )

@@ -1,0 +1,79 @@
+"""The continuous decoder's KV cache: one pool of token positions per layer, rows hold ranges.
+
+Each row reserves one contiguous range of `prompt + max_new_tokens` positions when it joins and
+frees it when it leaves, so memory follows what the rows need rather than a fixed length for
+every row. A row that does not fit waits for rows to leave (the decoder never fails a running
+row for room). Keys and values keep their own KV heads: attention reads them with grouped-query
+attention, never repeated to the query heads.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Any
+
+
+class KVPool:
+    """`capacity` positions of keys and values for each of `layers` layers.
+
+    Args:
+        layers, kv_heads, head_dim: the text model's shape.
+        capacity: positions in all, shared by the rows.
+        device, dtype: where and in what the keys and values live.
+    """
+
+    def __init__(
+        self, layers: int, kv_heads: int, head_dim: int, capacity: int, device: Any, dtype: Any
+    ) -> None:
+        import torch
+
+        self.capacity = capacity
+        shape = (kv_heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
+        self._free: list[tuple[int, int]] = [(0, capacity)]  # (start, length), sorted by start
+
+    @property
+    def free_positions(self) -> int:
+        return sum(length for _start, length in self._free)
+
+    def reserve(self, length: int) -> int | None:
+        """The start of a free range of `length` positions (first fit), or None if none is."""
+        for index, (start, free) in enumerate(self._free):
+            if free >= length:
+                if free == length:
+                    del self._free[index]
+                else:
+                    self._free[index] = (start + length, free - length)
+                return start
+        return None
+
+    def release(self, start: int, length: int) -> None:
+        """Gives a range back, merging it with free neighbours."""
+        index = bisect.bisect_left(self._free, (start, 0))
+        self._free.insert(index, (start, length))
+        merged: list[tuple[int, int]] = []
+        for begin, size in self._free:
+            if merged and merged[-1][0] + merged[-1][1] == begin:
+                merged[-1] = (merged[-1][0], merged[-1][1] + size)
+            else:
+                merged.append((begin, size))
+        self._free = merged
+
+    def write(self, layer: int, start: int, keys: Any, values: Any) -> None:
+        """Stores `[kv_heads, n, head_dim]` keys and values at positions start..start+n."""
+        count = keys.shape[1]
+        self.keys[layer][:, start : start + count] = keys
+        self.values[layer][:, start : start + count] = values
+
+    def scatter(self, layer: int, positions: Any, keys: Any, values: Any) -> None:
+        """Stores one new position per row: `positions` [rows], keys and values
+        `[rows, kv_heads, head_dim]`."""
+        self.keys[layer][:, positions] = keys.transpose(0, 1)
+        self.values[layer][:, positions] = values.transpose(0, 1)
+
+    def gather(self, layer: int, index: Any) -> tuple[Any, Any]:
+        """Keys and values `[rows, kv_heads, width, head_dim]` at `index` [rows, width]."""
+        keys = self.keys[layer][:, index].transpose(0, 1)
+        values = self.values[layer][:, index].transpose(0, 1)
+        return keys, values

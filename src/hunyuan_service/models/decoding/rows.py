@@ -1,0 +1,168 @@
+"""One request in the continuous decoder: its KV range, its sampling, its stops and its stream.
+
+Everything a row needs is its own: sampling settings and random generator (a seeded row draws
+exactly what it would draw alone), stop strings, `max_new_tokens`, grammar, cancellation and
+deadline (through its `JobContext`), token stream and usage counts.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from hunyuan_service.errors import JobCancelled
+from hunyuan_service.models.base import JobContext
+from hunyuan_service.models.grammar import generation_default
+from hunyuan_service.models.types import Image2TextInput, Image2TextOutput
+
+
+class RowSampler:
+    """Chooses a row's next token the way `generate` would for this request alone: the
+    repetition penalty, the grammar mask, then temperature, top-k and top-p, and greedy or a
+    draw from the row's own generator (seeded like `torch.manual_seed(seed)` would seed it)."""
+
+    def __init__(
+        self, request: Image2TextInput, defaults: Any, grammar_mask: Any, device: Any
+    ) -> None:
+        import torch
+        from transformers import (
+            RepetitionPenaltyLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        self.processors: list[Any] = []
+        penalty = request.repetition_penalty
+        if penalty is None:
+            penalty = generation_default(defaults, "repetition_penalty")
+        if penalty is not None and penalty != 1.0:
+            self.processors.append(RepetitionPenaltyLogitsProcessor(penalty))
+        if grammar_mask is not None:
+            self.processors.append(grammar_mask)
+        self.sampled = request.temperature > 0
+        self.generator = None
+        if self.sampled:
+            top_k = (
+                request.top_k
+                if request.top_k is not None
+                else generation_default(defaults, "top_k")
+            )
+            top_p = (
+                request.top_p
+                if request.top_p is not None
+                else generation_default(defaults, "top_p")
+            )
+            if request.temperature != 1.0:
+                self.processors.append(TemperatureLogitsWarper(request.temperature))
+            if top_k:
+                self.processors.append(TopKLogitsWarper(top_k))
+            if top_p is not None and top_p < 1.0:
+                self.processors.append(TopPLogitsWarper(top_p))
+            seed = request.seed if request.seed is not None else secrets.randbits(63)
+            self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def choose(self, ids: Any, logits: Any) -> int:
+        """The next token from float32 `logits` [1, vocab], given the row's `ids` [1, n]."""
+        import torch
+
+        scores = logits
+        for processor in self.processors:
+            scores = processor(ids, scores)
+        if not self.sampled:
+            return int(torch.argmax(scores, dim=-1))
+        probabilities = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probabilities, 1, generator=self.generator))
+
+
+class TextStream:
+    """Emits each new piece of a row's decoded text as a `token` event, through its context.
+
+    Also a `generate` streamer (`put`, `end`), whose first `put` is the prompt. Text that ends in
+    an incomplete UTF-8 sequence is held back until the next token completes it.
+    """
+
+    def __init__(self, tokenizer: Any, ctx: JobContext, prompt_seen: bool = False) -> None:
+        self.tokenizer = tokenizer
+        self.ctx = ctx
+        self.tokens: list[int] = []
+        self.sent = 0
+        self.prompt_seen = prompt_seen
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:  # generate first hands over the whole prompt
+            self.prompt_seen = True
+            return
+        self.tokens.extend(int(t) for t in value.reshape(-1).tolist())
+        self._emit(final=False)
+
+    def put_token(self, token: int) -> None:
+        self.tokens.append(token)
+        self._emit(final=False)
+
+    def end(self) -> None:
+        self._emit(final=True)
+
+    def _emit(self, final: bool) -> None:
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if not final and text.endswith("\ufffd"):
+            return
+        if len(text) > self.sent:
+            self.ctx.on_token(text[self.sent :])
+            self.sent = len(text)
+
+
+@dataclass(eq=False)
+class Row:
+    """A request decoding in the batch. `next_token` was chosen but is not in the cache yet."""
+
+    key: Any  # the feed's handle for the job
+    request: Image2TextInput
+    ctx: JobContext
+    prompt_ids: list[int]
+    start: int  # the row's range in the KV pool
+    reserved: int
+    rope_delta: int
+    sampler: RowSampler
+    streamer: TextStream
+    eos: frozenset[int]
+    cached: int = 0  # positions of the range written so far
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    ended: str | None = None  # "stop" or "length" once the row is done
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    def take(self, token: int, decode: Any) -> None:
+        """Appends a chosen token, streams its text, and decides whether the row has ended."""
+        self.generated.append(token)
+        if token in self.eos:
+            self.ended = "stop"
+            return
+        self.streamer.put_token(token)
+        if self.request.stop:
+            self.text = decode(self.generated)
+            if any(stop in self.text for stop in self.request.stop):
+                self.ended = "stop"
+                return
+        if len(self.generated) >= self.request.max_new_tokens:
+            self.ended = "length"
+
+    def output(self, decode: Any) -> Image2TextOutput:
+        self.streamer.end()
+        text = decode(self.generated)
+        for stop in self.request.stop:
+            if stop in text:
+                text = text[: text.index(stop)]
+        completion = len(self.generated)
+        finish = "length" if completion >= self.request.max_new_tokens else "stop"
+        return Image2TextOutput(
+            text=text, prompt_tokens=self.prompt_tokens, completion_tokens=completion,
+            finish_reason=finish,
+        )  # fmt: skip
+
+    def cancelled(self) -> JobCancelled:
+        return JobCancelled(f"job stopped: {self.ctx.stop_reason()}", code=self.ctx.stop_reason())

@@ -1,0 +1,298 @@
+"""Continuous batching on the tiny Qwen2.5-VL: rows join and leave between steps, each keeping
+every promise it has alone (tokens, sampling, stops, grammar, streams, cancel, deadline)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from hunyuan_service.engine.engine import Engine
+from hunyuan_service.engine.events import Succeeded, Token
+from hunyuan_service.engine.jobs import JobStatus, StopReason
+from hunyuan_service.errors import DeadlineExceeded, InvalidInput, JobCancelled
+from hunyuan_service.models.base import JobContext
+from hunyuan_service.models.types import ChatMessage, Image2TextInput
+from tests.e2e.conftest import tiny_settings
+from tests.images import png_bytes
+
+
+def ask(text: str, tokens: int, **options: Any) -> Image2TextInput:
+    return Image2TextInput((ChatMessage("user", text),), max_new_tokens=tokens, **options)
+
+
+@pytest.fixture(scope="module")
+def continuous(tiny_cache: Path) -> Any:
+    """The tiny Qwen with the continuous decoder (MAX_BATCH_SIZE 4)."""
+    from hunyuan_service.models.qwen_vl import QwenVLModel
+
+    model = QwenVLModel(tiny_settings("image2text", tiny_cache, max_batch_size=4))
+    model.load()
+    assert model.decodes_continuously()
+    return model
+
+
+class ListFeed:
+    """A feed that hands over its jobs at once and records each outcome (model-level tests)."""
+
+    def __init__(self, jobs: list[tuple[Any, Image2TextInput, JobContext]]) -> None:
+        self.jobs, self.outcomes, self.order = list(jobs), {}, []
+
+    def take(self) -> list[tuple[Any, Image2TextInput, JobContext]]:
+        taken, self.jobs = self.jobs, []
+        return taken
+
+    def close_if_idle(self) -> bool:
+        return not self.jobs
+
+    def finished(self, key: Any, outcome: Any) -> None:
+        self.outcomes[key] = outcome
+        self.order.append(key)
+
+
+def run_together(model: Any, requests: dict[str, Image2TextInput], contexts: dict | None = None):
+    contexts = contexts or {}
+    feed = ListFeed([(k, r, contexts.get(k, JobContext())) for k, r in requests.items()])
+    model.serve_continuously(feed)
+    return feed
+
+
+def test_every_row_equals_its_solo_answer(continuous: Any) -> None:
+    from hunyuan_service.media import decode_image
+    from hunyuan_service.models.grammar import compile_response_format
+
+    image = decode_image(png_bytes(), "images[0]", continuous.settings)
+    schema = {"type": "array", "items": {"enum": ["cat", "dog"]}, "minItems": 1, "maxItems": 3}
+    requests = {
+        "greedy": ask("Hi", 12),
+        "image": Image2TextInput((ChatMessage("user", "Describe this", (image,)),), 6),
+        "penalty": ask("Say it again and again", 9, repetition_penalty=1.3),
+        "seeded": ask("Surprise me", 10, temperature=0.9, top_p=0.95, seed=11),
+        "seeded, hot": ask("Surprise me", 10, temperature=1.4, seed=12),
+        "stop": ask("go", 12),
+        "grammar": ask("Pets?", 40, grammar=compile_response_format("json_schema", schema, "pets")),
+        "grammar, sampled": ask(
+            "Pets?",
+            40,
+            temperature=1.0,
+            seed=3,
+            grammar=compile_response_format("json_schema", schema, "pets"),
+        ),
+    }
+    full = continuous.infer(requests["stop"], JobContext()).text
+    requests["stop"] = ask("go", 12, stop=(full[3:5],))
+    # MAX_BATCH_SIZE=1's path, today's `generate`, alone for each request:
+    solo = {key: continuous.infer(request, JobContext()) for key, request in requests.items()}
+    tokens: dict[str, list[str]] = {key: [] for key in requests}
+    contexts = {key: JobContext(on_token=tokens[key].append) for key in requests}
+    together = run_together(continuous, requests, contexts).outcomes
+    for key, alone in solo.items():
+        assert together[key].text == alone.text, key
+        if key != "stop":
+            assert together[key] == alone, key  # token counts and finish reason too
+            assert "".join(tokens[key]) == together[key].text, key  # only its own stream
+    # The model streams up to the token that completed the stop string; the renderers cut it.
+    assert "".join(tokens["stop"]).startswith(together["stop"].text)
+    # A stop string ends the row as soon as the decoded text holds it; `generate` matches stop
+    # strings against token strings, which byte-level tokens can miss, and ran on to its limit.
+    assert together["stop"].text == full[: full.index(full[3:5])]
+    assert together["stop"].finish_reason == "stop"
+    assert together["stop"].completion_tokens < 12
+    assert together["seeded"].text != together["seeded, hot"].text
+    for key in ("grammar", "grammar, sampled"):
+        assert together[key].finish_reason == "stop"
+        jsonschema.validate(json.loads(together[key].text), schema)
+
+
+def test_a_row_that_stops_leaves_while_its_neighbours_finish(continuous: Any) -> None:
+    requests = {f"r{i}": ask(f"question {i}", 8) for i in range(3)}
+    solo = {key: continuous.infer(request, JobContext()) for key, request in requests.items()}
+    assert solo["r1"].completion_tokens == 8  # alone, r1 would run to its limit
+    streamed: dict[str, list[str]] = {key: [] for key in requests}
+    contexts = {key: JobContext(on_token=streamed[key].append) for key in requests}
+    # r1 stops (its client left, or its deadline passed) once r0 has streamed some text.
+    contexts["r1"] = JobContext(
+        should_stop=lambda: bool(streamed["r0"]),
+        on_token=streamed["r1"].append,
+        stop_reason=lambda: "deadline",
+    )
+    feed = run_together(continuous, requests, contexts)
+    assert isinstance(feed.outcomes["r1"], JobCancelled)
+    assert feed.outcomes["r1"].code == "deadline"
+    assert feed.order[0] == "r1"  # it left at once, before the others ended
+    assert [feed.outcomes["r0"], feed.outcomes["r2"]] == [solo["r0"], solo["r2"]]
+    assert len("".join(streamed["r1"])) < len(solo["r1"].text)
+
+
+def test_a_request_larger_than_the_kv_cache_is_refused_naming_the_setting(
+    tiny_cache: Path,
+) -> None:
+    from hunyuan_service.models.qwen_vl import QwenVLModel
+
+    settings = tiny_settings(
+        "image2text", tiny_cache, max_batch_size=2, kv_cache_tokens=80, max_input_tokens=256
+    )
+    model = QwenVLModel(settings)
+    model.load()
+    assert model.decoder.pool.capacity == 80
+    feed = run_together(model, {"big": ask("hello", 60), "small": ask("hello", 5)})
+    refused = feed.outcomes["big"]
+    assert isinstance(refused, InvalidInput)
+    assert refused.param == "messages"
+    assert "KV_CACHE_TOKENS" in refused.message
+    assert feed.outcomes["small"].completion_tokens == 5
+    assert model.decoder.pool.free_positions == 80  # every range given back
+
+
+# -- through the engine: joining, leaving, capacity --------------------------------------------
+
+
+async def started_engine(tiny_cache: Path, **settings: Any) -> Engine:
+    from hunyuan_service.models.qwen_vl import QwenVLModel
+
+    options = {"max_batch_size": 4, "max_new_tokens_limit": 4096, **settings}
+    model = QwenVLModel(tiny_settings("image2text", tiny_cache, **options))
+    engine = Engine(model.settings, model)
+    await engine.start()
+    # Random weights may end a text early; these tests need rows of the length they ask for.
+    model.model.generation_config.eos_token_id = None
+    model.decoder.eos = frozenset()
+    return engine
+
+
+async def until(condition: Any) -> None:
+    """Polls a condition that no event announces (the bound is the test's own timeout)."""
+    while not condition():  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, timeout=600))
+
+
+async def first_token(handle: Any) -> None:
+    async for _number, event in handle.events():
+        if isinstance(event, Token):
+            return
+
+
+def test_a_short_request_joins_a_long_one_and_finishes_first(tiny_cache: Path) -> None:
+    async def scenario() -> None:
+        engine = await started_engine(tiny_cache)
+        long = engine.submit(ask("Tell me everything", 2000), "long", observed=True)
+        await first_token(long)
+        short = engine.submit(ask("Hi", 4), "short", observed=True)
+        await short.wait_finished()
+        # The short one got its first token, and its whole answer, while the long one decodes.
+        assert not long.finished
+        assert short.status is JobStatus.SUCCEEDED
+        assert short.output.completion_tokens == 4
+        texts = [e.text for _n, e in [x async for x in short.events()] if isinstance(e, Token)]
+        assert "".join(texts) == short.output.text
+        long.cancel()
+        await long.wait_finished()
+        assert long.status is JobStatus.CANCELLED
+        await until(lambda: engine.scheduler.running == [])  # its row left at the next step
+        solo = engine.model.infer(ask("Hi", 4), JobContext())
+        assert short.output == solo
+        await engine.stop()
+
+    run(scenario())
+
+
+def test_rows_wait_for_kv_room_rather_than_fail(tiny_cache: Path) -> None:
+    async def scenario() -> None:
+        # Room for one 55-token prompt plus 40 new tokens at a time, not two.
+        engine = await started_engine(tiny_cache, kv_cache_tokens=150)
+        decoder = engine.model.decoder
+        rows_per_step: list[int] = []
+        step = decoder.step
+
+        def counted_step() -> Any:
+            rows_per_step.append(len(decoder.rows))
+            return step()
+
+        decoder.step = counted_step  # observes how many rows each step decoded
+        first = engine.submit(ask("first question", 40), "a", observed=True)
+        second = engine.submit(ask("second question", 40), "b", observed=True)
+        await first.wait_finished()
+        await second.wait_finished()
+        # Both were handed to the decoder at once, but their ranges never fit together.
+        assert engine.scheduler.batch_sizes.sum == 1 + 2
+        assert set(rows_per_step) == {1}
+        assert len(rows_per_step) == 2 * 39  # each row alone, one after the other
+        assert [first.status, second.status] == [JobStatus.SUCCEEDED] * 2
+        assert second.output == engine.model.infer(ask("second question", 40), JobContext())
+        assert engine.model.decoder.pool.free_positions == 150
+        await engine.stop()
+
+    run(scenario())
+
+
+def test_a_deadline_or_a_cancel_ends_only_its_own_row(tiny_cache: Path) -> None:
+    async def scenario() -> None:
+        engine = await started_engine(tiny_cache)
+        late = engine.submit(ask("one", 2000), "late", observed=True)
+        gone = engine.submit(ask("two", 2000), "gone", observed=True)
+        kept = engine.submit(ask("three", 30), "kept", observed=True)
+        await asyncio.gather(first_token(late), first_token(gone))
+        late._job.deadline = time.monotonic()  # its time runs out mid-decode
+        gone.cancel(StopReason.CLIENT_GONE)
+        await kept.wait_finished()
+        await late.wait_finished()
+        assert kept.status is JobStatus.SUCCEEDED
+        assert kept.output == engine.model.infer(ask("three", 30), JobContext())
+        assert late.status is JobStatus.EXPIRED
+        assert isinstance(late.error, DeadlineExceeded)
+        assert gone.status is JobStatus.CANCELLED
+        counters = engine.scheduler.counters
+        assert counters["cancelled_running_deadline"] == 1
+        await engine.stop()
+
+    run(scenario())
+
+
+def test_the_drain_deadline_ends_running_rows_with_a_503(tiny_cache: Path) -> None:
+    async def scenario() -> None:
+        engine = await started_engine(tiny_cache, shutdown_timeout_s=0.5)
+        rows = [engine.submit(ask(f"q{i}", 4000), f"r{i}", detached=True) for i in range(2)]
+        await first_token_of_all(rows)
+        await engine.stop()
+        for handle in rows:
+            assert handle.status is JobStatus.FAILED
+            assert handle.error.code == "shutdown"
+
+    run(scenario())
+
+
+async def first_token_of_all(handles: list[Any]) -> None:
+    await asyncio.gather(*(first_token(handle) for handle in handles))
+
+
+def test_static_batches_stay_available(tiny_cache: Path) -> None:
+    from hunyuan_service.models.qwen_vl import QwenVLModel
+
+    settings = tiny_settings("image2text", tiny_cache, max_batch_size=4, continuous_batching=False)
+    model = QwenVLModel(settings)
+    model.load()
+    assert not model.decodes_continuously()
+    assert model.decoder is None
+
+
+def test_succeeded_events_end_every_stream(tiny_cache: Path) -> None:
+    async def scenario() -> None:
+        engine = await started_engine(tiny_cache)
+        handles = [engine.submit(ask(f"q{i}", 5 + i), f"r{i}", observed=True) for i in range(4)]
+        for handle in handles:
+            events = [e for _n, e in [x async for x in handle.events()]]
+            assert isinstance(events[-1], Succeeded)
+            text = "".join(e.text for e in events if isinstance(e, Token))
+            assert text == handle.output.text  # each stream carries its own tokens only
+        await engine.stop()
+
+    run(scenario())
