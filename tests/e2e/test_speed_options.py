@@ -146,8 +146,11 @@ def ask(model: Any, ctx: JobContext, max_new_tokens: int = 12) -> Any:
 def test_compiled_qwen_gives_the_eager_text_streamed_and_stops_within_a_token(
     tiny_cache: Path, qwen: Any, decode_ahead: bool
 ) -> None:
+    from hunyuan_service.models.compilations import compilations
+
     compiled = load_qwen(tiny_cache, compile="full", warmup=["64x64"], decode_ahead=decode_ahead)
     assert compiled.model.generation_config.cache_implementation == "static"
+    warmed = compilations()
     eager = ask(qwen, JobContext())
     free = StopAfter("token", 10_000)
     output = ask(compiled, free.context())
@@ -157,6 +160,7 @@ def test_compiled_qwen_gives_the_eager_text_streamed_and_stops_within_a_token(
     with pytest.raises(JobCancelled):
         ask(compiled, stop.context(), max_new_tokens=40)
     assert len(stop.events) <= 3
+    assert compilations() == warmed  # the warmed-up shapes needed no compiler afterwards
 
 
 def greedy_tokens(model: Any, count: int) -> list[int]:

@@ -27,6 +27,7 @@ from hunyuan_service.engine.scheduler import Reservation, Scheduler
 from hunyuan_service.engine.store import JobStore
 from hunyuan_service.errors import ServiceError, Unavailable
 from hunyuan_service.models.base import InferenceModel
+from hunyuan_service.models.compilations import compilations
 from hunyuan_service.models.loading import describe_load_error
 from hunyuan_service.settings import Settings
 
@@ -161,6 +162,7 @@ class Engine:
         self.started_at = time.time()
         self.phase, self.phase_since = "waiting", time.monotonic()
         self.drain_deadline = float("inf")  # set when the drain begins
+        self.compilations_at_ready: int | None = None  # torch.compile's count at /ready
         self._phase_logged_at = 0.0
         self.load_error: str | None = None  # one line, when start-up failed for a known reason
         # 4xx answers by (status, code), for /metrics: refused requests never become jobs.
@@ -223,6 +225,7 @@ class Engine:
             batch_wait_s=settings.batch_wait_ms / 1000,
         )
         self.scheduler.start()
+        self.compilations_at_ready = compilations()
         info = self.model.info
         logger.info("ready", extra={"device": info.device, "dtype": info.dtype, "demo": info.demo})
         if info.demo:
@@ -275,6 +278,12 @@ class Engine:
         if time.monotonic() - self._phase_logged_at >= 10:
             self._phase_logged_at = time.monotonic()
             logger.info("start-up: %s", phase)
+
+    def compilations_after_ready(self) -> int:
+        """Compilations since the service turned ready: each one stalls every job meanwhile."""
+        if self.compilations_at_ready is None:
+            return 0
+        return compilations() - self.compilations_at_ready
 
     @property
     def is_ready(self) -> bool:

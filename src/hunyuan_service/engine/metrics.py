@@ -146,6 +146,12 @@ class ServiceCollector(Collector):
             (((k,), v) for k, v in sorted(self.webhooks().items())),
         )
         yield counter(
+            "compilations_after_ready",
+            "torch.compile compilations since /ready turned 200 (each stalls the jobs running).",
+            [],
+            [((), engine.compilations_after_ready())],
+        )
+        yield counter(
             "slow_connections_closed",
             "Connections closed before their request: headers too slow (header_timeout), or the "
             "longest waiting when too many waited (evicted).",

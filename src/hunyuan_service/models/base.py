@@ -125,6 +125,9 @@ class TorchModel(InferenceModel[InputT, OutputT]):
 
     def place(self) -> Any:
         """Resolves DEVICE and DTYPE, records them for /health, and returns the torch dtype."""
+        from hunyuan_service.models.compilations import install
+
+        install()  # /metrics counts compilations after /ready
         self.device = resolve_device(self.settings.device)
         dtype = resolve_dtype(self.settings.dtype, self.device)
         self.info.device = self.device
