@@ -1,13 +1,18 @@
-"""Dynamic batching: tokens/s, time to first token and latency, batching off against on.
+"""Batching: tokens/s, time to first token and latency; one at a time, static and continuous.
 
 It builds a random-weight Qwen2.5-VL large enough that decoding costs real compute on this CPU
-(by default 4 layers of 768 hidden), serves it twice over HTTP, with MAX_BATCH_SIZE=1 and with
-MAX_BATCH_SIZE=8, and runs 1, 4 and 8 closed-loop streaming clients against each. Every request
-asks for the same number of greedy tokens. Both servers run in the same invocation, so the ratios
-share one machine state.
+(by default 4 layers of 768 hidden; its end-of-text token removed, so every request decodes the
+tokens it asks for), serves it over HTTP with MAX_BATCH_SIZE=1, with static batches of 8
+(CONTINUOUS_BATCHING=false) and with continuous batching of 8, and measures two workloads:
 
-    uv run python bench/batching.py                     # about 4 minutes
-    uv run python bench/batching.py --seconds 10 --json batching.json
+- closed loop: 1, 4 and 8 streaming clients, every request the same number of greedy tokens;
+- staggered: requests arriving as a Poisson process, each asking for between 16 and 512 tokens
+  (the same seeded schedule for every server), streamed.
+
+All servers run in the same invocation, so the ratios share one machine state.
+
+    uv run python bench/batching.py                     # about 8 minutes
+    uv run python bench/batching.py --workloads staggered --json batching.json
 """
 
 import argparse
@@ -25,6 +30,8 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CLIENTS = (1, 4, 8)
+# name: (MAX_BATCH_SIZE, CONTINUOUS_BATCHING)
+SERVERS = {"batch 1": (1, True), "static 8": (8, False), "continuous 8": (8, True)}
 
 
 def build_model(folder: Path, hidden: int, layers: int) -> None:
@@ -33,9 +40,16 @@ def build_model(folder: Path, hidden: int, layers: int) -> None:
     build_tiny_qwen_vl(
         folder, hidden_size=hidden, layers=layers, heads=hidden // 64, intermediate_size=hidden * 3
     )
+    # Random weights end at a random end-of-text; without one, a request decodes what it asks.
+    config_path = folder / "generation_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("eos_token_id", None)
+    config_path.write_text(json.dumps(config))
 
 
-def start_server(model_dir: Path, batch: int, port: int, wait_ms: float | None) -> subprocess.Popen:
+def start_server(
+    model_dir: Path, batch: int, continuous: bool, port: int, wait_ms: float | None
+) -> subprocess.Popen:
     env = {
         **os.environ,
         "MODEL_TYPE": "image2text",
@@ -44,6 +58,8 @@ def start_server(model_dir: Path, batch: int, port: int, wait_ms: float | None) 
         "PORT": str(port),
         "HOST": "127.0.0.1",
         "MAX_BATCH_SIZE": str(batch),
+        "CONTINUOUS_BATCHING": str(continuous).lower(),
+        "MAX_NEW_TOKENS_LIMIT": "4096",
         "MAX_QUEUE_SIZE": "64",
         "LOG_LEVEL": "warning",
         "HF_HUB_OFFLINE": "1",
@@ -136,22 +152,68 @@ async def closed_loop(url: str, clients: int, seconds: float, tokens: int) -> di
     }
 
 
-async def measure(args: argparse.Namespace, model_dir: Path) -> dict[str, dict[int, Any]]:
+def poisson_schedule(count: int, rate: float, low: int, high: int, seed: int) -> list:
+    """(arrival offset in seconds, max_new_tokens) for `count` requests at `rate` a second."""
+    import random
+
+    rng = random.Random(seed)
+    offset, schedule = 0.0, []
+    for _ in range(count):
+        offset += rng.expovariate(rate)
+        schedule.append((offset, rng.randint(low, high)))
+    return schedule
+
+
+async def staggered(url: str, schedule: list) -> dict[str, float]:
+    """Sends each request at its arrival time, streamed; throughput over the whole run."""
+    import httpx
+
+    records: list[dict[str, float]] = []
+    limits = httpx.Limits(max_connections=len(schedule) + 2)
+    async with httpx.AsyncClient(limits=limits) as client:
+        start = time.perf_counter()
+
+        async def one(index: int, offset: float, tokens: int) -> None:
+            await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
+            prompt = f"Question {index}: what does the picture show?"
+            records.append(await one_request(client, url, prompt, tokens))
+
+        await asyncio.gather(*(one(i, o, t) for i, (o, t) in enumerate(schedule)))
+        wall = time.perf_counter() - start
+    latencies = sorted(r["latency"] for r in records)
+    return {
+        "requests": len(records),
+        "tokens": sum(r["tokens"] for r in records),
+        "tokens_per_s": sum(r["tokens"] for r in records) / wall,
+        "ttft_p50_s": statistics.median(r["ttft"] for r in records),
+        "ttft_p90_s": sorted(r["ttft"] for r in records)[int(0.9 * len(records))],
+        "p50_s": statistics.median(latencies),
+        "p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+    }
+
+
+async def measure(args: argparse.Namespace, model_dir: Path) -> dict[str, dict[Any, Any]]:
     from tests.conftest import free_port
 
-    results: dict[str, dict[int, Any]] = {}
-    for batch in (1, 8):
+    schedule = poisson_schedule(args.arrivals, args.rate, 16, 512, seed=7)
+    results: dict[str, dict[Any, Any]] = {}
+    for name, (batch, continuous) in SERVERS.items():
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        child = start_server(model_dir, batch, port, args.wait_ms)
+        child = start_server(model_dir, batch, continuous, port, args.wait_ms)
+        results[name] = {}
         try:
             await wait_ready(url, child)
             await closed_loop(url, 2, 3, args.tokens)  # warm-up
-            results[f"batch {batch}"] = {}
-            for clients in CLIENTS:
-                row = await closed_loop(url, clients, args.seconds, args.tokens)
-                results[f"batch {batch}"][clients] = row
-                print(f"MAX_BATCH_SIZE={batch} clients={clients}: {row}", flush=True)
+            if "closed" in args.workloads:
+                for clients in CLIENTS:
+                    row = await closed_loop(url, clients, args.seconds, args.tokens)
+                    results[name][clients] = row
+                    print(f"{name}, closed loop, clients={clients}: {row}", flush=True)
+            if "staggered" in args.workloads:
+                row = await staggered(url, schedule)
+                results[name]["staggered"] = row
+                print(f"{name}, staggered: {row}", flush=True)
         finally:
             child.terminate()
             child.wait(timeout=60)
@@ -166,28 +228,41 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20, help="per client count")
     parser.add_argument("--wait-ms", type=float, help="BATCH_WAIT_MS (default: the service's)")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--workloads", default="closed,staggered")
+    parser.add_argument("--arrivals", type=int, default=40, help="staggered: requests")
+    parser.add_argument("--rate", type=float, default=2.0, help="staggered: arrivals a second")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "bench-qwen"
         build_model(model_dir, args.hidden, args.layers)
         results = asyncio.run(measure(args, model_dir))
-    off, on = results["batch 1"], results["batch 8"]
-    print(
-        f"\nrandom-weight Qwen2.5-VL, text {args.hidden} hidden x {args.layers} layers, "
-        f"{args.tokens} greedy tokens a request, {args.seconds:g} s per row"
-    )
-    print(
-        f"{'clients':>7s} {'tok/s off':>10s} {'tok/s on':>9s} {'x':>6s} {'TTFT off':>9s} "
-        f"{'TTFT on':>8s} {'p50 off':>8s} {'p50 on':>7s} {'p99 off':>8s} {'p99 on':>7s} "
-        f"{'p99 x':>6s} {'batch':>6s}"
-    )
-    for clients in CLIENTS:
-        a, b = off[clients], on[clients]
+    print(f"\nrandom-weight Qwen2.5-VL, text {args.hidden} hidden x {args.layers} layers, greedy")
+    if "closed" in args.workloads:
+        print(f"\nclosed loop, {args.tokens} tokens a request, {args.seconds:g} s per row")
+        print("| clients | " + " | ".join(f"{n} tok/s, TTFT p50, p99" for n in SERVERS) + " |")
+        print("| --- |" + " --- |" * len(SERVERS))
+        for clients in CLIENTS:
+            cells = [
+                f"{r['tokens_per_s']:.1f}, {r['ttft_p50_s']:.3f} s, {r['p99_s']:.2f} s"
+                for r in (results[n][clients] for n in SERVERS)
+            ]
+            print(f"| {clients} | " + " | ".join(cells) + " |")
+    if "staggered" in args.workloads:
         print(
-            f"{clients:7d} {a['tokens_per_s']:10.1f} {b['tokens_per_s']:9.1f} "
-            f"{b['tokens_per_s'] / a['tokens_per_s']:6.2f} {a['ttft_p50_s']:9.3f} "
-            f"{b['ttft_p50_s']:8.3f} {a['p50_s']:8.3f} {b['p50_s']:7.3f} {a['p99_s']:8.3f} "
-            f"{b['p99_s']:7.3f} {b['p99_s'] / a['p99_s']:6.2f} {b['mean_batch']:6.2f}"
+            f"\nstaggered: {args.arrivals} Poisson arrivals at {args.rate:g}/s, 16-512 tokens each"
+        )
+        print("| server | tok/s | TTFT p50 | TTFT p90 | latency p50 | p99 |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for name in SERVERS:
+            r = results[name]["staggered"]
+            print(
+                f"| {name} | {r['tokens_per_s']:.1f} | {r['ttft_p50_s']:.3f} s | "
+                f"{r['ttft_p90_s']:.3f} s | {r['p50_s']:.2f} s | {r['p99_s']:.2f} s |"
+            )
+        static, cont = results["static 8"]["staggered"], results["continuous 8"]["staggered"]
+        print(
+            f"continuous vs static: TTFT p50 {static['ttft_p50_s'] / cont['ttft_p50_s']:.2f}x "
+            f"better, tokens/s {cont['tokens_per_s'] / static['tokens_per_s']:.2f}x"
         )
     if args.json:
         with open(args.json, "w") as handle:
