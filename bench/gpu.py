@@ -38,6 +38,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/gpu_profile.py, run as a script
 
+from gpu_concurrency import concurrency_section
 from gpu_profile import profile, save
 from hunyuan_service.models.tiny import FluxShape, QwenVLShape
 
@@ -842,12 +843,15 @@ def main() -> None:
         "flux-schnell": lambda: flux_section(
             "FLUX.1-schnell", tiny_flux if plan.tiny else FLUX_SCHNELL, plan, report
         ),
+        "qwen-concurrency": lambda: concurrency_section(
+            "Qwen2.5-VL-7B, continuous batching", tiny_qwen if plan.tiny else QWEN_7B, plan, report
+        ),
         "qwen-3b": lambda: qwen_section(
             "Qwen2.5-VL-3B", tiny_qwen if plan.tiny else QWEN_3B, plan, report
         ),
     }
     chosen = [s for s in args.only.split(",") if s] or (
-        ["flux-dev", "qwen-7b"] if plan.quick else list(sections)
+        ["flux-dev", "qwen-7b", "qwen-concurrency"] if plan.quick else list(sections)
     )
     for name in chosen:
         if plan.left() < 30:

@@ -53,6 +53,16 @@ def test_gpu_bench_runs_on_cpu_with_the_tiny_models(tmp_path: Path) -> None:
     assert compiled["ttft_s"] > 0
     assert ahead["tok_per_s"] > 0
 
+    # The concurrency section: the continuous decoder through the engine, and over HTTP.
+    waves = {v: r for (s, v), r in rows.items() if s == "Qwen2.5-VL-7B, continuous batching"}
+    for clients in (1, 8, 32, 64):
+        row = waves[f"engine, continuous batching, {clients} clients"]
+        assert row["tok_per_s"] > 0
+        assert "time per output token" in row["note"]
+        assert "the first wave of this size took" in row["note"]
+    assert "of a measured cpu copy" in waves["batch 1 as a share of memory bandwidth"]["note"]
+    assert waves["whole service over HTTP, 8 clients"]["tok_per_s"] > 0
+
     # --profile: one profiled call per service variant, summarised in a row and a file
     services = [(s, v) for (s, v) in rows if v.startswith("service, ") and "[" not in v]
     services = [(s, v) for (s, v) in services if "constraint" not in v]

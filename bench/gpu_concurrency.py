@@ -1,0 +1,187 @@
+"""bench/gpu.py's `concurrency` section: image2text served continuously to 1 to 64 clients.
+
+Through the engine (the service minus HTTP), with MAX_BATCH_SIZE 64 and the continuous decoder:
+waves of 1, 8, 32 and 64 concurrent requests of `new_tokens` greedy tokens each, twice per size
+(the first wave of a new size against the second: nothing may compile or grow then). It reports
+aggregate decode tokens/s, the time per output token, the batch-1 rate as a share of the GPU's
+memory bandwidth (the bytes one decode step reads times tokens/s, over the peak it names), and
+one row over HTTP at 8 clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from typing import Any
+
+# Peak memory bandwidth by the vendors' datasheets, in bytes/s; other devices are measured.
+PEAK_BANDWIDTH = {"H200": 4.8e12, "H100 80GB HBM3": 3.35e12, "A100-SXM4-80GB": 2.039e12}
+CLIENTS = (1, 8, 32, 64)
+
+
+def concurrency_section(name: str, shape: Any, plan: Any, report: Any) -> None:
+    import gpu as bench
+    from hunyuan_service.models.base import resolve_dtype
+    from hunyuan_service.models.qwen_vl import QwenVLModel
+    from hunyuan_service.models.tiny import build_qwen_vl
+
+    dtype = resolve_dtype("auto", plan.device)
+    with bench.made_on(plan.device, dtype, seed=2):
+        model, processor = build_qwen_vl(shape, dtype=dtype)
+    model.generation_config.eos_token_id = None  # exactly new_tokens per request
+    n = plan.new_tokens
+    settings = bench.settings_for(
+        "image2text",
+        plan,
+        max_batch_size=max(CLIENTS),
+        max_queue_size=4 * max(CLIENTS),
+        kv_cache_tokens=max(CLIENTS) * (256 + n),
+    )
+    served = QwenVLModel(settings)
+    served.adopt(model, processor)
+    served.load = lambda: None  # type: ignore[method-assign]  # the weights are in place
+    bytes_per_step = decode_bytes(model)
+    peak, peak_name = peak_bandwidth(plan.device)
+    rates = asyncio.run(_engine_waves(settings, served, n, plan, report, name))
+    if 1 in rates:
+        share = bytes_per_step * rates[1] / peak
+        report.add(
+            section=name,
+            variant="batch 1 as a share of memory bandwidth",
+            tok_per_s=rates[1],
+            note=f"{share:.1%} of {peak_name} ({peak / 1e12:.2f} TB/s): each step reads "
+            f"{bytes_per_step / 1e9:.2f} GB of weights",
+        )
+    if plan.left() > 60:
+        _http_row(settings, served, n, report, name)
+
+
+async def _engine_waves(
+    settings: Any, served: Any, n: int, plan: Any, report: Any, name: str
+) -> dict[int, float]:
+    from hunyuan_service.engine.engine import Engine
+
+    engine = Engine(settings, served)
+    await engine.start()
+    rates: dict[int, float] = {}
+    baseline_tpot = None
+    try:
+        await _wave(engine, 1, n)  # warm-up
+        for clients in CLIENTS:
+            if plan.left() < 40:
+                report.add(section=name, variant=f"engine, {clients} clients", note="skipped")
+                continue
+            first = await _wave(engine, clients, n)
+            later = await _wave(engine, clients, n)
+            rates[clients] = clients * (n - 1) / later["decode_s"]
+            tpot = later["tpot_s"]
+            baseline_tpot = baseline_tpot or tpot
+            report.add(
+                section=name,
+                variant=f"engine, continuous batching, {clients} clients",
+                tok_per_s=rates[clients],
+                ttft_s=later["ttft_s"],
+                vs_baseline=rates[clients] / rates[CLIENTS[0]] if CLIENTS[0] in rates else None,
+                note=f"time per output token {tpot * 1000:.2f} ms ({tpot / baseline_tpot:.2f}x "
+                f"batch 1); the first wave of this size took "
+                f"{first['wall_s'] / later['wall_s']:.2f}x the second",
+            )
+    finally:
+        await engine.stop()
+        engine.close()
+    return rates
+
+
+async def _wave(engine: Any, clients: int, n: int) -> dict[str, float]:
+    """`clients` requests at once; the decode rate counts from the last first token to the end."""
+    from hunyuan_service.engine.events import Token
+    from hunyuan_service.models.types import ChatMessage, Image2TextInput
+
+    started = time.perf_counter()
+    firsts: list[float] = []
+    ends: list[float] = []
+
+    async def one(index: int) -> None:
+        request = Image2TextInput((ChatMessage("user", f"Describe scene {index}."),), n)
+        handle = engine.submit(request, f"c{index}", observed=True)
+        async for _number, event in handle.events():
+            if isinstance(event, Token):
+                firsts.append(time.perf_counter())
+                break
+        await handle.result()
+        ends.append(time.perf_counter())
+        assert handle.output.completion_tokens == n, handle.output.completion_tokens
+
+    await asyncio.gather(*(one(i) for i in range(clients)))
+    tpots = [
+        (end - first) / (n - 1) for first, end in zip(sorted(firsts), sorted(ends), strict=True)
+    ]
+    return {
+        "wall_s": max(ends) - started,
+        "decode_s": max(ends) - max(firsts),
+        "ttft_s": statistics.median(first - started for first in firsts),
+        "tpot_s": statistics.median(tpots),
+    }
+
+
+def _http_row(settings: Any, served: Any, n: int, report: Any, name: str) -> None:
+    import httpx
+
+    import gpu as bench
+    from hunyuan_service.api.app import create_app
+
+    async def clients(url: str, count: int) -> float:
+        body = {"prompt": "Describe the scene.", "max_new_tokens": n}
+        async with httpx.AsyncClient(timeout=3600) as client:
+            started = time.perf_counter()
+            answers = await asyncio.gather(
+                *(client.post(f"{url}/infer", json=body) for _ in range(count))
+            )
+            wall = time.perf_counter() - started
+        for answer in answers:
+            answer.raise_for_status()
+        return sum(a.json()["usage"]["completion_tokens"] for a in answers) / wall
+
+    with bench.serve(create_app(settings, served)) as url:
+        asyncio.run(clients(url, 8))  # warm-up
+        rate = asyncio.run(clients(url, 8))
+    report.add(
+        section=name,
+        variant="whole service over HTTP, 8 clients",
+        tok_per_s=rate,
+        note="tokens/s over whole requests (prefill included), 8 concurrent POST /infer",
+    )
+
+
+def decode_bytes(model: Any) -> int:
+    """Bytes of weights one decode step reads: the text layers, final norm and output head."""
+    text = model.model.language_model
+    parameters = [p for n, p in text.named_parameters() if not n.startswith("embed_tokens")]
+    parameters.append(model.lm_head.weight)
+    return sum(p.numel() * p.element_size() for p in parameters)
+
+
+def peak_bandwidth(device: str) -> tuple[float, str]:
+    """The device's peak memory bandwidth and where the figure comes from."""
+    import torch
+
+    if device == "cuda":
+        gpu = torch.cuda.get_device_name()
+        for key, peak in PEAK_BANDWIDTH.items():
+            if key in gpu:
+                return peak, f"the {gpu} datasheet peak"
+    size = 256 * 2**20
+    source = torch.empty(size, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    timings = []
+    for _ in range(5):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        target.copy_(source)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        timings.append(time.perf_counter() - start)
+    return 2 * size / min(timings), f"a measured {device} copy"
