@@ -146,17 +146,23 @@ done
 [ "$health" = healthy ] || { say "FAIL: health is '$health'"; exit 1; }
 say "the HEALTHCHECK says healthy on the non-default port"
 
+# Stops the container while job $1 runs; sets code (the job's HTTP status) and exit_code, and
+# fails unless the container exited 0.
+stop_during() {
+  say "$2; docker stop"
+  "$DOCKER" stop "$CONTAINER" >/dev/null
+  wait "$client" || true
+  code=$(cat "$WORK/$1.code")
+  exit_code=$("$DOCKER" inspect -f '{{.State.ExitCode}}' "$CONTAINER")
+  [ "$exit_code" = 0 ] || { "$DOCKER" logs "$CONTAINER" | tail -20; say "FAIL: exit code $exit_code"; exit 1; }
+}
+
 # -- docker stop with a job in flight ---------------------------------------------------------
 # A job long enough to be running when the stop comes, short enough to finish within the 60 s
 # drain: 1024x1024 with 100 steps on the tiny model.
 start_job inflight '{"prompt": "a long job", "width": 1024, "height": 1024, "num_inference_steps": 100}'
-say "a job is running; docker stop"
-"$DOCKER" stop "$CONTAINER" >/dev/null
-wait "$client" || true
-code=$(cat "$WORK/inflight.code")
-exit_code=$("$DOCKER" inspect -f '{{.State.ExitCode}}' "$CONTAINER")
+stop_during inflight "a job is running"
 [ "$code" = 200 ] || { "$DOCKER" logs "$CONTAINER" | tail -20; say "FAIL: the in-flight request got $code"; exit 1; }
-[ "$exit_code" = 0 ] || { "$DOCKER" logs "$CONTAINER" | tail -20; say "FAIL: exit code $exit_code"; exit 1; }
 say "the in-flight job finished with 200 and the container exited 0"
 "$DOCKER" rm "$CONTAINER" >/dev/null
 
@@ -165,14 +171,9 @@ say "the in-flight job finished with 200 and the container exited 0"
 # own 503 (code shutdown, Retry-After) before uvicorn would cut the connection, and exits 0.
 start_container 2 15 -e MAX_INFERENCE_STEPS=1000
 start_job outlived '{"prompt": "a longer job", "width": 2048, "height": 2048, "num_inference_steps": 1000}'
-say "a job longer than the 2 s drain is running; docker stop"
-"$DOCKER" stop "$CONTAINER" >/dev/null
-wait "$client" || true
-code=$(cat "$WORK/outlived.code")
-exit_code=$("$DOCKER" inspect -f '{{.State.ExitCode}}' "$CONTAINER")
+stop_during outlived "a job longer than the 2 s drain is running"
 error_code=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['error']['code'])" "$WORK/outlived.body" 2>/dev/null || echo none)
 [ "$code/$error_code" = 503/shutdown ] || { "$DOCKER" logs "$CONTAINER" | tail -20; say "FAIL: the outlived job got $code ($error_code)"; exit 1; }
-[ "$exit_code" = 0 ] || { "$DOCKER" logs "$CONTAINER" | tail -20; say "FAIL: exit code $exit_code"; exit 1; }
 if "$DOCKER" logs "$CONTAINER" 2>&1 | grep -q Traceback; then
   "$DOCKER" logs "$CONTAINER" | tail -30; say "FAIL: a traceback in the log"; exit 1
 fi
