@@ -163,13 +163,19 @@ class DecodeBatch:
         rows = self.rows
         with torch.inference_mode():
             logits = self._forward(rows).float()
+            # One read from the device for every plain greedy row, not one per row.
+            greedy = logits.argmax(dim=-1).tolist()
         ended = []
         for index, row in enumerate(rows):
             row.cached += 1
             if row.ctx.should_stop():
                 ended.append(row)
                 continue
-            row.take(self._choose(row, logits[index : index + 1]), self.decode)
+            if row.sampler.plain_greedy:
+                token = int(greedy[index])
+            else:
+                token = self._choose(row, logits[index : index + 1])
+            row.take(token, self.decode)
             if row.ended is not None:
                 ended.append(row)
         return ended

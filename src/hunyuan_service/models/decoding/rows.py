@@ -63,6 +63,11 @@ class RowSampler:
             seed = request.seed if request.seed is not None else secrets.randbits(63)
             self.generator = torch.Generator(device=device).manual_seed(seed)
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing to apply: the batch takes all such rows' argmax in one read."""
+        return not self.sampled and not self.processors
+
     def choose(self, ids: Any, logits: Any) -> int:
         """The next token from float32 `logits` [1, vocab], given the row's `ids` [1, n]."""
         import torch
