@@ -163,7 +163,8 @@ class ContinuousLoop:
         """On the event loop: a row ended with `outcome` (its output or an exception)."""
         if job in self.running:
             self.running.remove(job)
-        job.finished_at = time.monotonic()
+        if not job.done.done():  # a cancelled job ended earlier, and keeps that time
+            job.finished_at = time.monotonic()
         self._settle_now(job, outcome)
         if job.status is JobStatus.SUCCEEDED and job.started_at is not None:
             # MAX_BATCH_SIZE jobs of about this length run at once: what Retry-After counts.
