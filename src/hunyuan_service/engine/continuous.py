@@ -163,12 +163,13 @@ class ContinuousLoop:
         """On the event loop: a row ended with `outcome` (its output or an exception)."""
         if job in self.running:
             self.running.remove(job)
+        ended = time.monotonic()
         if not job.done.done():  # a cancelled job ended earlier, and keeps that time
-            job.finished_at = time.monotonic()
+            job.finished_at = ended
         self._settle_now(job, outcome)
         if job.status is JobStatus.SUCCEEDED and job.started_at is not None:
             # MAX_BATCH_SIZE jobs of about this length run at once: what Retry-After counts.
-            self._record_duration(job.finished_at - job.started_at)
+            self._record_duration(ended - job.started_at)
         self._arrival.set()  # room for the next job
         self._set_idle_if_empty()
 
