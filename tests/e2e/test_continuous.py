@@ -296,3 +296,54 @@ def test_succeeded_events_end_every_stream(tiny_cache: Path) -> None:
         await engine.stop()
 
     run(scenario())
+
+
+class ScriptedFeed(ListFeed):
+    """Hands over `first` at once, and `later` at the decoder's `after`-th look for work."""
+
+    def __init__(self, first: list, later: list, after: int) -> None:
+        super().__init__(first)
+        self.later, self.after, self.looks = later, after, 0
+
+    def take(self) -> list[tuple[Any, Image2TextInput, JobContext]]:
+        self.looks += 1
+        if self.looks == self.after:
+            self.jobs += self.later
+        return super().take()
+
+    def close_if_idle(self) -> bool:
+        return not self.jobs and self.looks > self.after
+
+
+def test_while_rows_decode_one_job_joins_between_two_steps(
+    continuous: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decoder = continuous.decoder
+    calls: list[str] = []
+    admit, step = decoder.admit, decoder.step
+
+    def recorded_admit(prepared: Any) -> Any:
+        calls.append("admit")
+        return admit(prepared)
+
+    def recorded_step() -> Any:
+        calls.append("step")
+        return step()
+
+    monkeypatch.setattr(decoder, "admit", recorded_admit)
+    monkeypatch.setattr(decoder, "step", recorded_step)
+    first = {f"long{i}": ask(f"long question {i}", 30) for i in range(2)}
+    later = {f"short{i}": ask(f"short question {i}", 4) for i in range(3)}
+    feed = ScriptedFeed(
+        [(k, r, JobContext()) for k, r in first.items()],
+        [(k, r, JobContext()) for k, r in later.items()],
+        after=5,
+    )
+    continuous.serve_continuously(feed)
+    # Nothing decoded yet: both first jobs join before the first step. Then, with rows
+    # decoding, each later job waits for a step after the one before it joined.
+    assert calls[:3] == ["admit", "admit", "step"]
+    assert "admit admit" not in " ".join(calls[2:])
+    assert calls.count("admit") == 5
+    for key, request in {**first, **later}.items():
+        assert feed.outcomes[key] == continuous.infer(request, JobContext()), key
