@@ -100,15 +100,26 @@ class GrammarMask:
         self.started = False
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
-        import torch
+        last = None
+        if self.started:  # read only the rows still held to a grammar: each read may sync
+            last = [
+                -1 if matcher is None else int(input_ids[row, -1])
+                for row, matcher in enumerate(self.matchers)
+            ]
+        self.advance(last)
+        return self.apply(scores)
 
-        if self.started:
+    def advance(self, last_tokens: list[int] | None) -> None:
+        """Feeds each row the token it chose last (None before the first) and computes the
+        next mask on the CPU; the continuous decoder calls this while the device still runs
+        the step whose logits `apply` will mask."""
+        if last_tokens is not None:
             for row, matcher in enumerate(self.matchers):
                 if matcher is None:
                     continue
                 # A finished grammar allowed only end-of-sequence, so the row has ended; and a
                 # token the grammar refuses is padding after the row stopped another way.
-                if matcher.is_stopped() or not matcher.consume_token(int(input_ids[row, -1])):
+                if matcher.is_stopped() or not matcher.consume_token(last_tokens[row]):
                     self.matchers[row] = None
         self.started = True
         self.bitmask.fill_(-1)
@@ -120,6 +131,11 @@ class GrammarMask:
             if matcher.is_error():  # a dead end (never seen): free the row rather than crash
                 self.matchers[row] = None
                 view.fill_(-1)
+
+    def apply(self, scores: Any) -> Any:
+        """Masks `scores` [rows, vocab] in place with the mask `advance` computed."""
+        import torch
+
         if all(matcher is None for matcher in self.matchers):
             return scores
         if self.bits is None or self.bits.device != scores.device:

@@ -136,6 +136,7 @@ class DecodeBatch:
             eos=self.eos,
             cached=prepared.prompt_tokens,
         )
+        row.sampler.prepare(None)
         row.take(self._choose(row, logits), self.decode)
         self.rows.append(row)
         return row
@@ -162,7 +163,10 @@ class DecodeBatch:
 
         rows = self.rows
         with torch.inference_mode():
-            logits = self._forward(rows).float()
+            logits = self._forward(rows).float()  # queued on the device; nothing read yet
+            # Grammar masks are computed on the CPU meanwhile (the tokens they follow are known).
+            for row in rows:
+                row.sampler.prepare(row.generated[-1])
             # One read from the device for every plain greedy row, not one per row.
             greedy = logits.argmax(dim=-1).tolist()
         ended = []
@@ -229,7 +233,10 @@ class DecodeBatch:
     def _choose(self, row: Row, logits: Any) -> int:
         import torch
 
-        ids = torch.tensor([row.prompt_ids + row.generated], device=logits.device)
+        # Only the repetition penalty reads the row's history; warpers ignore it.
+        ids = None
+        if row.sampler.processors:
+            ids = torch.tensor([row.prompt_ids + row.generated], device=logits.device)
         return row.sampler.choose(ids, logits)
 
     def decode(self, tokens: list[int]) -> str:

@@ -20,7 +20,8 @@ from hunyuan_service.models.types import Image2TextInput, Image2TextOutput
 class RowSampler:
     """Chooses a row's next token the way `generate` would for this request alone: the
     repetition penalty, the grammar mask, then temperature, top-k and top-p, and greedy or a
-    draw from the row's own generator (seeded like `torch.manual_seed(seed)` would seed it)."""
+    draw from the row's own generator (seeded like `torch.manual_seed(seed)` would seed it).
+    The grammar's mask is computed apart (`prepare`), so that it can overlap the device's step."""
 
     def __init__(
         self, request: Image2TextInput, defaults: Any, grammar_mask: Any, device: Any
@@ -33,14 +34,14 @@ class RowSampler:
             TopPLogitsWarper,
         )
 
-        self.processors: list[Any] = []
+        self.processors: list[Any] = []  # before the grammar; the warpers come after it
         penalty = request.repetition_penalty
         if penalty is None:
             penalty = generation_default(defaults, "repetition_penalty")
         if penalty is not None and penalty != 1.0:
             self.processors.append(RepetitionPenaltyLogitsProcessor(penalty))
-        if grammar_mask is not None:
-            self.processors.append(grammar_mask)
+        self.grammar = grammar_mask
+        self.warpers: list[Any] = []
         self.sampled = request.temperature > 0
         self.generator = None
         if self.sampled:
@@ -55,26 +56,37 @@ class RowSampler:
                 else generation_default(defaults, "top_p")
             )
             if request.temperature != 1.0:
-                self.processors.append(TemperatureLogitsWarper(request.temperature))
+                self.warpers.append(TemperatureLogitsWarper(request.temperature))
             if top_k:
-                self.processors.append(TopKLogitsWarper(top_k))
+                self.warpers.append(TopKLogitsWarper(top_k))
             if top_p is not None and top_p < 1.0:
-                self.processors.append(TopPLogitsWarper(top_p))
+                self.warpers.append(TopPLogitsWarper(top_p))
             seed = request.seed if request.seed is not None else secrets.randbits(63)
             self.generator = torch.Generator(device=device).manual_seed(seed)
 
     @property
     def plain_greedy(self) -> bool:
         """Greedy with nothing to apply: the batch takes all such rows' argmax in one read."""
-        return not self.sampled and not self.processors
+        return not self.sampled and not self.processors and self.grammar is None
+
+    def prepare(self, last_token: int | None) -> None:
+        """Computes the grammar's mask for the next token on the CPU (None: before the first),
+        while the device may still be computing the logits it will mask."""
+        if self.grammar is not None:
+            self.grammar.advance(None if last_token is None else [last_token])
 
     def choose(self, ids: Any, logits: Any) -> int:
-        """The next token from float32 `logits` [1, vocab], given the row's `ids` [1, n]."""
+        """The next token from float32 `logits` [1, vocab], given the row's `ids` [1, n];
+        `prepare` has run for this token."""
         import torch
 
         scores = logits
         for processor in self.processors:
             scores = processor(ids, scores)
+        if self.grammar is not None:
+            scores = self.grammar.apply(scores)
+        for warper in self.warpers:
+            scores = warper(ids, scores)
         if not self.sampled:
             return int(torch.argmax(scores, dim=-1))
         probabilities = torch.softmax(scores, dim=-1)
