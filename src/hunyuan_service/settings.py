@@ -148,6 +148,13 @@ class Settings(BaseSettings):
         description="image2text with MAX_BATCH_SIZE above 1: requests join and leave the "
         "running decode at every token; false forms static batches at the head of the queue",
     )
+    prefill_chunk_tokens: int = Field(
+        512,
+        ge=0,
+        le=1_000_000,
+        description="image2text, continuous batching: prompt tokens a joining request runs "
+        "between two decode steps, which bounds how long running rows wait for it; 0: whole",
+    )
     kv_cache_tokens: int = Field(
         0,
         ge=0,

@@ -62,7 +62,12 @@ def run_together(model: Any, requests: dict[str, Image2TextInput], contexts: dic
     return feed
 
 
-def test_every_row_equals_its_solo_answer(continuous: Any) -> None:
+@pytest.mark.parametrize("chunk", [512, 16])
+def test_every_row_equals_its_solo_answer(
+    continuous: Any, chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With 16, every prompt (55 to 75 tokens, an image's among them) runs in several chunks.
+    monkeypatch.setattr(continuous.decoder, "chunk_tokens", chunk)
     from hunyuan_service.media import decode_image
     from hunyuan_service.models.grammar import compile_response_format
 
@@ -127,6 +132,7 @@ def test_a_row_that_stops_leaves_while_its_neighbours_finish(continuous: Any) ->
     assert feed.order[0] == "r1"  # it left at once, before the others ended
     assert [feed.outcomes["r0"], feed.outcomes["r2"]] == [solo["r0"], solo["r2"]]
     assert len("".join(streamed["r1"])) < len(solo["r1"].text)
+    assert continuous.decoder.pool.free_positions == continuous.decoder.pool.capacity
 
 
 def test_a_request_larger_than_the_kv_cache_is_refused_naming_the_setting(
@@ -315,35 +321,42 @@ class ScriptedFeed(ListFeed):
         return not self.jobs and self.looks > self.after
 
 
-def test_while_rows_decode_one_job_joins_between_two_steps(
+def test_a_joining_prompt_runs_a_chunk_between_two_steps(
     continuous: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     decoder = continuous.decoder
+    monkeypatch.setattr(decoder, "chunk_tokens", 16)  # prompts of 55-60 tokens: 4 chunks each
     calls: list[str] = []
-    admit, step = decoder.admit, decoder.step
+    advance, step = decoder.advance, decoder.step
 
-    def recorded_admit(prepared: Any) -> Any:
-        calls.append("admit")
-        return admit(prepared)
+    def recorded_advance(prefill: Any) -> Any:
+        calls.append("chunk")
+        return advance(prefill)
 
     def recorded_step() -> Any:
         calls.append("step")
         return step()
 
-    monkeypatch.setattr(decoder, "admit", recorded_admit)
+    monkeypatch.setattr(decoder, "advance", recorded_advance)
     monkeypatch.setattr(decoder, "step", recorded_step)
     first = {f"long{i}": ask(f"long question {i}", 30) for i in range(2)}
     later = {f"short{i}": ask(f"short question {i}", 4) for i in range(3)}
     feed = ScriptedFeed(
         [(k, r, JobContext()) for k, r in first.items()],
         [(k, r, JobContext()) for k, r in later.items()],
-        after=5,
+        after=8,
     )
     continuous.serve_continuously(feed)
-    # Nothing decoded yet: both first jobs join before the first step. Then, with rows
-    # decoding, each later job waits for a step after the one before it joined.
-    assert calls[:3] == ["admit", "admit", "step"]
-    assert "admit admit" not in " ".join(calls[2:])
-    assert calls.count("admit") == 5
+    # Nothing decodes yet: the first prompt runs its chunks back to back. From then on, rows
+    # decode, and every later chunk waits for a step after the one before it.
+    first_step = calls.index("step")
+    assert set(calls[:first_step]) == {"chunk"}
+    assert "chunk chunk" not in " ".join(calls[first_step:])
+    prompts = [
+        decoder.prepare(r, JobContext(), k).prompt_tokens for k, r in {**first, **later}.items()
+    ]
+    assert calls.count("chunk") == sum(-(-tokens // 16) for tokens in prompts)
+    # Chunked or not, every answer is the one `generate` gives alone.
     for key, request in {**first, **later}.items():
         assert feed.outcomes[key] == continuous.infer(request, JobContext()), key
+    assert decoder.pool.free_positions == decoder.pool.capacity

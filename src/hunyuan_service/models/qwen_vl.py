@@ -81,6 +81,7 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
                 self._prompt_and_images,
                 self._row_grammar,
                 capacity=kv_cache_tokens(self.settings),
+                chunk_tokens=self.settings.prefill_chunk_tokens,
             )
             speed["kv_cache_tokens"] = self.decoder.pool.capacity
         self.info.extra = {

@@ -29,6 +29,12 @@ from hunyuan_service.models.decoding.rows import Row, RowSampler, TextStream
 from hunyuan_service.models.types import Image2TextInput
 
 
+def _cat(features: Any) -> Any:
+    import torch
+
+    return torch.cat(list(features), dim=0) if isinstance(features, (list, tuple)) else features
+
+
 @dataclass
 class Prepared:
     """A request templated and tokenized, waiting for KV room."""
@@ -44,6 +50,27 @@ class Prepared:
         return self.prompt_tokens + self.request.max_new_tokens
 
 
+@dataclass(eq=False)
+class Prefill:
+    """A request whose prompt runs a chunk at a time before it joins the decoding rows."""
+
+    prepared: Prepared
+    start: int  # its range in the KV pool
+    embeds: Any  # the prompt's embeddings, images in place [1, tokens, hidden]
+    positions: Any  # its rotary positions, as generate gives them
+    rope_delta: int
+    done: int = 0  # prompt tokens already run
+    cache: Any = None  # the chunks' keys and values until the last one
+
+    @property
+    def key(self) -> Any:
+        return self.prepared.key
+
+    @property
+    def ctx(self) -> JobContext:
+        return self.prepared.ctx
+
+
 class DecodeBatch:
     """The rows decoding together on one model, and the KV pool they share.
 
@@ -53,6 +80,7 @@ class DecodeBatch:
         prompt_and_images: turns a request into (templated prompt, resized images).
         grammar_mask: makes a row's `GrammarMask` for an `OutputGrammar` (None: no grammar).
         capacity: KV positions in all (KV_CACHE_TOKENS).
+        chunk_tokens: prompt tokens a joining request runs between two steps (0: all at once).
     """
 
     def __init__(
@@ -62,6 +90,7 @@ class DecodeBatch:
         prompt_and_images: Any,
         grammar_mask: Any,
         capacity: int,
+        chunk_tokens: int = 0,
     ) -> None:
         config = model.config.text_config
         if any(kind != "full_attention" for kind in getattr(config, "layer_types", [])):
@@ -85,6 +114,7 @@ class DecodeBatch:
         eos = model.generation_config.eos_token_id
         self.eos = frozenset([eos] if isinstance(eos, int) else (eos or []))
         self.rows: list[Row] = []
+        self.chunk_tokens = chunk_tokens
 
     # -- joining ---------------------------------------------------------------------------------
 
@@ -109,7 +139,18 @@ class DecodeBatch:
         )
 
     def admit(self, prepared: Prepared) -> Row | None:
-        """Prefills the request as a new row, or returns None while its KV range is not free."""
+        """Prefills the request whole as a new row, or returns None while its range is not free."""
+        prefill = self.begin(prepared)
+        if prefill is None:
+            return None
+        row = None
+        while row is None:
+            row = self.advance(prefill)
+        return row
+
+    def begin(self, prepared: Prepared) -> Prefill | None:
+        """Reserves the request's KV range and runs its vision encoder; `advance` then runs its
+        prompt a chunk at a time. None while its range is not free."""
         import torch
 
         start = self.pool.reserve(prepared.needs)
@@ -117,10 +158,25 @@ class DecodeBatch:
             return None
         try:
             with torch.inference_mode():
-                logits, rope_delta = self._prefill(prepared, start)
+                return self._begin(prepared, start)
         except BaseException:
             self.pool.release(start, prepared.needs)
             raise
+
+    def advance(self, prefill: Prefill) -> Row | None:
+        """Runs the next `chunk_tokens` of the prompt (all of it with 0); after the last chunk,
+        the request becomes a decoding row with its first token, which this returns."""
+        import torch
+
+        try:
+            with torch.inference_mode():
+                logits = self._chunk(prefill)
+        except BaseException:
+            self.drop(prefill)
+            raise
+        if logits is None:
+            return None
+        prepared = prefill.prepared
         request, ctx = prepared.request, prepared.ctx
         grammar = None if request.grammar is None else self.grammar_mask(request.grammar)
         row = Row(
@@ -128,9 +184,9 @@ class DecodeBatch:
             request=request,
             ctx=ctx,
             prompt_ids=prepared.inputs["input_ids"][0].tolist(),
-            start=start,
+            start=prefill.start,
             reserved=prepared.needs,
-            rope_delta=rope_delta,
+            rope_delta=prefill.rope_delta,
             sampler=RowSampler(request, self.model.generation_config, grammar, self.device),
             streamer=TextStream(self.tokenizer, ctx, prompt_seen=True),
             eos=self.eos,
@@ -141,19 +197,56 @@ class DecodeBatch:
         self.rows.append(row)
         return row
 
-    def _prefill(self, prepared: Prepared, start: int) -> tuple[Any, int]:
-        """Runs the prompt through transformers' own forward, as `generate`'s first step does,
-        and moves its keys and values into the row's range."""
+    def drop(self, prefill: Prefill) -> None:
+        """Gives back the range of a request whose prefill will not finish (stopped, failed)."""
+        self.pool.release(prefill.start, prefill.prepared.needs)
+
+    def _begin(self, prepared: Prepared, start: int) -> Prefill:
+        """The prompt's embeddings with the images' features in place (the vision encoder runs
+        here, whole), and the 3-D rotary positions `generate` would give it."""
         model = self.model
         inputs = dict(prepared.inputs)
-        positions = model._prepare_position_ids_for_generation(inputs["input_ids"], inputs)
-        output = model(**inputs, position_ids=positions, use_cache=True, return_dict=True)
+        input_ids = inputs["input_ids"]
+        positions = model._prepare_position_ids_for_generation(input_ids, inputs)
         delta = model.model.rope_deltas
         rope_delta = int(delta.reshape(-1)[0]) if delta is not None else 0
-        cache = output.cache if hasattr(output, "cache") else output.past_key_values
-        for index, layer in enumerate(cache.layers):
-            self.pool.write(index, start, layer.keys[0], layer.values[0])
-        return output.logits[:, -1, :].float(), rope_delta
+        vision = model.model
+        embeds = vision.get_input_embeddings()(input_ids)
+        if inputs.get("pixel_values") is not None:
+            features = vision.get_image_features(
+                inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True
+            )
+            images = _cat(features.pooler_output).to(embeds.device, embeds.dtype)
+            mask, _ = vision.get_placeholder_mask(
+                input_ids, inputs_embeds=embeds, image_features=images
+            )
+            embeds = embeds.masked_scatter(mask, images)
+        return Prefill(prepared, start, embeds, positions, rope_delta)
+
+    def _chunk(self, prefill: Prefill) -> Any:
+        """Runs one chunk through the text model into the prefill's own cache; after the last,
+        moves the cache into the row's range and returns the last position's logits."""
+        from transformers import DynamicCache
+
+        total = prefill.prepared.prompt_tokens
+        begin = prefill.done
+        end = total if not self.chunk_tokens else min(total, begin + self.chunk_tokens)
+        if prefill.cache is None:
+            prefill.cache = DynamicCache(config=self.model.config.text_config)
+        output = self.text_model(
+            inputs_embeds=prefill.embeds[:, begin:end],
+            position_ids=prefill.positions[..., begin:end],
+            cache=prefill.cache,
+            use_cache=True,
+        )
+        prefill.done = end
+        if end < total:
+            return None
+        for index, layer in enumerate(prefill.cache.layers):
+            self.pool.write(index, prefill.start, layer.keys[0], layer.values[0])
+        prefill.cache = None
+        hidden = output.last_hidden_state[:, -1, :]
+        return self.model.lm_head(hidden).float()
 
     # -- stepping --------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hunyuan_service.errors import JobCancelled
-from hunyuan_service.models.decoding.batch import DecodeBatch, Prepared
+from hunyuan_service.models.decoding.batch import DecodeBatch, Prefill, Prepared
 from hunyuan_service.models.decoding.rows import Row
 
 logger = logging.getLogger(__name__)
@@ -32,18 +32,22 @@ def serve_rows(
     recover: Callable[[], None],
 ) -> None:
     """Runs until the feed has nothing more: jobs join between steps, oldest first, as soon as
-    their KV range is free; each ends and is reported on its own. While rows decode, at most one
-    job joins between two steps, so a burst of arrivals delays the running rows by one prefill
-    a step, not by all of them. A failure of one job's preparation or prefill fails that job
-    only; a failed step fails the rows in it."""
+    their KV range is free; each ends and is reported on its own. One job prefills at a time,
+    `batch.chunk_tokens` of its prompt between two decode steps, so a joining job delays the
+    running rows by one chunk a step. A failure of one job's preparation or prefill fails that
+    job only; a failed step fails the rows in it."""
     waiting: collections.deque[Waiting] = collections.deque()
+    prefill: Prefill | None = None
     while True:
         waiting.extend(Waiting(key, request, ctx) for key, request, ctx in feed.take())
-        _admit(batch, waiting, feed, is_out_of_memory, recover, limit=1 if batch.rows else None)
+        if prefill is None:
+            prefill = _begin_next(batch, waiting, feed, is_out_of_memory, recover)
+        if prefill is not None:
+            prefill = _advance(batch, prefill, feed, is_out_of_memory, recover)
         for row in batch.stopped():
             _leave(batch, row, feed)
         if not batch.rows:
-            if not waiting and feed.close_if_idle():
+            if prefill is None and not waiting and feed.close_if_idle():
                 return
             continue
         try:
@@ -60,24 +64,21 @@ def serve_rows(
             _leave(batch, row, feed)
 
 
-def _admit(
+def _begin_next(
     batch: DecodeBatch,
     waiting: collections.deque[Waiting],
     feed: Any,
     is_out_of_memory: Callable[[BaseException], bool],
     recover: Callable[[], None],
-    limit: int | None,
-) -> None:
-    """Prepares and prefills waiting jobs in order, up to `limit` (None: all that fit); one
-    whose range does not fit yet keeps its place, and those behind it wait too (first come,
-    first served)."""
-    admitted = 0
-    while waiting and (limit is None or admitted < limit):
+) -> Prefill | None:
+    """Starts the prefill of the oldest waiting job whose range is free, preparing it first;
+    one that does not fit yet keeps its place, and those behind it wait too (first come, first
+    served)."""
+    while waiting:
         head = waiting[0]
         if head.ctx.should_stop():
             waiting.popleft()
-            reason = head.ctx.stop_reason()
-            feed.finished(head.key, JobCancelled(f"job stopped: {reason}", code=reason))
+            feed.finished(head.key, _stopped(head.ctx))
             continue
         try:
             if head.prepared is None:
@@ -86,19 +87,48 @@ def _admit(
                 waiting.popleft()
                 feed.finished(head.key, batch.too_big(head.prepared))
                 continue
-            row = batch.admit(head.prepared)
+            prefill = batch.begin(head.prepared)
         except Exception as error:
             waiting.popleft()
             if is_out_of_memory(error):
                 recover()
             feed.finished(head.key, error)
             continue
-        if row is None:
-            return
-        waiting.popleft()
-        admitted += 1
-        if row.ended is not None:  # its first token was its last
-            _leave(batch, row, feed)
+        if prefill is not None:
+            waiting.popleft()
+        return prefill
+    return None
+
+
+def _advance(
+    batch: DecodeBatch,
+    prefill: Prefill,
+    feed: Any,
+    is_out_of_memory: Callable[[BaseException], bool],
+    recover: Callable[[], None],
+) -> Prefill | None:
+    """Runs one chunk of the prefill; returns it while chunks remain, else None."""
+    if prefill.ctx.should_stop():
+        batch.drop(prefill)
+        feed.finished(prefill.key, _stopped(prefill.ctx))
+        return None
+    try:
+        row = batch.advance(prefill)
+    except Exception as error:  # `advance` gave its range back
+        if is_out_of_memory(error):
+            recover()
+        feed.finished(prefill.key, error)
+        return None
+    if row is None:
+        return prefill
+    if row.ended is not None:  # its first token was its last
+        _leave(batch, row, feed)
+    return None
+
+
+def _stopped(ctx: Any) -> JobCancelled:
+    reason = ctx.stop_reason()
+    return JobCancelled(f"job stopped: {reason}", code=reason)
 
 
 def _leave(batch: DecodeBatch, row: Row, feed: Any) -> None:
