@@ -4,9 +4,10 @@
 
 - `prepare(request, ctx, key)` templates and tokenizes a request (its images included) and
   says how many KV positions it needs;
-- `admit(prepared)` reserves its KV range, runs its prefill (vision encoder and prompt, through
-  transformers' own forward, which computes the 3-D rotary positions of its images), copies its
-  keys and values into the pool and chooses its first token;
+- `begin(prepared)` reserves its KV range and runs its vision encoder, with the 3-D rotary
+  positions of its images as `generate` computes them; `advance(prefill)` runs the next chunk
+  of its prompt through the text model, and after the last one copies its keys and values into
+  the pool and chooses its first token: the request is a decoding row;
 - `step()` decodes one token for every row in one forward pass over the pool and returns the
   rows that ended (by their end of text, a stop string, `max_new_tokens`, or their job
   stopping);
@@ -137,16 +138,6 @@ class DecodeBatch:
             "for fewer tokens",
             param="messages",
         )
-
-    def admit(self, prepared: Prepared) -> Row | None:
-        """Prefills the request whole as a new row, or returns None while its range is not free."""
-        prefill = self.begin(prepared)
-        if prefill is None:
-            return None
-        row = None
-        while row is None:
-            row = self.advance(prefill)
-        return row
 
     def begin(self, prepared: Prepared) -> Prefill | None:
         """Reserves the request's KV range and runs its vision encoder; `advance` then runs its
