@@ -157,30 +157,43 @@ def sampling_after(mask: GrammarMask, sampling: dict[str, Any], defaults: Any) -
     in transformers' own order, after the mask; a value `sampling` leaves out comes from
     `defaults` (the checkpoint's generation config), as it would without a grammar.
     """
-    from transformers import (
-        LogitsProcessorList,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
+    from transformers import LogitsProcessorList
 
     kwargs = dict(sampling)
     processors: list[Any] = [mask]
     if kwargs.get("do_sample"):
         temperature, top_k, top_p = (
-            kwargs.pop(name) if name in kwargs else generation_default(defaults, name)
-            for name in ("temperature", "top_k", "top_p")
+            kwargs.pop(name, None) for name in ("temperature", "top_k", "top_p")
         )
-        if temperature is not None and temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(temperature))
-        if top_k:
-            processors.append(TopKLogitsWarper(top_k))
-        if top_p is not None and top_p < 1.0:
-            processors.append(TopPLogitsWarper(top_p))
+        processors += sampling_warpers(temperature, top_k, top_p, defaults)
         # None turns off the checkpoint's own defaults, which would run before the mask.
         kwargs.update(temperature=None, top_k=None, top_p=None)
     kwargs["logits_processor"] = LogitsProcessorList(processors)
     return kwargs
+
+
+def sampling_warpers(
+    temperature: float | None, top_k: int | None, top_p: float | None, defaults: Any
+) -> list[Any]:
+    """Temperature, top-k and top-p warpers in transformers' own order, as `generate` builds them
+    for a sampled request: a value left out (None) comes from `defaults`, the checkpoint's
+    generation config, then from transformers' own defaults."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    if temperature is None:
+        temperature = generation_default(defaults, "temperature")
+    if top_k is None:
+        top_k = generation_default(defaults, "top_k")
+    if top_p is None:
+        top_p = generation_default(defaults, "top_p")
+    warpers: list[Any] = []
+    if temperature is not None and temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p is not None and top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    return warpers
 
 
 def generation_default(config: Any, name: str) -> Any:

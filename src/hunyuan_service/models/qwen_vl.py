@@ -8,7 +8,7 @@ from typing import Any
 from hunyuan_service.errors import InvalidInput, JobCancelled, ModelLoadError
 from hunyuan_service.models.base import JobContext, TorchModel
 from hunyuan_service.models.decode_ahead import ahead_of_the_device
-from hunyuan_service.models.decoding.rows import TextStream
+from hunyuan_service.models.decoding.rows import TextStream, answer
 from hunyuan_service.models.grammar import GrammarMask, sampling_after
 from hunyuan_service.models.loading import (
     quiet_hf_progress,
@@ -142,11 +142,7 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
             output = self.model.generate(**inputs, **generate_kwargs)
         ctx.raise_if_stopped()
         generated = output[0, prompt_tokens:]
-        text = self._decode(generated)
-        for stop in request.stop:
-            if stop in text:
-                text = text[: text.index(stop)]
-        return _output(text, prompt_tokens, int(generated.shape[0]), request.max_new_tokens)
+        return answer(self._decode(generated), request, prompt_tokens, int(generated.shape[0]))
 
     # -- continuous batching (MAX_BATCH_SIZE > 1) ---------------------------------------------
 
@@ -248,7 +244,7 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
             generated = generated[: min(length, first_eos)]
             prompt_tokens = int(inputs["attention_mask"][i].sum())
             text = self._decode(torch.tensor(generated, dtype=torch.long))
-            results.append(_output(text, prompt_tokens, len(generated), request.max_new_tokens))
+            results.append(answer(text, request, prompt_tokens, len(generated)))
         return results
 
     # -- shared by both paths ----------------------------------------------------------------
@@ -326,15 +322,6 @@ def kv_cache_tokens(settings: Any) -> int:
         return int(settings.kv_cache_tokens)
     largest = settings.max_input_tokens + settings.max_new_tokens_limit
     return max(settings.max_batch_size * 4096, largest)
-
-
-def _output(text: str, prompt_tokens: int, completion_tokens: int, limit: int) -> Image2TextOutput:
-    return Image2TextOutput(
-        text=text,
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        finish_reason="length" if completion_tokens >= limit else "stop",
-    )
 
 
 def _as_list(value: Any) -> list[int]:

@@ -13,7 +13,7 @@ from typing import Any
 
 from hunyuan_service.errors import JobCancelled
 from hunyuan_service.models.base import JobContext
-from hunyuan_service.models.grammar import generation_default
+from hunyuan_service.models.grammar import generation_default, sampling_warpers
 from hunyuan_service.models.types import Image2TextInput, Image2TextOutput
 
 
@@ -27,12 +27,7 @@ class RowSampler:
         self, request: Image2TextInput, defaults: Any, grammar_mask: Any, device: Any
     ) -> None:
         import torch
-        from transformers import (
-            RepetitionPenaltyLogitsProcessor,
-            TemperatureLogitsWarper,
-            TopKLogitsWarper,
-            TopPLogitsWarper,
-        )
+        from transformers import RepetitionPenaltyLogitsProcessor
 
         self.processors: list[Any] = []  # before the grammar; the warpers come after it
         penalty = request.repetition_penalty
@@ -45,22 +40,9 @@ class RowSampler:
         self.sampled = request.temperature > 0
         self.generator = None
         if self.sampled:
-            top_k = (
-                request.top_k
-                if request.top_k is not None
-                else generation_default(defaults, "top_k")
+            self.warpers = sampling_warpers(
+                request.temperature, request.top_k, request.top_p, defaults
             )
-            top_p = (
-                request.top_p
-                if request.top_p is not None
-                else generation_default(defaults, "top_p")
-            )
-            if request.temperature != 1.0:
-                self.warpers.append(TemperatureLogitsWarper(request.temperature))
-            if top_k:
-                self.warpers.append(TopKLogitsWarper(top_k))
-            if top_p is not None and top_p < 1.0:
-                self.warpers.append(TopPLogitsWarper(top_p))
             seed = request.seed if request.seed is not None else secrets.randbits(63)
             self.generator = torch.Generator(device=device).manual_seed(seed)
 
@@ -132,7 +114,8 @@ class TextStream:
 
 @dataclass(eq=False)
 class Row:
-    """A request decoding in the batch. `next_token` was chosen but is not in the cache yet."""
+    """A request decoding in the batch. Its last generated token was chosen but is not in the
+    cache yet: the next step feeds it."""
 
     key: Any  # the feed's handle for the job
     request: Image2TextInput
@@ -170,16 +153,23 @@ class Row:
 
     def output(self, decode: Any) -> Image2TextOutput:
         self.streamer.end()
-        text = decode(self.generated)
-        for stop in self.request.stop:
-            if stop in text:
-                text = text[: text.index(stop)]
-        completion = len(self.generated)
-        finish = "length" if completion >= self.request.max_new_tokens else "stop"
-        return Image2TextOutput(
-            text=text, prompt_tokens=self.prompt_tokens, completion_tokens=completion,
-            finish_reason=finish,
-        )  # fmt: skip
+        return answer(decode(self.generated), self.request, self.prompt_tokens, len(self.generated))
 
     def cancelled(self) -> JobCancelled:
         return JobCancelled(f"job stopped: {self.ctx.stop_reason()}", code=self.ctx.stop_reason())
+
+
+def answer(
+    text: str, request: Image2TextInput, prompt_tokens: int, completion_tokens: int
+) -> Image2TextOutput:
+    """A request's output: its text cut at the first stop string it holds, and `length` as the
+    finish reason when it used all of `max_new_tokens` (OpenAI's meaning)."""
+    for stop in request.stop:
+        if stop in text:
+            text = text[: text.index(stop)]
+    return Image2TextOutput(
+        text=text,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        finish_reason="length" if completion_tokens >= request.max_new_tokens else "stop",
+    )
