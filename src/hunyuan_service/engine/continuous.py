@@ -111,10 +111,13 @@ class ContinuousLoop:
         while True:
             head = await self._queue.get()
             self._observed_waiting -= head.observed
+            if not self._runnable(head):  # ended or expired while queued: no session for it
+                self._queue_moved()
+                self._set_idle_if_empty()
+                continue
             feed = RowFeed(loop, self._row_finished)
             try:
-                if self._runnable(head):
-                    self._give(feed, head)
+                self._give(feed, head)
                 session = asyncio.ensure_future(
                     self._thread.run(self.model.serve_continuously, feed)
                 )
