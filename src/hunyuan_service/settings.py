@@ -148,6 +148,11 @@ class Settings(BaseSettings):
         description="image2text with MAX_BATCH_SIZE above 1: requests join and leave the "
         "running decode at every token; false forms static batches at the head of the queue",
     )
+    cuda_graphs: bool = Field(
+        True,
+        description="image2text, continuous batching, on CUDA: capture the decode step as CUDA "
+        "graphs at load, one per bucket of rows and attention width; false runs it eagerly",
+    )
     prefill_chunk_tokens: int = Field(
         512,
         ge=0,

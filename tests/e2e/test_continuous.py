@@ -18,6 +18,7 @@ from hunyuan_service.engine.jobs import JobStatus, StopReason
 from hunyuan_service.errors import DeadlineExceeded, InvalidInput, JobCancelled
 from hunyuan_service.models.base import JobContext
 from hunyuan_service.models.types import ChatMessage, Image2TextInput
+from tests.continuous_feed import ListFeed, run_together
 from tests.e2e.conftest import tiny_settings
 from tests.images import png_bytes
 
@@ -37,37 +38,17 @@ def continuous(tiny_cache: Path) -> Any:
     return model
 
 
-class ListFeed:
-    """A feed that hands over its jobs at once and records each outcome (model-level tests)."""
-
-    def __init__(self, jobs: list[tuple[Any, Image2TextInput, JobContext]]) -> None:
-        self.jobs, self.outcomes, self.order = list(jobs), {}, []
-
-    def take(self) -> list[tuple[Any, Image2TextInput, JobContext]]:
-        taken, self.jobs = self.jobs, []
-        return taken
-
-    def close_if_idle(self) -> bool:
-        return not self.jobs
-
-    def finished(self, key: Any, outcome: Any) -> None:
-        self.outcomes[key] = outcome
-        self.order.append(key)
-
-
-def run_together(model: Any, requests: dict[str, Image2TextInput], contexts: dict | None = None):
-    contexts = contexts or {}
-    feed = ListFeed([(k, r, contexts.get(k, JobContext())) for k, r in requests.items()])
-    model.serve_continuously(feed)
-    return feed
-
-
-@pytest.mark.parametrize("chunk", [512, 16])
+@pytest.mark.parametrize(("chunk", "padded"), [(512, False), (16, False), (512, True)])
 def test_every_row_equals_its_solo_answer(
-    continuous: Any, chunk: int, monkeypatch: pytest.MonkeyPatch
+    continuous: Any, chunk: int, padded: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # With 16, every prompt (55 to 75 tokens, an image's among them) runs in several chunks.
     monkeypatch.setattr(continuous.decoder, "chunk_tokens", chunk)
+    # Padded: every step at the shapes CUDA graphs capture (rows and width in buckets, the
+    # padding rows on the scratch position), run eagerly here.
+    monkeypatch.setattr(continuous.decoder, "padded", None)
+    if padded:
+        continuous.decoder.pad_steps(8, capture=False)  # this test hands over 8 jobs at once
     from hunyuan_service.media import decode_image
     from hunyuan_service.models.grammar import compile_response_format
 
@@ -112,6 +93,11 @@ def test_every_row_equals_its_solo_answer(
     for key in ("grammar", "grammar, sampled"):
         assert together[key].finish_reason == "stop"
         jsonschema.validate(json.loads(together[key].text), schema)
+    if padded:
+        steps = continuous.decoder.padded
+        assert steps.padded_steps > 0
+        assert steps.eager_steps == 0
+        assert steps.padded_rows > 0  # some steps ran fewer rows than their bucket
 
 
 def test_a_row_that_stops_leaves_while_its_neighbours_finish(continuous: Any) -> None:

@@ -84,6 +84,12 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
                 chunk_tokens=self.settings.prefill_chunk_tokens,
             )
             speed["kv_cache_tokens"] = self.decoder.pool.capacity
+            graphs = self.settings.cuda_graphs and self.model.device.type == "cuda"
+            if graphs:
+                self.decoder.pad_steps(self.settings.max_batch_size, capture=True)
+            speed["decode_step"] = (
+                f"{len(self.decoder.padded.graphs)} CUDA graphs" if graphs else "eager"
+            )
         self.info.extra = {
             "attn_implementation": self.settings.attn_implementation,
             "vl_max_pixels": self._max_pixels,

@@ -116,6 +116,7 @@ class DecodeBatch:
         self.eos = frozenset([eos] if isinstance(eos, int) else (eos or []))
         self.rows: list[Row] = []
         self.chunk_tokens = chunk_tokens
+        self.padded: Any = None  # a PaddedStep once `pad_steps` ran; else exact shapes, eager
 
     # -- joining ---------------------------------------------------------------------------------
 
@@ -247,7 +248,7 @@ class DecodeBatch:
 
         rows = self.rows
         with torch.inference_mode():
-            logits = self._forward(rows).float()  # queued on the device; nothing read yet
+            logits = self._logits(rows)  # queued on the device; nothing read yet
             # Grammar masks are computed on the CPU meanwhile (the tokens they follow are known).
             for row in rows:
                 row.sampler.prepare(row.generated[-1])
@@ -276,40 +277,78 @@ class DecodeBatch:
         self.rows.remove(row)
         self.pool.release(row.start, row.reserved)
 
-    def _forward(self, rows: list[Row]) -> Any:
-        """Logits [rows, vocab] for each row's `next_token` at its own position."""
+    def pad_steps(self, max_rows: int, capture: bool) -> None:
+        """Runs every later step at bucketed shapes: as CUDA graphs captured now when `capture`
+        (CUDA only), else eagerly (how tests check the padding on the CPU)."""
+        from hunyuan_service.models.decoding.graphs import PaddedStep
+
+        capacity = self.pool.capacity
+        self.padded = PaddedStep(
+            self._forward,
+            self.pool.scratch,
+            max_rows,
+            capacity,
+            budget=2 * max(capacity, max_rows * 256),
+            device=self.device,
+            capture=capture,
+        )
+        self.padded.prepare()
+
+    def _logits(self, rows: list[Row]) -> Any:
+        """Float logits [rows, vocab] for each row's next token, queued on the device."""
+        import torch
+
+        values = [
+            [row.generated[-1] for row in rows],
+            [row.start + row.cached for row in rows],
+            [row.cached + row.rope_delta for row in rows],
+            [row.cached + 1 for row in rows],
+            [row.start for row in rows],
+        ]
+        width = max(row.cached for row in rows) + 1
+        if self.padded is not None:
+            return self.padded.run(values, width)
+        return self._forward(torch.tensor(values, device=self.device), width).float()
+
+    def _forward(self, inputs: Any, width: int) -> Any:
+        """Logits [rows, vocab] for each row's next token at its own position.
+
+        `inputs` [5, rows] holds each row's last token, its position in the pool, its rotary
+        position, its length with that token, and its range's start (graphs.TOKEN ... START);
+        attention reads `width` positions per row, those past its length masked. Nothing here
+        reads the device or depends on values, so a CUDA graph can capture it.
+        """
         import torch
         from torch.nn.functional import scaled_dot_product_attention
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
 
-        device, count = self.device, len(rows)
-        tokens = torch.tensor([[row.generated[-1]] for row in rows], device=device)
-        at = torch.tensor([row.start + row.cached for row in rows], device=device)
-        rotary = torch.tensor([row.cached + row.rope_delta for row in rows], device=device)
-        lengths = torch.tensor([row.cached + 1 for row in rows], device=device)
-        starts = torch.tensor([row.start for row in rows], device=device)
-        width = int(max(row.cached for row in rows)) + 1
-        offsets = torch.arange(width, device=device)
+        tokens, at, rotary, lengths, starts = inputs
+        count = tokens.shape[0]
+        offsets = torch.arange(width, device=inputs.device)
         valid = offsets[None, :] < lengths[:, None]  # [rows, width]
         index = starts[:, None] + torch.minimum(offsets[None, :], lengths[:, None] - 1)
         mask = valid[:, None, None, :]
 
         model = self.text_model
-        hidden = model.embed_tokens(tokens)  # [rows, 1, hidden]
+        hidden = model.embed_tokens(tokens[:, None])  # [rows, 1, hidden]
         cos, sin = model.rotary_emb(hidden, rotary.view(1, count, 1).expand(3, count, 1))
         for number, layer in enumerate(model.layers):
             attention = layer.self_attn
+            head_dim = attention.head_dim
             x = layer.input_layernorm(hidden)
-            query = attention.q_proj(x).view(count, 1, -1, attention.head_dim).transpose(1, 2)
-            key = attention.k_proj(x).view(count, 1, -1, attention.head_dim).transpose(1, 2)
-            value = attention.v_proj(x).view(count, 1, -1, attention.head_dim).transpose(1, 2)
+            query = attention.q_proj(x).view(count, 1, -1, head_dim).transpose(1, 2)
+            key = attention.k_proj(x).view(count, 1, -1, head_dim).transpose(1, 2)
+            value = attention.v_proj(x).view(count, 1, -1, head_dim).transpose(1, 2)
             query, key = apply_rotary_pos_emb(query, key, cos, sin)
             self.pool.scatter(number, at, key[:, :, 0], value[:, :, 0])
-            keys, values = self.pool.gather(number, index)
+            keys, values = self.pool.gather(number, index)  # [rows, kv_heads, width, head_dim]
+            # The query heads of one KV head stand in for query positions: grouped-query
+            # attention with any attention kernel, the KV heads never repeated.
+            grouped = query.reshape(count, keys.shape[1], -1, head_dim)
             out = scaled_dot_product_attention(
-                query, keys, values, attn_mask=mask, scale=attention.scaling, enable_gqa=True
+                grouped, keys, values, attn_mask=mask, scale=attention.scaling
             )
-            hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(count, 1, -1))
+            hidden = hidden + attention.o_proj(out.reshape(count, 1, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         hidden = model.norm(hidden)
         return self.model.lm_head(hidden[:, -1, :])

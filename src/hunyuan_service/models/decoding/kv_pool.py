@@ -4,7 +4,8 @@ Each row reserves one contiguous range of `prompt + max_new_tokens` positions wh
 frees it when it leaves, so memory follows what the rows need rather than a fixed length for
 every row. A row that does not fit waits for rows to leave (the decoder never fails a running
 row for room). Keys and values keep their own KV heads: attention reads them with grouped-query
-attention, never repeated to the query heads.
+attention, never repeated to the query heads. One position past `capacity`, never reserved, is
+the scratch slot that the padding rows of a captured step write to and read from.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ class KVPool:
         import torch
 
         self.capacity = capacity
-        shape = (kv_heads, capacity, head_dim)
+        self.scratch = capacity  # the padding rows' position
+        shape = (kv_heads, capacity + 1, head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
         self._free: list[tuple[int, int]] = [(0, capacity)]  # (start, length), sorted by start
