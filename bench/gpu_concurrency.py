@@ -39,11 +39,24 @@ def concurrency_section(name: str, shape: Any, plan: Any, report: Any) -> None:
         kv_cache_tokens=max(CLIENTS) * (256 + n),
     )
     served = QwenVLModel(settings)
+    started = time.perf_counter()
     served.adopt(model, processor)
+    report.add(
+        section=name,
+        variant="load: the continuous decoder prepared",
+        note=f"decode step: {served.info.extra.get('decode_step')}; KV pool and capture took "
+        f"{time.perf_counter() - started:.1f} s at load",
+    )
     served.load = lambda: None  # type: ignore[method-assign]  # the weights are in place
     bytes_per_step = decode_bytes(model)
     peak, peak_name = peak_bandwidth(plan.device)
-    rates = asyncio.run(_engine_waves(settings, served, n, plan, report, name))
+    compiled_before = _compilations()
+    rates, texts = asyncio.run(_engine_waves(settings, served, n, plan, report, name, CLIENTS))
+    report.add(
+        section=name,
+        variant="compilations while serving the waves",
+        note=f"{_compilations() - compiled_before} (torch.compile frames compiled after load)",
+    )
     if 1 in rates:
         share = bytes_per_step * rates[1] / peak
         report.add(
@@ -53,28 +66,76 @@ def concurrency_section(name: str, shape: Any, plan: Any, report: Any) -> None:
             note=f"{share:.1%} of {peak_name} ({peak / 1e12:.2f} TB/s): each step reads "
             f"{bytes_per_step / 1e9:.2f} GB of weights",
         )
+    if plan.device == "cuda" and settings.cuda_graphs and plan.left() > 120:
+        _eager_rows(model, processor, plan, report, name, rates, texts)
     if plan.left() > 60:
         _http_row(settings, served, n, report, name)
 
 
+def _eager_rows(
+    model: Any, processor: Any, plan: Any, report: Any, name: str, graphs: dict, texts: dict
+) -> None:
+    """The same waves with CUDA_GRAPHS=false (the step eager at its exact shape), at 1 and 8."""
+    import gpu as bench
+    from hunyuan_service.models.qwen_vl import QwenVLModel
+
+    n = plan.new_tokens
+    settings = bench.settings_for(
+        "image2text",
+        plan,
+        max_batch_size=max(CLIENTS),
+        max_queue_size=4 * max(CLIENTS),
+        kv_cache_tokens=max(CLIENTS) * (256 + n),
+        cuda_graphs=False,
+    )
+    eager = QwenVLModel(settings)
+    eager.adopt(model, processor)
+    eager.load = lambda: None  # type: ignore[method-assign]
+    rates, eager_texts = asyncio.run(
+        _engine_waves(settings, eager, n, plan, report, f"{name}, eager step", (1, 8))
+    )
+    for clients, rate in rates.items():
+        if clients in graphs:
+            same = sum(texts[clients][i] == eager_texts[clients][i] for i in range(clients))
+            report.add(
+                section=name,
+                variant=f"CUDA graphs vs eager step, {clients} clients",
+                tok_per_s=graphs[clients],
+                vs_baseline=graphs[clients] / rate,
+                note=f"eager {rate:.1f} tok/s; {same} of {clients} answers identical (bf16: "
+                "the graphs pad attention to a bucket's width)",
+            )
+    eager.decoder = None
+
+
+def _compilations() -> int:
+    from hunyuan_service.models.compilations import compilations, install
+
+    install()
+    return compilations()
+
+
 async def _engine_waves(
-    settings: Any, served: Any, n: int, plan: Any, report: Any, name: str
-) -> dict[int, float]:
+    settings: Any, served: Any, n: int, plan: Any, report: Any, name: str, sizes: tuple[int, ...]
+) -> tuple[dict[int, float], dict[int, dict[int, str]]]:
+    """Two waves of each size; the rates and answers of the second."""
     from hunyuan_service.engine.engine import Engine
 
     engine = Engine(settings, served)
     await engine.start()
     rates: dict[int, float] = {}
+    texts: dict[int, dict[int, str]] = {}
     baseline_tpot = None
     try:
         await _wave(engine, 1, n)  # warm-up
-        for clients in CLIENTS:
+        for clients in sizes:
             if plan.left() < 40:
                 report.add(section=name, variant=f"engine, {clients} clients", note="skipped")
                 continue
             first = await _wave(engine, clients, n)
             later = await _wave(engine, clients, n)
             rates[clients] = clients * (n - 1) / later["decode_s"]
+            texts[clients] = later["texts"]
             tpot = later["tpot_s"]
             baseline_tpot = baseline_tpot or tpot
             report.add(
@@ -82,7 +143,7 @@ async def _engine_waves(
                 variant=f"engine, continuous batching, {clients} clients",
                 tok_per_s=rates[clients],
                 ttft_s=later["ttft_s"],
-                vs_baseline=rates[clients] / rates[CLIENTS[0]] if CLIENTS[0] in rates else None,
+                vs_baseline=rates[clients] / rates[sizes[0]] if sizes[0] in rates else None,
                 note=f"time per output token {tpot * 1000:.2f} ms ({tpot / baseline_tpot:.2f}x "
                 f"batch 1); the first wave of this size took "
                 f"{first['wall_s'] / later['wall_s']:.2f}x the second",
@@ -90,10 +151,10 @@ async def _engine_waves(
     finally:
         await engine.stop()
         engine.close()
-    return rates
+    return rates, texts
 
 
-async def _wave(engine: Any, clients: int, n: int) -> dict[str, float]:
+async def _wave(engine: Any, clients: int, n: int) -> dict[str, Any]:
     """`clients` requests at once; the decode rate counts from the last first token to the end."""
     from hunyuan_service.engine.events import Token
     from hunyuan_service.models.types import ChatMessage, Image2TextInput
@@ -101,6 +162,7 @@ async def _wave(engine: Any, clients: int, n: int) -> dict[str, float]:
     started = time.perf_counter()
     firsts: list[float] = []
     ends: list[float] = []
+    texts: dict[int, str] = {}
 
     async def one(index: int) -> None:
         request = Image2TextInput((ChatMessage("user", f"Describe scene {index}."),), n)
@@ -112,6 +174,7 @@ async def _wave(engine: Any, clients: int, n: int) -> dict[str, float]:
         await handle.result()
         ends.append(time.perf_counter())
         assert handle.output.completion_tokens == n, handle.output.completion_tokens
+        texts[index] = handle.output.text
 
     await asyncio.gather(*(one(i) for i in range(clients)))
     tpots = [
@@ -122,6 +185,7 @@ async def _wave(engine: Any, clients: int, n: int) -> dict[str, float]:
         "decode_s": max(ends) - max(firsts),
         "ttft_s": statistics.median(first - started for first in firsts),
         "tpot_s": statistics.median(tpots),
+        "texts": texts,
     }
 
 
