@@ -153,7 +153,9 @@ class ContinuousLoop:
             self._queue_moved()
 
     def _give(self, feed: RowFeed, job: Job) -> bool:
-        context = JobContext(job.should_stop, job.progress, job.token, job.stop_reason_value)
+        context = JobContext(
+            job.should_stop, job.progress, job.token, job.stop_reason_value, job.observed
+        )
         if not feed.put(job, job.payload, context):
             return False
         job.mark_started()

@@ -129,7 +129,9 @@ class WorkerLoop:
     async def _infer(self, jobs: list[Job]) -> list[Any]:
         """One output or exception per job. A batch that runs out of memory is split in two."""
         contexts = [
-            JobContext(job.should_stop, job.progress, job.token, job.stop_reason_value)
+            JobContext(
+                job.should_stop, job.progress, job.token, job.stop_reason_value, job.observed
+            )
             for job in jobs
         ]
         try:

@@ -29,6 +29,7 @@ class JobContext:
     on_progress: Callable[[int, int], None] = lambda _step, _total: None
     on_token: Callable[[str], None] = lambda _text: None
     stop_reason: Callable[[], str] = lambda: "cancelled"
+    wants_tokens: bool = True  # False: nobody reads `on_token`, so text need not be decoded
 
     def raise_if_stopped(self) -> None:
         if self.should_stop():
