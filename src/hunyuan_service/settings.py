@@ -53,7 +53,8 @@ class Settings(BaseSettings):
     compile: Literal["off", "regional", "full"] = Field(
         "off",
         description="torch.compile: regional (text2image blocks) or full (text2image "
-        "transformer; image2text static cache and compiled decode step)",
+        "transformer; image2text static cache and compiled decode step, and the continuous "
+        "decoder's step, compiled at load)",
     )
     quantize: Literal["none", "fp8", "int8"] = Field(
         "none", description="torchao quantization: fp8 (CUDA, capability 8.9+) or int8; lossy"

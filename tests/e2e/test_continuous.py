@@ -346,3 +346,40 @@ def test_a_joining_prompt_runs_a_chunk_between_two_steps(
     for key, request in {**first, **later}.items():
         assert feed.outcomes[key] == continuous.infer(request, JobContext()), key
     assert decoder.pool.free_positions == decoder.pool.capacity
+
+
+def test_a_compiled_step_compiles_every_bucket_at_load_and_never_after(
+    tiny_cache: Path, continuous: Any
+) -> None:
+    from hunyuan_service.models.compilations import compilations, install
+    from hunyuan_service.models.qwen_vl import QwenVLModel
+
+    install()
+    before = compilations()
+    settings = tiny_settings("image2text", tiny_cache, max_batch_size=4, compile="full")
+    compiled = QwenVLModel(settings)
+    compiled.load()
+    loaded = compilations()
+    assert loaded > before  # compiled at load, for every bucket
+    steps = compiled.decoder.padded
+    assert steps.compiled
+    assert compiled.info.extra["decode_step"] == "compiled"
+    requests = {
+        "one": ask("Hi", 12),
+        "two": ask("Tell me a long story about the sea", 30),
+        "three": ask("Surprise me", 10, temperature=0.9, seed=5),
+        "four": ask("Go", 3),
+    }
+    # The one-at-a-time path (transformers' own compiled decode) compiles on first use.
+    alone = {key: compiled.infer(request, JobContext()) for key, request in requests.items()}
+    eager = run_together(continuous, requests).outcomes
+    loaded = compilations()
+    for count in (1, 2, 4):  # every row bucket, and rows leaving mid-way
+        chosen = dict(list(requests.items())[:count])
+        together = run_together(compiled, chosen).outcomes
+        for key in chosen:
+            assert together[key] == eager[key], key
+    assert together["one"].text == alone["one"].text
+    assert steps.padded_steps > 0
+    assert steps.eager_steps == 0
+    assert compilations() == loaded

@@ -85,11 +85,15 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
             )
             speed["kv_cache_tokens"] = self.decoder.pool.capacity
             graphs = self.settings.cuda_graphs and self.model.device.type == "cuda"
+            compiled = self.settings.compile == "full"
+            if graphs or compiled:
+                self.decoder.pad_steps(
+                    self.settings.max_batch_size, capture=graphs, compiled=compiled
+                )
+            step = "compiled" if compiled else "eager"
             if graphs:
-                self.decoder.pad_steps(self.settings.max_batch_size, capture=True)
-            speed["decode_step"] = (
-                f"{len(self.decoder.padded.graphs)} CUDA graphs" if graphs else "eager"
-            )
+                step += f", {len(self.decoder.padded.graphs)} CUDA graphs"
+            speed["decode_step"] = step
         self.info.extra = {
             "attn_implementation": self.settings.attn_implementation,
             "vl_max_pixels": self._max_pixels,

@@ -277,9 +277,10 @@ class DecodeBatch:
         self.rows.remove(row)
         self.pool.release(row.start, row.reserved)
 
-    def pad_steps(self, max_rows: int, capture: bool) -> None:
+    def pad_steps(self, max_rows: int, capture: bool, compiled: bool = False) -> None:
         """Runs every later step at bucketed shapes: as CUDA graphs captured now when `capture`
-        (CUDA only), else eagerly (how tests check the padding on the CPU)."""
+        (CUDA only), else eagerly (how tests check the padding on the CPU); `compiled` compiles
+        the step for every bucket now, before any capture."""
         from hunyuan_service.models.decoding.graphs import PaddedStep
 
         capacity = self.pool.capacity
@@ -291,6 +292,7 @@ class DecodeBatch:
             budget=2 * max(capacity, max_rows * 256),
             device=self.device,
             capture=capture,
+            compiled=compiled,
         )
         self.padded.prepare()
 

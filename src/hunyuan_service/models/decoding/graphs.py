@@ -11,9 +11,11 @@ buckets:
   capacity; the positions past a row's length are masked out.
 
 Every bucket is captured at load, before the service is ready, so nothing is captured or
-compiled while serving. Buckets of more than `budget` rows times positions are not captured
-(their gathered keys and values would need too much memory): a step that needs one runs eagerly
-at its exact shape, as every step does off CUDA or with CUDA_GRAPHS=false.
+compiled while serving. With COMPILE=full the step is compiled first (dynamic shapes, so a
+couple of compilations serve every bucket), which fuses its small kernels, then captured.
+Buckets of more than `budget` rows times positions are not captured (their gathered keys and
+values would need too much memory): a step that needs one runs eagerly at its exact shape, as
+every step does off CUDA or with CUDA_GRAPHS=false.
 
 Captured graphs share one memory pool; a replay's logits are copied out before the next step,
 so reusing that memory between buckets is safe.
@@ -61,6 +63,9 @@ class PaddedStep:
         budget: the most rows times width captured.
         device: where the step runs; graphs are captured only on CUDA.
         capture: False pads to the buckets but runs eagerly (how tests check the padding).
+        compiled: run the buckets through `torch.compile` (dynamic shapes: one compilation
+            serves every bucket but one row), compiled at `prepare`; steps past every bucket
+            stay eager, so nothing compiles while serving.
     """
 
     def __init__(
@@ -72,8 +77,15 @@ class PaddedStep:
         budget: int,
         device: Any,
         capture: bool,
+        compiled: bool = False,
     ) -> None:
+        self.eager = forward
         self.forward = forward
+        if compiled:
+            import torch
+
+            self.forward = torch.compile(forward, dynamic=True)
+        self.compiled = compiled
         self.scratch = scratch
         self.rows = row_buckets(max_rows)
         self.widths = width_buckets(capacity)
@@ -110,8 +122,9 @@ class PaddedStep:
         return [column + [fill[index]] * pad for index, column in enumerate(values)]
 
     def prepare(self) -> None:
-        """Captures every bucket's graph (on CUDA, with capture on); a no-op otherwise."""
-        if not self.capture:
+        """Runs every bucket once (compiling it, if compiled) and captures its graph (on CUDA,
+        with capture on); a no-op for plain eager padding."""
+        if not (self.capture or self.compiled):
             return
         import torch
 
@@ -120,6 +133,19 @@ class PaddedStep:
             self.inputs[rows] = torch.tensor(
                 self.padded([[] for _ in range(5)], rows), device=self.device
             )
+        if not self.capture:
+            # Made as `run` makes them (inference tensors), or the compiled step's guards would
+            # tell them apart and compile again at the first real step.
+            with torch.inference_mode():
+                for rows, width in self.buckets():
+                    inputs = torch.tensor(self.inputs[rows].tolist(), device=self.device)
+                    self.forward(inputs, width)
+            logger.info(
+                "compiled the decode step for %d buckets in %.1f s",
+                len(self.buckets()),
+                time.monotonic() - started,
+            )
+            return
         memory = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(device=self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -137,7 +163,9 @@ class PaddedStep:
                 self.graphs[(rows, width)] = (graph, logits)
         torch.cuda.synchronize(self.device)
         logger.info(
-            "captured the decode step as %d CUDA graphs (rows up to %d, widths up to %d) in %.1f s",
+            "captured the decode step%s as %d CUDA graphs (rows up to %d, widths up to %d) in "
+            "%.1f s",
+            ", compiled," if self.compiled else "",
             len(self.graphs),
             self.rows[-1],
             max(width for _rows, width in self.graphs),
@@ -152,7 +180,7 @@ class PaddedStep:
         shape = self.bucket(count, width)
         if shape is None:
             self.eager_steps += 1
-            return self.forward(torch.tensor(values, device=self.device), width).float()
+            return self.eager(torch.tensor(values, device=self.device), width).float()
         rows, padded_width = shape
         padded = self.padded(values, rows)
         self.padded_rows += rows - count
