@@ -23,40 +23,14 @@ CLIENTS = (1, 8, 32, 64)
 def concurrency_section(name: str, shape: Any, plan: Any, report: Any) -> None:
     import gpu as bench
     from hunyuan_service.models.base import resolve_dtype
-    from hunyuan_service.models.qwen_vl import QwenVLModel
-    from hunyuan_service.models.tiny import build_qwen_vl
 
     dtype = resolve_dtype("auto", plan.device)
     with bench.made_on(plan.device, dtype, seed=2):
-        model, processor = build_qwen_vl(shape, dtype=dtype)
+        model, processor = bench_model(shape, dtype)
     model.generation_config.eos_token_id = None  # exactly new_tokens per request
-    n = plan.new_tokens
-    settings = bench.settings_for(
-        "image2text",
-        plan,
-        max_batch_size=max(CLIENTS),
-        max_queue_size=4 * max(CLIENTS),
-        kv_cache_tokens=max(CLIENTS) * (256 + n),
-    )
-    served = QwenVLModel(settings)
-    started = time.perf_counter()
-    served.adopt(model, processor)
-    report.add(
-        section=name,
-        variant="load: the continuous decoder prepared",
-        note=f"decode step: {served.info.extra.get('decode_step')}; KV pool and capture took "
-        f"{time.perf_counter() - started:.1f} s at load",
-    )
-    served.load = lambda: None  # type: ignore[method-assign]  # the weights are in place
     bytes_per_step = decode_bytes(model)
     peak, peak_name = peak_bandwidth(plan.device)
-    compiled_before = _compilations()
-    rates, texts = asyncio.run(_engine_waves(settings, served, n, plan, report, name, CLIENTS))
-    report.add(
-        section=name,
-        variant="compilations while serving the waves",
-        note=f"{_compilations() - compiled_before} (torch.compile frames compiled after load)",
-    )
+    served, rates, texts = _variant(model, processor, plan, report, name, CLIENTS)
     if 1 in rates:
         share = bytes_per_step * rates[1] / peak
         report.add(
@@ -66,46 +40,105 @@ def concurrency_section(name: str, shape: Any, plan: Any, report: Any) -> None:
             note=f"{share:.1%} of {peak_name} ({peak / 1e12:.2f} TB/s): each step reads "
             f"{bytes_per_step / 1e9:.2f} GB of weights",
         )
-    if plan.device == "cuda" and settings.cuda_graphs and plan.left() > 120:
-        _eager_rows(model, processor, plan, report, name, rates, texts)
+    if plan.device == "cuda" and plan.left() > 150:
+        # COMPILE=full: the step compiled (its small kernels fused), then captured.
+        other, compiled, _texts = _variant(
+            model, processor, plan, report, f"{name}, COMPILE=full", CLIENTS, compile="full"
+        )
+        other.decoder = None
+        _compare(report, name, "compiled + CUDA graphs vs CUDA graphs", compiled, rates)
+        if 1 in compiled:
+            share = bytes_per_step * compiled[1] / peak
+            report.add(
+                section=name,
+                variant="COMPILE=full, batch 1 as a share of memory bandwidth",
+                tok_per_s=compiled[1],
+                note=f"{share:.1%} of {peak_name}",
+            )
+    if plan.device == "cuda" and plan.left() > 120:
+        other, eager, eager_texts = _variant(
+            model, processor, plan, report, f"{name}, eager step", (1, 8), cuda_graphs=False
+        )
+        other.decoder = None
+        _compare(report, name, "CUDA graphs vs eager step", rates, eager, texts, eager_texts)
     if plan.left() > 60:
-        _http_row(settings, served, n, report, name)
+        _http_row(served.settings, served, plan.new_tokens, report, name)
 
 
-def _eager_rows(
-    model: Any, processor: Any, plan: Any, report: Any, name: str, graphs: dict, texts: dict
-) -> None:
-    """The same waves with CUDA_GRAPHS=false (the step eager at its exact shape), at 1 and 8."""
+def bench_model(shape: Any, dtype: Any) -> tuple[Any, Any]:
+    from hunyuan_service.models.tiny import build_qwen_vl
+
+    return build_qwen_vl(shape, dtype=dtype)  # type: ignore[no-any-return]
+
+
+def _variant(
+    model: Any,
+    processor: Any,
+    plan: Any,
+    report: Any,
+    name: str,
+    sizes: tuple[int, ...],
+    **options: Any,
+) -> tuple[Any, dict[int, float], dict[int, dict[int, str]]]:
+    """The model served with these settings: how its decoder was prepared, then the waves."""
     import gpu as bench
     from hunyuan_service.models.qwen_vl import QwenVLModel
 
-    n = plan.new_tokens
     settings = bench.settings_for(
         "image2text",
         plan,
         max_batch_size=max(CLIENTS),
         max_queue_size=4 * max(CLIENTS),
-        kv_cache_tokens=max(CLIENTS) * (256 + n),
-        cuda_graphs=False,
+        kv_cache_tokens=max(CLIENTS) * (256 + plan.new_tokens),
+        **options,
     )
-    eager = QwenVLModel(settings)
-    eager.adopt(model, processor)
-    eager.load = lambda: None  # type: ignore[method-assign]
-    rates, eager_texts = asyncio.run(
-        _engine_waves(settings, eager, n, plan, report, f"{name}, eager step", (1, 8))
+    served = QwenVLModel(settings)
+    compiled_before = _compilations()
+    started = time.perf_counter()
+    served.adopt(model, processor)
+    loaded = _compilations()
+    report.add(
+        section=name,
+        variant="load: the continuous decoder prepared",
+        note=f"decode step: {served.info.extra.get('decode_step')}; KV pool, compilation and "
+        f"capture took {time.perf_counter() - started:.1f} s at load "
+        f"({loaded - compiled_before} compilations)",
     )
-    for clients, rate in rates.items():
-        if clients in graphs:
-            same = sum(texts[clients][i] == eager_texts[clients][i] for i in range(clients))
-            report.add(
-                section=name,
-                variant=f"CUDA graphs vs eager step, {clients} clients",
-                tok_per_s=graphs[clients],
-                vs_baseline=graphs[clients] / rate,
-                note=f"eager {rate:.1f} tok/s; {same} of {clients} answers identical (bf16: "
-                "the graphs pad attention to a bucket's width)",
-            )
-    eager.decoder = None
+    served.load = lambda: None  # type: ignore[method-assign]  # the weights are in place
+    rates, texts = asyncio.run(
+        _engine_waves(settings, served, plan.new_tokens, plan, report, name, sizes)
+    )
+    report.add(
+        section=name,
+        variant="compilations while serving the waves",
+        note=f"{_compilations() - loaded} (torch.compile frames compiled after load)",
+    )
+    return served, rates, texts
+
+
+def _compare(
+    report: Any,
+    name: str,
+    label: str,
+    rates: dict[int, float],
+    baseline: dict[int, float],
+    texts: dict | None = None,
+    baseline_texts: dict | None = None,
+) -> None:
+    for clients, base in baseline.items():
+        if clients not in rates:
+            continue
+        note = f"{rates[clients]:.1f} against {base:.1f} tok/s"
+        if texts is not None and baseline_texts is not None:
+            same = sum(texts[clients][i] == baseline_texts[clients][i] for i in range(clients))
+            note += f"; {same} of {clients} answers identical (bf16, padded widths)"
+        report.add(
+            section=name,
+            variant=f"{label}, {clients} clients",
+            tok_per_s=rates[clients],
+            vs_baseline=rates[clients] / base,
+            note=note,
+        )
 
 
 def _compilations() -> int:
