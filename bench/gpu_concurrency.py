@@ -42,11 +42,12 @@ def concurrency_section(name: str, shape: Any, plan: Any, report: Any) -> None:
         )
     if plan.device == "cuda" and plan.left() > 150:
         # COMPILE=full: the step compiled (its small kernels fused), then captured.
-        other, compiled, _texts = _variant(
+        other, compiled, compiled_texts = _variant(
             model, processor, plan, report, f"{name}, COMPILE=full", CLIENTS, compile="full"
         )
         other.decoder = None
-        _compare(report, name, "compiled + CUDA graphs vs CUDA graphs", compiled, rates)
+        label = "compiled + CUDA graphs vs CUDA graphs"
+        _compare(report, name, label, compiled, rates, compiled_texts, texts)
         if 1 in compiled:
             share = bytes_per_step * compiled[1] / peak
             report.add(
