@@ -158,8 +158,9 @@ class Settings(BaseSettings):
         512,
         ge=0,
         le=1_000_000,
-        description="image2text, continuous batching: prompt tokens a joining request runs "
-        "between two decode steps, which bounds how long running rows wait for it; 0: whole",
+        description="image2text, continuous batching: prompt tokens run between two decode "
+        "steps (part of one long prompt, or several short prompts together, padded), which "
+        "bounds how long running rows wait; 0: each prompt whole, any number together",
     )
     kv_cache_tokens: int = Field(
         0,

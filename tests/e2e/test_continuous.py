@@ -49,6 +49,14 @@ def test_every_row_equals_its_solo_answer(
     monkeypatch.setattr(continuous.decoder, "padded", None)
     if padded:
         continuous.decoder.pad_steps(8, capture=False)  # this test hands over 8 jobs at once
+    groups: list[int] = []  # prompts prefilled together, per forward pass
+    together_fn = continuous.decoder.advance_together
+
+    def counted(prefills: list[Any]) -> Any:
+        groups.append(len(prefills))
+        return together_fn(prefills)
+
+    monkeypatch.setattr(continuous.decoder, "advance_together", counted)
     from hunyuan_service.media import decode_image
     from hunyuan_service.models.grammar import compile_response_format
 
@@ -93,6 +101,9 @@ def test_every_row_equals_its_solo_answer(
     for key in ("grammar", "grammar, sampled"):
         assert together[key].finish_reason == "stop"
         jsonschema.validate(json.loads(together[key].text), schema)
+    # Prompts of 55 to 75 tokens: several fit a chunk of 512 together; none fit 16.
+    assert (max(groups, default=1) > 1) == (chunk == 512)
+    assert all(size * 75 <= chunk for size in groups)
     if padded:
         steps = continuous.decoder.padded
         assert steps.padded_steps > 0

@@ -36,6 +36,19 @@ def _cat(features: Any) -> Any:
     return torch.cat(list(features), dim=0) if isinstance(features, (list, tuple)) else features
 
 
+def _pad_right(tensor: Any, width: int, dim: int) -> Any:
+    """`tensor` extended to `width` along `dim` by repeating its last slice."""
+    import torch
+
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    last = tensor.narrow(dim, tensor.shape[dim] - 1, 1)
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor, last.expand(shape)], dim=dim)
+
+
 @dataclass
 class Prepared:
     """A request templated and tokenized, waiting for KV room."""
@@ -168,6 +181,54 @@ class DecodeBatch:
             raise
         if logits is None:
             return None
+        return self._join(prefill, logits)
+
+    def fits_together(self, lengths: list[int]) -> bool:
+        """Whether prompts of these lengths may run whole in one forward pass: padded to the
+        longest, within one chunk's tokens (any number with chunks off)."""
+        return not self.chunk_tokens or len(lengths) * max(lengths) <= self.chunk_tokens
+
+    def advance_together(self, prefills: list[Prefill]) -> list[Row]:
+        """Runs several whole prompts in one forward pass and makes each a decoding row.
+
+        The prompts are padded on the right to the longest: with causal attention, no prompt
+        token reads the padding after it, so each prompt's keys, values and last logits are
+        its own (the padding's are dropped)."""
+        import torch
+        from transformers import DynamicCache
+
+        try:
+            with torch.inference_mode():
+                lengths = [prefill.prepared.prompt_tokens for prefill in prefills]
+                width = max(lengths)
+                embeds = torch.cat([_pad_right(p.embeds, width, dim=1) for p in prefills])
+                positions = torch.cat(
+                    [_pad_right(p.positions, width, dim=-1) for p in prefills], dim=-2
+                )
+                cache: Any = DynamicCache(config=self.model.config.text_config)
+                output = self.text_model(
+                    inputs_embeds=embeds, position_ids=positions, cache=cache, use_cache=True
+                )
+                for index, layer in enumerate(cache.layers):
+                    for number, prefill in enumerate(prefills):
+                        length = lengths[number]
+                        self.pool.write(
+                            index,
+                            prefill.start,
+                            layer.keys[number, :, :length],
+                            layer.values[number, :, :length],
+                        )
+                ends = torch.tensor([length - 1 for length in lengths], device=embeds.device)
+                hidden = output.last_hidden_state[torch.arange(len(prefills)), ends]
+                logits = self.model.lm_head(hidden).float()
+        except BaseException:
+            for prefill in prefills:
+                self.drop(prefill)
+            raise
+        return [self._join(p, logits[n : n + 1]) for n, p in enumerate(prefills)]
+
+    def _join(self, prefill: Prefill, logits: Any) -> Row:
+        """The prefilled request as a decoding row, with its first token chosen from `logits`."""
         prepared = prefill.prepared
         request, ctx = prepared.request, prepared.ctx
         grammar = None if request.grammar is None else self.grammar_mask(request.grammar)

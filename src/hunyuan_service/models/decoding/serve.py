@@ -32,22 +32,23 @@ def serve_rows(
     recover: Callable[[], None],
 ) -> None:
     """Runs until the feed has nothing more: jobs join between steps, oldest first, as soon as
-    their KV range is free; each ends and is reported on its own. One job prefills at a time,
-    `batch.chunk_tokens` of its prompt between two decode steps, so a joining job delays the
-    running rows by one chunk a step. A failure of one job's preparation or prefill fails that
-    job only; a failed step fails the rows in it."""
+    their KV range is free; each ends and is reported on its own. Between two decode steps runs
+    one chunk of prefill: `batch.chunk_tokens` of one long prompt, or several short prompts
+    whole (padded, within the same tokens), so joining jobs delay the running rows by one chunk
+    a step. A failure of one job's preparation fails that job only, a failed prefill the jobs in
+    it, and a failed step the rows in it."""
     waiting: collections.deque[Waiting] = collections.deque()
-    prefill: Prefill | None = None
+    prefills: list[Prefill] = []
     while True:
         waiting.extend(Waiting(key, request, ctx) for key, request, ctx in feed.take())
-        if prefill is None:
-            prefill = _begin_next(batch, waiting, feed, is_out_of_memory, recover)
-        if prefill is not None:
-            prefill = _advance(batch, prefill, feed, is_out_of_memory, recover)
+        if not prefills:
+            prefills = _begin_next(batch, waiting, feed, is_out_of_memory, recover)
+        if prefills:
+            prefills = _advance(batch, prefills, feed, is_out_of_memory, recover)
         for row in batch.stopped():
             _leave(batch, row, feed)
         if not batch.rows:
-            if prefill is None and not waiting and feed.close_if_idle():
+            if not prefills and not waiting and feed.close_if_idle():
                 return
             continue
         try:
@@ -70,10 +71,11 @@ def _begin_next(
     feed: Any,
     is_out_of_memory: Callable[[BaseException], bool],
     recover: Callable[[], None],
-) -> Prefill | None:
-    """Starts the prefill of the oldest waiting job whose range is free, preparing it first;
-    one that does not fit yet keeps its place, and those behind it wait too (first come, first
-    served)."""
+) -> list[Prefill]:
+    """Starts the prefill of the oldest waiting job whose range is free, preparing it first,
+    and of the jobs behind it while their prompts fit one chunk together with it; a job that
+    does not fit yet keeps its place, and those behind it wait too (first come, first served)."""
+    group: list[Prefill] = []
     while waiting:
         head = waiting[0]
         if head.ctx.should_stop():
@@ -87,6 +89,9 @@ def _begin_next(
                 waiting.popleft()
                 feed.finished(head.key, batch.too_big(head.prepared))
                 continue
+            lengths = [p.prepared.prompt_tokens for p in group] + [head.prepared.prompt_tokens]
+            if group and not batch.fits_together(lengths):
+                return group
             prefill = batch.begin(head.prepared)
         except Exception as error:
             waiting.popleft()
@@ -94,36 +99,51 @@ def _begin_next(
                 recover()
             feed.finished(head.key, error)
             continue
-        if prefill is not None:
-            waiting.popleft()
-        return prefill
-    return None
+        if prefill is None:
+            return group
+        waiting.popleft()
+        group.append(prefill)
+        if not batch.fits_together(lengths):  # a long prompt runs alone, a chunk at a time
+            return group
+    return group
 
 
 def _advance(
     batch: DecodeBatch,
-    prefill: Prefill,
+    prefills: list[Prefill],
     feed: Any,
     is_out_of_memory: Callable[[BaseException], bool],
     recover: Callable[[], None],
-) -> Prefill | None:
-    """Runs one chunk of the prefill; returns it while chunks remain, else None."""
-    if prefill.ctx.should_stop():
-        batch.drop(prefill)
-        feed.finished(prefill.key, _stopped(prefill.ctx))
-        return None
+) -> list[Prefill]:
+    """Runs one chunk of prefill: the next chunk of one prompt, or several prompts whole.
+    Returns the prefill still unfinished, if any."""
+    going = []
+    for prefill in prefills:
+        if prefill.ctx.should_stop():
+            batch.drop(prefill)
+            feed.finished(prefill.key, _stopped(prefill.ctx))
+        else:
+            going.append(prefill)
+    if not going:
+        return []
     try:
-        row = batch.advance(prefill)
-    except Exception as error:  # `advance` gave its range back
+        if len(going) == 1:
+            row = batch.advance(going[0])
+            if row is None:
+                return going
+            rows = [row]
+        else:
+            rows = batch.advance_together(going)
+    except Exception as error:  # the prefills' ranges were given back
         if is_out_of_memory(error):
             recover()
-        feed.finished(prefill.key, error)
-        return None
-    if row is None:
-        return prefill
-    if row.ended is not None:  # its first token was its last
-        _leave(batch, row, feed)
-    return None
+        for prefill in going:
+            feed.finished(prefill.key, error)
+        return []
+    for row in rows:
+        if row.ended is not None:  # its first token was its last
+            _leave(batch, row, feed)
+    return []
 
 
 def _stopped(ctx: Any) -> JobCancelled:
