@@ -49,6 +49,48 @@ def _pad_right(tensor: Any, width: int, dim: int) -> Any:
     return torch.cat([tensor, last.expand(shape)], dim=dim)
 
 
+def decoder_layer(
+    layer: Any,
+    keys: Any,
+    values: Any,
+    hidden: Any,
+    cos: Any,
+    sin: Any,
+    at: Any,
+    index: Any,
+    mask: Any,
+) -> Any:
+    """One decoder layer of the decode step: `hidden` [rows, 1, hidden] attends to each row's
+    range of the layer's KV pool (`keys`, `values` [kv_heads, positions, head_dim]), after its
+    own key and value are written at `at` [rows]; `index` [rows, width] picks each row's
+    positions, `mask` [rows, 1, 1, width] those inside its length.
+
+    A plain function of its layer and tensors, so one compilation serves every layer."""
+    from torch.nn.functional import scaled_dot_product_attention
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
+
+    count = hidden.shape[0]
+    attention = layer.self_attn
+    head_dim = attention.head_dim
+    x = layer.input_layernorm(hidden)
+    query = attention.q_proj(x).view(count, 1, -1, head_dim).transpose(1, 2)
+    key = attention.k_proj(x).view(count, 1, -1, head_dim).transpose(1, 2)
+    value = attention.v_proj(x).view(count, 1, -1, head_dim).transpose(1, 2)
+    query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    keys[:, at] = key[:, :, 0].transpose(0, 1)
+    values[:, at] = value[:, :, 0].transpose(0, 1)
+    row_keys = keys[:, index].transpose(0, 1)  # [rows, kv_heads, width, head_dim]
+    row_values = values[:, index].transpose(0, 1)
+    # The query heads of one KV head stand in for query positions: grouped-query attention
+    # with any attention kernel, the KV heads never repeated.
+    grouped = query.reshape(count, row_keys.shape[1], -1, head_dim)
+    out = scaled_dot_product_attention(
+        grouped, row_keys, row_values, attn_mask=mask, scale=attention.scaling
+    )
+    hidden = hidden + attention.o_proj(out.reshape(count, 1, -1))
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
 @dataclass
 class Prepared:
     """A request templated and tokenized, waiting for KV room."""
@@ -342,11 +384,21 @@ class DecodeBatch:
         """Runs every later step at bucketed shapes: as CUDA graphs captured now when `capture`
         (CUDA only), else eagerly (how tests check the padding on the CPU); `compiled` compiles
         the step for every bucket now, before any capture."""
+        import functools
+
+        import torch
+
         from hunyuan_service.models.decoding.graphs import PaddedStep
 
+        forward = self._forward
+        if compiled:
+            # One compiled function for every layer (its weights and KV pool are arguments),
+            # so compiling costs one layer, not the 28-layer step unrolled.
+            layer = torch.compile(decoder_layer, dynamic=True)
+            forward = functools.partial(self._forward, layer_step=layer)
         capacity = self.pool.capacity
         self.padded = PaddedStep(
-            self._forward,
+            forward,
             self.pool.scratch,
             max_rows,
             capacity,
@@ -354,6 +406,7 @@ class DecodeBatch:
             device=self.device,
             capture=capture,
             compiled=compiled,
+            eager=self._forward,
         )
         self.padded.prepare()
 
@@ -373,17 +426,16 @@ class DecodeBatch:
             return self.padded.run(values, width)
         return self._forward(torch.tensor(values, device=self.device), width).float()
 
-    def _forward(self, inputs: Any, width: int) -> Any:
+    def _forward(self, inputs: Any, width: int, layer_step: Any = None) -> Any:
         """Logits [rows, vocab] for each row's next token at its own position.
 
         `inputs` [5, rows] holds each row's last token, its position in the pool, its rotary
         position, its length with that token, and its range's start (graphs.TOKEN ... START);
         attention reads `width` positions per row, those past its length masked. Nothing here
-        reads the device or depends on values, so a CUDA graph can capture it.
+        reads the device or depends on values, so a CUDA graph can capture it. `layer_step`
+        runs each decoder layer (`decoder_layer`, or a compiled one).
         """
         import torch
-        from torch.nn.functional import scaled_dot_product_attention
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
 
         tokens, at, rotary, lengths, starts = inputs
         count = tokens.shape[0]
@@ -395,24 +447,11 @@ class DecodeBatch:
         model = self.text_model
         hidden = model.embed_tokens(tokens[:, None])  # [rows, 1, hidden]
         cos, sin = model.rotary_emb(hidden, rotary.view(1, count, 1).expand(3, count, 1))
+        step = layer_step or decoder_layer
+        pool = self.pool
         for number, layer in enumerate(model.layers):
-            attention = layer.self_attn
-            head_dim = attention.head_dim
-            x = layer.input_layernorm(hidden)
-            query = attention.q_proj(x).view(count, 1, -1, head_dim).transpose(1, 2)
-            key = attention.k_proj(x).view(count, 1, -1, head_dim).transpose(1, 2)
-            value = attention.v_proj(x).view(count, 1, -1, head_dim).transpose(1, 2)
-            query, key = apply_rotary_pos_emb(query, key, cos, sin)
-            self.pool.scatter(number, at, key[:, :, 0], value[:, :, 0])
-            keys, values = self.pool.gather(number, index)  # [rows, kv_heads, width, head_dim]
-            # The query heads of one KV head stand in for query positions: grouped-query
-            # attention with any attention kernel, the KV heads never repeated.
-            grouped = query.reshape(count, keys.shape[1], -1, head_dim)
-            out = scaled_dot_product_attention(
-                grouped, keys, values, attn_mask=mask, scale=attention.scaling
-            )
-            hidden = hidden + attention.o_proj(out.reshape(count, 1, -1))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            keys, values = pool.keys[number], pool.values[number]
+            hidden = step(layer, keys, values, hidden, cos, sin, at, index, mask)
         hidden = model.norm(hidden)
         return self.model.lm_head(hidden[:, -1, :])
 

@@ -11,8 +11,9 @@ buckets:
   capacity; the positions past a row's length are masked out.
 
 Every bucket is captured at load, before the service is ready, so nothing is captured or
-compiled while serving. With COMPILE=full the step is compiled first (dynamic shapes, so a
-couple of compilations serve every bucket), which fuses its small kernels, then captured.
+compiled while serving. With COMPILE=full the step's decoder layer is compiled first (one
+function for every layer, dynamic shapes, so a couple of compilations serve every layer and
+bucket), which fuses its small kernels, then captured.
 Buckets of more than `budget` rows times positions are not captured (their gathered keys and
 values would need too much memory): a step that needs one runs eagerly at its exact shape, as
 every step does off CUDA or with CUDA_GRAPHS=false.
@@ -57,15 +58,15 @@ class PaddedStep:
 
     Args:
         forward: the decode step at a given shape (`DecodeBatch._forward`).
+        eager: the same step without compilation, for steps past every bucket.
         scratch: the pool position padding rows use.
         max_rows: MAX_BATCH_SIZE.
         capacity: the pool's positions (the widest a row can be).
         budget: the most rows times width captured.
         device: where the step runs; graphs are captured only on CUDA.
         capture: False pads to the buckets but runs eagerly (how tests check the padding).
-        compiled: run the buckets through `torch.compile` (dynamic shapes: one compilation
-            serves every bucket but one row), compiled at `prepare`; steps past every bucket
-            stay eager, so nothing compiles while serving.
+        compiled: `forward` compiles on first use: `prepare` runs every bucket once, so
+            nothing compiles while serving (steps past every bucket run `eager`).
     """
 
     def __init__(
@@ -78,13 +79,10 @@ class PaddedStep:
         device: Any,
         capture: bool,
         compiled: bool = False,
+        eager: Callable[[Any, int], Any] | None = None,
     ) -> None:
-        self.eager = forward
         self.forward = forward
-        if compiled:
-            import torch
-
-            self.forward = torch.compile(forward, dynamic=True)
+        self.eager = eager or forward
         self.compiled = compiled
         self.scratch = scratch
         self.rows = row_buckets(max_rows)

@@ -67,15 +67,3 @@ class KVPool:
         count = keys.shape[1]
         self.keys[layer][:, start : start + count] = keys
         self.values[layer][:, start : start + count] = values
-
-    def scatter(self, layer: int, positions: Any, keys: Any, values: Any) -> None:
-        """Stores one new position per row: `positions` [rows], keys and values
-        `[rows, kv_heads, head_dim]`."""
-        self.keys[layer][:, positions] = keys.transpose(0, 1)
-        self.values[layer][:, positions] = values.transpose(0, 1)
-
-    def gather(self, layer: int, index: Any) -> tuple[Any, Any]:
-        """Keys and values `[rows, kv_heads, width, head_dim]` at `index` [rows, width]."""
-        keys = self.keys[layer][:, index].transpose(0, 1)
-        values = self.values[layer][:, index].transpose(0, 1)
-        return keys, values
