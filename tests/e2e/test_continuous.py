@@ -48,7 +48,7 @@ def test_every_row_equals_its_solo_answer(
     # padding rows on the scratch position), run eagerly here.
     monkeypatch.setattr(continuous.decoder, "padded", None)
     if padded:
-        continuous.decoder.pad_steps(8, capture=False)  # this test hands over 8 jobs at once
+        continuous.decoder.pad_steps(16, capture=False)  # this test hands over 9 jobs at once
     groups: list[int] = []  # prompts prefilled together, per forward pass
     together_fn = continuous.decoder.advance_together
 
@@ -57,11 +57,20 @@ def test_every_row_equals_its_solo_answer(
         return together_fn(prefills)
 
     monkeypatch.setattr(continuous.decoder, "advance_together", counted)
+    masked: list[int] = []  # greedy rows with a grammar, masked together, per step
+    greedy_fn = continuous.decoder._greedy
+
+    def spied(rows: list[Any], logits: Any) -> Any:
+        masked.append(sum(row.sampler.masked_greedy for row in rows))
+        return greedy_fn(rows, logits)
+
+    monkeypatch.setattr(continuous.decoder, "_greedy", spied)
     from hunyuan_service.media import decode_image
     from hunyuan_service.models.grammar import compile_response_format
 
     image = decode_image(png_bytes(), "images[0]", continuous.settings)
     schema = {"type": "array", "items": {"enum": ["cat", "dog"]}, "minItems": 1, "maxItems": 3}
+    numbers = {"type": "array", "items": {"enum": [1, 22, 333]}, "minItems": 1, "maxItems": 4}
     requests = {
         "greedy": ask("Hi", 12),
         "image": Image2TextInput((ChatMessage("user", "Describe this", (image,)),), 6),
@@ -70,6 +79,9 @@ def test_every_row_equals_its_solo_answer(
         "seeded, hot": ask("Surprise me", 10, temperature=1.4, seed=12),
         "stop": ask("go", 12),
         "grammar": ask("Pets?", 40, grammar=compile_response_format("json_schema", schema, "pets")),
+        "grammar, numbers": ask(
+            "Numbers?", 40, grammar=compile_response_format("json_schema", numbers, "numbers")
+        ),
         "grammar, sampled": ask(
             "Pets?",
             40,
@@ -101,6 +113,10 @@ def test_every_row_equals_its_solo_answer(
     for key in ("grammar", "grammar, sampled"):
         assert together[key].finish_reason == "stop"
         jsonschema.validate(json.loads(together[key].text), schema)
+    # Two greedy rows with different grammars, masked together, each by its own.
+    assert max(masked) == 2
+    assert together["grammar, numbers"].finish_reason == "stop"
+    jsonschema.validate(json.loads(together["grammar, numbers"].text), numbers)
     # Prompts of 55 to 75 tokens: several fit a chunk of 512 together; none fit 16.
     assert (max(groups, default=1) > 1) == (chunk == 512)
     assert all(size * 75 <= chunk for size in groups)

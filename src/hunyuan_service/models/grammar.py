@@ -132,21 +132,33 @@ class GrammarMask:
                 self.matchers[row] = None
                 view.fill_(-1)
 
+    @property
+    def live(self) -> bool:
+        """Whether any row is still held to its grammar (else `apply` changes nothing)."""
+        return any(matcher is not None for matcher in self.matchers)
+
     def apply(self, scores: Any) -> Any:
         """Masks `scores` [rows, vocab] in place with the mask `advance` computed."""
         import torch
 
-        if all(matcher is None for matcher in self.matchers):
+        if not self.live:
             return scores
         if self.bits is None or self.bits.device != scores.device:
             self.bits = torch.arange(32, dtype=torch.int32, device=scores.device)
-        words = self.bitmask.to(scores.device, non_blocking=True)
-        allowed = ((words.unsqueeze(-1) >> self.bits) & 1).bool().flatten(1)
-        width = min(scores.shape[1], self.vocab)
-        scores[:, :width].masked_fill_(~allowed[:, :width], float("-inf"))
-        if scores.shape[1] > width:  # logits past the tokenizer's vocabulary are never text
-            scores[:, width:] = float("-inf")
-        return scores
+        return mask_scores(scores, self.bitmask, self.vocab, self.bits)
+
+
+def mask_scores(scores: Any, bitmask: Any, vocab: int, bits: Any) -> Any:
+    """Masks `scores` [rows, vocab] in place: `bitmask` [rows, words] (int32, on the CPU) allows
+    token 32 * w + b where bit b of word w is set; `bits` is `arange(32)` on the scores' device.
+    Logits past the tokenizer's `vocab` are never text, so they are masked too."""
+    words = bitmask.to(scores.device, non_blocking=True)
+    allowed = ((words.unsqueeze(-1) >> bits) & 1).bool().flatten(1)
+    width = min(scores.shape[1], vocab)
+    scores[:, :width].masked_fill_(~allowed[:, :width], float("-inf"))
+    if scores.shape[1] > width:
+        scores[:, width:] = float("-inf")
+    return scores
 
 
 def sampling_after(mask: GrammarMask, sampling: dict[str, Any], defaults: Any) -> dict[str, Any]:

@@ -172,6 +172,7 @@ class DecodeBatch:
         self.rows: list[Row] = []
         self.chunk_tokens = chunk_tokens
         self.padded: Any = None  # a PaddedStep once `pad_steps` ran; else exact shapes, eager
+        self.bits: Any = None  # arange(32) on the device, for grammar bitmasks
 
     # -- joining ---------------------------------------------------------------------------------
 
@@ -355,15 +356,14 @@ class DecodeBatch:
             # Grammar masks are computed on the CPU meanwhile (the tokens they follow are known).
             for row in rows:
                 row.sampler.prepare(row.generated[-1])
-            # One read from the device for every plain greedy row, not one per row.
-            greedy = logits.argmax(dim=-1).tolist()
+            greedy = self._greedy(rows, logits)
         ended = []
         for index, row in enumerate(rows):
             row.cached += 1
             if row.ctx.should_stop():
                 ended.append(row)
                 continue
-            if row.sampler.plain_greedy:
+            if row.sampler.plain_greedy or row.sampler.masked_greedy:
                 token = int(greedy[index])
             else:
                 token = self._choose(row, logits[index : index + 1])
@@ -371,6 +371,29 @@ class DecodeBatch:
             if row.ended is not None:
                 ended.append(row)
         return ended
+
+    def _greedy(self, rows: list[Row], logits: Any) -> list[int]:
+        """Every row's argmax, the greedy rows with a grammar masked first (all in one go), in
+        one read from the device rather than one per row."""
+        import torch
+
+        from hunyuan_service.models.grammar import mask_scores
+
+        masked = [
+            index
+            for index, row in enumerate(rows)
+            if row.sampler.masked_greedy and row.sampler.grammar.live
+        ]
+        choices = logits.argmax(dim=-1)
+        if masked:
+            grammars = [rows[index].sampler.grammar for index in masked]
+            bitmask = torch.cat([grammar.bitmask for grammar in grammars])
+            if self.bits is None:
+                self.bits = torch.arange(32, dtype=torch.int32, device=logits.device)
+            at = torch.tensor(masked, device=logits.device)
+            scores = mask_scores(logits[at], bitmask, grammars[0].vocab, self.bits)
+            choices[at] = scores.argmax(dim=-1)
+        return list(choices.tolist())
 
     def stopped(self) -> list[Row]:
         """Rows whose job stopped (cancelled, deadline, shutdown) since the last step."""

@@ -51,6 +51,12 @@ class RowSampler:
         """Greedy with nothing to apply: the batch takes all such rows' argmax in one read."""
         return not self.sampled and not self.processors and self.grammar is None
 
+    @property
+    def masked_greedy(self) -> bool:
+        """Greedy with a grammar only: the batch masks all such rows at once, then reads them
+        with the plain greedy rows."""
+        return not self.sampled and not self.processors and self.grammar is not None
+
     def prepare(self, last_token: int | None) -> None:
         """Computes the grammar's mask for the next token on the CPU (None: before the first),
         while the device may still be computing the logits it will mask."""
