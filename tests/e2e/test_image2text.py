@@ -294,3 +294,44 @@ def test_input_over_max_input_tokens_is_a_422_and_others_still_run(tiny_cache: P
     results = model.infer_batch([over, fine], [JobContext(), JobContext()])
     assert isinstance(results[0], InvalidInput)
     assert results[1].completion_tokens >= 1
+
+
+# -- per-request resolution ------------------------------------------------------------------
+
+
+def big_image() -> str:
+    return data_uri(encoded(Image.new("RGB", (640, 480), (40, 90, 160)), "PNG"))
+
+
+def test_a_smaller_max_pixels_gives_fewer_prompt_tokens(vl_client: TestClient) -> None:
+    default = assert_text_answer(ask(vl_client, [big_image()]))["usage"]["prompt_tokens"]
+    small = ask(vl_client, [big_image()], max_pixels=56 * 56)
+    smaller = assert_text_answer(small)["usage"]["prompt_tokens"]
+    assert smaller < default
+    # The server's own bound stays the default: asking for it changes nothing.
+    settings = vl_client.app.state.engine.settings  # type: ignore[attr-defined]
+    same = ask(vl_client, [big_image()], max_pixels=settings.vl_max_pixels)
+    assert assert_text_answer(same)["usage"]["prompt_tokens"] == default
+
+
+def test_a_larger_min_pixels_enlarges_a_small_image(vl_client: TestClient) -> None:
+    default = assert_text_answer(ask(vl_client, [data_uri(png_bytes())]))["usage"]
+    larger = assert_text_answer(ask(vl_client, [data_uri(png_bytes())], min_pixels=224 * 224))
+    assert larger["usage"]["prompt_tokens"] > default["prompt_tokens"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"max_pixels": 100}, "max_pixels"),  # under Qwen's 4 patches
+        ({"max_pixels": 10**9}, "max_pixels"),  # over VL_MAX_PIXELS
+        ({"min_pixels": 10**9}, "min_pixels"),
+        ({"min_pixels": 100_000, "max_pixels": 50_000}, "min_pixels"),
+    ],
+)
+def test_pixel_bounds_outside_the_servers_are_refused_naming_the_field(
+    vl_client: TestClient, extra: dict, field: str
+) -> None:
+    response = ask(vl_client, [data_uri(png_bytes())], **extra)
+    assert response.status_code == 422, response.text
+    assert field in response.text

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from hunyuan_service.api.app import create_app
 from tests.e2e.conftest import tiny_settings
+from tests.images import data_uri, encoded
 from tests.sse import parse_sse
 
 
@@ -162,3 +165,26 @@ def test_max_completion_tokens_bounds_the_answer_before_max_tokens(vl_client: Te
     assert body["choices"][0]["finish_reason"] == "length"
     two = vl_client.post("/v1/chat/completions", json={**HELLO, "max_tokens": 2}).json()
     assert body["choices"] == two["choices"]  # the same answer as max_tokens=2 gives
+
+
+def test_mm_processor_kwargs_bound_each_images_resolution(vl_client: TestClient) -> None:
+    """vLLM's way to ask for a resolution: a smaller max_pixels costs fewer prompt tokens."""
+    image = data_uri(encoded(Image.new("RGB", (640, 480), (40, 90, 160)), "PNG"))
+    content = [
+        {"type": "text", "text": "What is it?"},
+        {"type": "image_url", "image_url": {"url": image}},
+    ]
+    body = {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": 2}
+
+    def prompt_tokens(**extra: Any) -> int:
+        response = vl_client.post("/v1/chat/completions", json={**body, **extra})
+        assert response.status_code == 200, response.text
+        return int(response.json()["usage"]["prompt_tokens"])
+
+    default = prompt_tokens()
+    assert prompt_tokens(mm_processor_kwargs={"max_pixels": 56 * 56}) < default
+    refused = vl_client.post(
+        "/v1/chat/completions", json={**body, "mm_processor_kwargs": {"max_pixels": 10}}
+    )
+    assert refused.status_code == 400
+    assert "max_pixels" in refused.json()["error"]["message"]

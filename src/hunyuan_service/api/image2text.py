@@ -170,6 +170,8 @@ def to_model_input(
         repetition_penalty=params.repetition_penalty,
         seed=params.seed,
         grammar=grammar,
+        min_pixels=params.min_pixels,
+        max_pixels=params.max_pixels,
     )
 
 

@@ -119,6 +119,7 @@ async def chat_completions(request: Request, engine: EngineDep) -> Response:
             seed=params.seed,
             stop=tuple(params.stop or ()),
             grammar=grammar,
+            **params.pixel_bounds(),
         )
         handle = engine.submit(
             payload, request_id_of(request), reservation=reservation, observed=params.stream

@@ -14,6 +14,7 @@ from hunyuan_service.api.schemas import (
     ResponseFormat,
     check_loras,
     check_no_special_tokens,
+    check_pixels,
     check_side,
     check_steps,
     check_temperature,
@@ -83,6 +84,15 @@ CHAT_UNSUPPORTED = {
 }
 
 
+class PixelBounds(BaseModel):
+    """`{"min_pixels", "max_pixels"}`: how far each image of the request is resized."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_pixels: int | None = Field(None, ge=1)
+    max_pixels: int | None = Field(None, ge=1)
+
+
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -100,6 +110,11 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
+    mm_processor_kwargs: PixelBounds | None = None  # vLLM's name for per-request resizing
+
+    def pixel_bounds(self) -> dict[str, int | None]:
+        bounds = self.mm_processor_kwargs or PixelBounds()
+        return {"min_pixels": bounds.min_pixels, "max_pixels": bounds.max_pixels}
 
     @field_validator("n")
     @classmethod
@@ -120,6 +135,9 @@ class ChatCompletionRequest(BaseModel):
     def _limits(self, info: ValidationInfo) -> ChatCompletionRequest:
         _refuse_extras(self, CHAT_UNSUPPORTED)
         settings = _settings(info)
+        if self.mm_processor_kwargs is not None:
+            bounds = self.mm_processor_kwargs
+            check_pixels(bounds.min_pixels, bounds.max_pixels, settings, "mm_processor_kwargs.")
         limit = settings.max_new_tokens_limit
         if (self.max_completion_tokens or self.max_tokens or 0) > limit:
             raise ValueError(f"max_tokens: must be at most {limit}")

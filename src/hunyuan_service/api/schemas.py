@@ -179,6 +179,13 @@ class Image2TextRequest(RequestBase):
     repetition_penalty: float | None = Field(None, ge=0.1, le=10)
     seed: int | None = Field(None, ge=0, lt=2**63)
     response_format: ResponseFormat | None = None
+    min_pixels: int | None = Field(None, ge=1)
+    max_pixels: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _pixels(self, info: ValidationInfo) -> Image2TextRequest:
+        check_pixels(self.min_pixels, self.max_pixels, _limits(info), "")
+        return self
 
     @field_validator("temperature")
     @classmethod
@@ -205,6 +212,23 @@ class Image2TextRequest(RequestBase):
         if len(value) > limit:
             raise ValueError(f"{len(value)} images sent; at most {limit} are allowed")
         return value
+
+
+QWEN_MIN_PIXELS = 4 * 28 * 28  # an image is at least 4 of Qwen2.5-VL's 28-pixel patches
+
+
+def check_pixels(low: int | None, high: int | None, settings: Settings, prefix: str) -> None:
+    """Per-request resizing bounds must lie within the server's: at least Qwen's 4 patches
+    (3136 pixels), at most VL_MAX_PIXELS, and min_pixels no more than max_pixels."""
+    ceiling = settings.vl_max_pixels
+    for name, value in (("min_pixels", low), ("max_pixels", high)):
+        if value is not None and not QWEN_MIN_PIXELS <= value <= ceiling:
+            raise ValueError(
+                f"{prefix}{name}: must be between {QWEN_MIN_PIXELS} and {ceiling} (VL_MAX_PIXELS) "
+                f"pixels (got {value})"
+            )
+    if low is not None and high is not None and low > high:
+        raise ValueError(f"{prefix}min_pixels: {low} is more than max_pixels ({high})")
 
 
 # Qwen's control tokens, e.g. <|im_start|> or <|image_pad|>. In user text they would be read as

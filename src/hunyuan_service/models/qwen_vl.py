@@ -280,7 +280,7 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
             for image in message.images:
                 # Only decoded PIL images reach qwen_vl_utils: its own fetcher would follow any
                 # URL or open any path. Here it only resizes to the pixel budget.
-                images.append(fetch_image({"image": image, "max_pixels": self._max_pixels}))
+                images.append(fetch_image({"image": image, **self._pixel_bounds(request)}))
                 parts.append({"type": "image"})
             parts.append({"type": "text", "text": message.text})
             conversation.append({"role": message.role, "content": parts})
@@ -288,6 +288,13 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
             conversation, tokenize=False, add_generation_prompt=True
         )
         return prompt, images
+
+    def _pixel_bounds(self, request: Image2TextInput) -> dict[str, int]:
+        """qwen_vl_utils' resize bounds: the request's, within the server's (the API checked)."""
+        bounds = {"max_pixels": min(request.max_pixels or self._max_pixels, self._max_pixels)}
+        if request.min_pixels is not None:
+            bounds["min_pixels"] = min(request.min_pixels, bounds["max_pixels"])
+        return bounds
 
     def _sampling_with_grammars(
         self, request: Image2TextInput, grammars: list[OutputGrammar | None]

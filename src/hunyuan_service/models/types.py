@@ -65,6 +65,9 @@ class Image2TextInput:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     grammar: OutputGrammar | None = None  # structured output; None: free text
+    # Each image's pixel budget after resizing; None: the server's (VL_MAX_PIXELS, Qwen's floor)
+    min_pixels: int | None = None
+    max_pixels: int | None = None
 
 
 @dataclass(frozen=True)
