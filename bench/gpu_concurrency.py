@@ -31,15 +31,18 @@ def concurrency_section(name: str, shape: Any, plan: Any, report: Any) -> None:
     bytes_per_step = decode_bytes(model)
     peak, peak_name = peak_bandwidth(plan.device)
     served, rates, texts = _variant(model, processor, plan, report, name, CLIENTS)
-    if 1 in rates:
-        share = bytes_per_step * rates[1] / peak
+
+    def bandwidth_row(label: str, rate: float) -> None:
         report.add(
             section=name,
-            variant="batch 1 as a share of memory bandwidth",
-            tok_per_s=rates[1],
-            note=f"{share:.1%} of {peak_name} ({peak / 1e12:.2f} TB/s): each step reads "
-            f"{bytes_per_step / 1e9:.2f} GB of weights",
+            variant=f"{label}batch 1 as a share of memory bandwidth",
+            tok_per_s=rate,
+            note=f"{bytes_per_step * rate / peak:.1%} of {peak_name} ({peak / 1e12:.2f} TB/s): "
+            f"each step reads {bytes_per_step / 1e9:.2f} GB of weights",
         )
+
+    if 1 in rates:
+        bandwidth_row("", rates[1])
     if plan.device == "cuda" and plan.left() > 150:
         # COMPILE=full: the step compiled (its small kernels fused), then captured.
         other, compiled, compiled_texts = _variant(
@@ -49,13 +52,7 @@ def concurrency_section(name: str, shape: Any, plan: Any, report: Any) -> None:
         label = "compiled + CUDA graphs vs CUDA graphs"
         _compare(report, name, label, compiled, rates, compiled_texts, texts)
         if 1 in compiled:
-            share = bytes_per_step * compiled[1] / peak
-            report.add(
-                section=name,
-                variant="COMPILE=full, batch 1 as a share of memory bandwidth",
-                tok_per_s=compiled[1],
-                note=f"{share:.1%} of {peak_name}",
-            )
+            bandwidth_row("COMPILE=full, ", compiled[1])
     if plan.device == "cuda" and plan.left() > 120:
         other, eager, eager_texts = _variant(
             model, processor, plan, report, f"{name}, eager step", (1, 8), cuda_graphs=False
