@@ -410,3 +410,25 @@ def test_a_compiled_step_compiles_every_bucket_at_load_and_never_after(
     assert steps.padded_steps > 0
     assert steps.eager_steps == 0
     assert compilations() == loaded
+
+
+def test_a_request_that_cannot_join_after_a_shared_prefill_fails_alone_with_every_range_back(
+    continuous: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decoder = continuous.decoder
+    free = decoder.pool.free_positions
+    join = decoder._join
+
+    def failing(prefill: Any, logits: Any) -> Any:
+        if prefill.key == "b":
+            raise RuntimeError("the sampler broke")
+        return join(prefill, logits)
+
+    monkeypatch.setattr(decoder, "_join", failing)
+    requests = {key: ask(f"Hi {key}", 4) for key in ("a", "b", "c")}
+    feed = run_together(continuous, requests)
+    # The three prompts shared a pass, so all three fail with it; each is reported once.
+    assert sorted(feed.order) == ["a", "b", "c"]
+    assert all(isinstance(feed.outcomes[key], RuntimeError) for key in requests)
+    assert decoder.rows == []
+    assert decoder.pool.free_positions == free

@@ -224,7 +224,7 @@ class DecodeBatch:
             raise
         if logits is None:
             return None
-        return self._join(prefill, logits)
+        return self._join_all([prefill], logits)[0]
 
     def fits_together(self, lengths: list[int]) -> bool:
         """Whether prompts of these lengths may run whole in one forward pass: padded to the
@@ -268,7 +268,22 @@ class DecodeBatch:
             for prefill in prefills:
                 self.drop(prefill)
             raise
-        return [self._join(p, logits[n : n + 1]) for n, p in enumerate(prefills)]
+        return self._join_all(prefills, logits)
+
+    def _join_all(self, prefills: list[Prefill], logits: Any) -> list[Row]:
+        """Each prefilled request as a decoding row (`logits` [requests, vocab]); if one cannot
+        join (its sampler or grammar failed), none does and every range is given back."""
+        rows: list[Row] = []
+        try:
+            for number, prefill in enumerate(prefills):
+                rows.append(self._join(prefill, logits[number : number + 1]))
+        except BaseException:
+            for row in rows:
+                self.free(row)
+            for prefill in prefills[len(rows) :]:
+                self.drop(prefill)
+            raise
+        return rows
 
     def _join(self, prefill: Prefill, logits: Any) -> Row:
         """The prefilled request as a decoding row, with its first token chosen from `logits`."""
