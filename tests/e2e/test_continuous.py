@@ -412,7 +412,7 @@ def test_a_compiled_step_compiles_every_bucket_at_load_and_never_after(
     assert compilations() == loaded
 
 
-def test_a_request_that_cannot_join_after_a_shared_prefill_fails_alone_with_every_range_back(
+def test_a_request_that_cannot_join_fails_its_shared_prefill_with_every_range_back(
     continuous: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     decoder = continuous.decoder
