@@ -235,6 +235,26 @@ class Settings(BaseSettings):
         512 * 2**20, ge=0, description="jobs API: bytes of stored results kept at most"
     )
 
+    # A jobs API shared by replicas: records, results, events and one queue on Redis.
+    job_store_url: SecretStr | None = Field(
+        None,
+        description="jobs API: redis:// or rediss:// URL (password and database optional) of a "
+        "store shared by replicas; unset: jobs live in this process's memory",
+    )
+    job_store_prefix: str = Field(
+        "hunyuan:",
+        min_length=1,
+        max_length=64,
+        description="jobs API: prefix of every Redis key, so deployments can share one Redis",
+    )
+    job_store_heartbeat_s: float = Field(
+        2.0,
+        gt=0,
+        le=60,
+        description="jobs API with JOB_STORE_URL: a replica's heartbeat; its jobs end "
+        "`replica_lost` within 4 heartbeats of its death",
+    )
+
     # Webhooks called when a jobs API job ends (Standard Webhooks signatures).
     webhook_secret: SecretStr | None = Field(
         None, description="jobs API: the Standard Webhooks secret (whsec_...); unset: no webhooks"
@@ -329,10 +349,17 @@ class Settings(BaseSettings):
                 )
         return value
 
-    @field_validator("api_key", "webhook_secret", mode="before")
+    @field_validator("api_key", "webhook_secret", "job_store_url", mode="before")
     @classmethod
     def _empty_key_is_unset(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("job_store_url")
+    @classmethod
+    def _redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(("redis://", "rediss://")):
+            raise ValueError("JOB_STORE_URL must start with redis:// or rediss://")
+        return value
 
     @field_validator("allowed_local_media_dir")
     @classmethod
@@ -467,6 +494,9 @@ def _check_local_model_id(model_id: str) -> None:
         )
 
 
+SECRET_SETTINGS = frozenset({"api_key", "webhook_secret", "job_store_url"})
+
+
 def describe_settings_error(error: ValidationError) -> str:
     """One line naming each bad variable and what it accepts."""
     parts = []
@@ -477,7 +507,8 @@ def describe_settings_error(error: ValidationError) -> str:
             continue
         name = "_".join(str(p) for p in item["loc"]).upper()
         given = item.get("input")
-        shown = f" (got {given!r})" if isinstance(given, (str, int, float)) else ""
+        secret = str(item["loc"][0]) in SECRET_SETTINGS  # a key, or a URL with a password
+        shown = f" (got {given!r})" if isinstance(given, (str, int, float)) and not secret else ""
         parts.append(f"{name}: {message}{shown}")
     return "invalid configuration: " + "; ".join(parts)
 

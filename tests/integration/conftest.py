@@ -12,17 +12,26 @@ from tests.conftest import LiveServer
 from tests.fakes import FakeImageModel, fake_settings
 
 
-@pytest.fixture
-def serve() -> Iterator[Any]:
-    """`serve(model, **settings)` starts the app on a free port and returns its URL."""
-    servers: list[LiveServer] = []
+class Servers:
+    """`serve(model, **settings)` starts the app on a free port and returns its URL;
+    `serve.stop(url)` ends that one (its lifespan runs out), as a process exit would."""
 
-    def start(model: FakeImageModel, **settings: Any) -> str:
+    def __init__(self) -> None:
+        self.running: dict[str, LiveServer] = {}
+
+    def __call__(self, model: FakeImageModel, **settings: Any) -> str:
         app = create_app(fake_settings(**settings), model=model)
         server = LiveServer(app).__enter__()
-        servers.append(server)
+        self.running[server.url] = server
         return server.url
 
-    yield start
-    for server in servers:
-        server.__exit__()
+    def stop(self, url: str) -> None:
+        self.running.pop(url).__exit__()
+
+
+@pytest.fixture
+def serve() -> Iterator[Servers]:
+    servers = Servers()
+    yield servers
+    for url in list(servers.running):
+        servers.stop(url)

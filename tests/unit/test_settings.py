@@ -209,3 +209,20 @@ def test_every_setting_has_a_meaning_for_the_help() -> None:
 
     missing = [variable for variable, _default, meaning in settings_table() if not meaning]
     assert missing == []
+
+
+def test_the_job_store_url_is_redis_and_never_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hunyuan_service.engine.shared_jobs import redacted
+
+    assert load(monkeypatch, JOB_STORE_URL="").job_store_url is None
+    url = "redis://:hunter2pw@cache.internal:6380/3"
+    settings = load(monkeypatch, JOB_STORE_URL=url)
+    assert settings.job_store_url is not None
+    assert settings.job_store_url.get_secret_value() == url
+    assert "hunter2pw" not in repr(settings)
+    assert redacted(url) == "redis://:***@cache.internal:6380/3"
+    assert redacted("rediss://user:pw@host/0") == "rediss://user:***@host/0"
+    assert redacted("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    message = refusal(monkeypatch, JOB_STORE_URL="http://:hunter2pw@cache.internal:6380")
+    assert "JOB_STORE_URL: JOB_STORE_URL must start with redis:// or rediss://" in message
+    assert "hunter2pw" not in message

@@ -17,7 +17,7 @@ from starlette.requests import ClientDisconnect
 from hunyuan_service import __version__
 from hunyuan_service.api import openapi
 from hunyuan_service.api.deps import request_id_of
-from hunyuan_service.api.jobs_routes import JobsApi
+from hunyuan_service.api.jobs_routes import JobsApi, prepare_job
 from hunyuan_service.api.jobs_routes import router as jobs_router
 from hunyuan_service.api.middleware import (
     ApiKeyMiddleware,
@@ -141,6 +141,11 @@ def create_app(
     settings = settings or Settings()
     engine = Engine(settings, model)
     jobs_api = JobsApi(engine)
+    shared_jobs = None
+    if settings.job_store_url is not None:
+        from hunyuan_service.api.shared_jobs_api import SharedJobs
+
+        shared_jobs = SharedJobs(engine, jobs_api.webhooks)
 
     async def start_in_background() -> None:
         try:
@@ -156,6 +161,8 @@ def create_app(
             loading = asyncio.create_task(start_in_background())
         else:
             await engine.start()
+        if shared_jobs is not None:
+            shared_jobs.start(prepare_job)
         if settings.api_key is None:
             logger.warning("API_KEY is not set: every endpoint is open to anyone who can reach it")
         else:
@@ -167,7 +174,10 @@ def create_app(
                 engine.begin_drain()  # a stop during loading: never turn ready
                 loading.cancel()  # the load's daemon thread is left to die with the process
             await engine.stop()
-            await jobs_api.aclose(min(WEBHOOK_GRACE_S, settings.shutdown_timeout_s))
+            grace_s = min(WEBHOOK_GRACE_S, settings.shutdown_timeout_s)
+            if shared_jobs is not None:
+                await shared_jobs.aclose(grace_s)
+            await jobs_api.aclose(grace_s)
             engine.close()
 
     app = FastAPI(
@@ -178,6 +188,7 @@ def create_app(
     )
     app.state.engine = engine
     app.state.jobs_api = jobs_api
+    app.state.shared_jobs = shared_jobs
     # The command serves with this guard's protocol (`__main__`); /metrics reports its closes.
     app.state.header_guard = guard = HeaderGuard.from_settings(settings)
     app.state.metrics = metrics_registry(

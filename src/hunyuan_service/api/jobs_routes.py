@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -18,7 +18,7 @@ from hunyuan_service.api.body import requested_image_type
 from hunyuan_service.api.deps import EngineDep
 from hunyuan_service.api.encoding import MEDIA_TYPES, json_bytes, json_object
 from hunyuan_service.api.image2text import prepare_image2text
-from hunyuan_service.api.renderers import Rendered, event_stream
+from hunyuan_service.api.renderers import Prepared, Rendered, event_stream
 from hunyuan_service.api.schemas import Image2TextJobRequest, Text2ImageJobRequest
 from hunyuan_service.api.text2image import prepare_text2image
 from hunyuan_service.api.webhooks import WebhookSender
@@ -26,6 +26,9 @@ from hunyuan_service.engine.engine import Engine, JobHandle
 from hunyuan_service.engine.jobs import JobStatus, StopReason
 from hunyuan_service.engine.store import StoredJob
 from hunyuan_service.errors import NotAcceptable, error_body
+
+if TYPE_CHECKING:
+    from hunyuan_service.api.shared_jobs_api import SharedJobs
 
 logger = logging.getLogger(__name__)
 
@@ -75,13 +78,25 @@ def jobs_api(request: Request) -> JobsApi:
     return request.app.state.jobs_api
 
 
+def shared_jobs(request: Request) -> SharedJobs | None:
+    """The shared (Redis) jobs API when JOB_STORE_URL is set; None keeps jobs in memory."""
+    return request.app.state.shared_jobs
+
+
+async def prepare_job(request: Request, engine: Engine) -> Prepared:
+    """A /v1/jobs body validated and turned into the model's input, as /infer does."""
+    if engine.settings.model_type == "text2image":
+        return await prepare_text2image(request, engine, Text2ImageJobRequest)
+    return await prepare_image2text(request, engine, Image2TextJobRequest)
+
+
 @router.post("", status_code=202, response_model=None)
 async def submit_job(request: Request, engine: EngineDep) -> JSONResponse:
     """Queues a job with the body /infer takes; answers 202 with its id at once."""
-    if engine.settings.model_type == "text2image":
-        prepared = await prepare_text2image(request, engine, Text2ImageJobRequest)
-    else:
-        prepared = await prepare_image2text(request, engine, Image2TextJobRequest)
+    shared = shared_jobs(request)
+    if shared is not None:
+        return await shared.submit(request)
+    prepared = await prepare_job(request, engine)
     handle = prepared.submit(engine, request, detached=True)
     entry = engine.jobs.get(handle.id)
     jobs_api(request).track(entry, prepared.render, prepared.webhook)
@@ -93,20 +108,30 @@ async def submit_job(request: Request, engine: EngineDep) -> JSONResponse:
 @router.get("/{job_id}", response_model=None)
 async def get_job(job_id: str, request: Request, engine: EngineDep) -> Response:
     """The job's status; a succeeded job carries the /infer result (or raw bytes by Accept)."""
+    shared = shared_jobs(request)
+    if shared is not None:
+        return await shared.status(job_id, request)
     entry = engine.jobs.get(job_id)
     await _settled(entry)
     fmt = requested_image_type(request.headers.get("accept", ""))
     if fmt is not None and entry.handle.status is JobStatus.SUCCEEDED:
         rendered: Rendered | None = entry.rendered
-        if rendered is None or rendered.raw is None:
-            raise NotAcceptable("this job's result is text; ask for application/json")
-        if rendered.raw_format != fmt:
-            raise NotAcceptable(
-                f"this job's image is {rendered.raw_format}; ask for "
-                f"{MEDIA_TYPES[rendered.raw_format or 'png']} or application/json"
-            )
-        return Response(rendered.raw, media_type=MEDIA_TYPES[fmt])
+        if rendered is None:
+            return raw_result(None, None, fmt)
+        return raw_result(rendered.raw, rendered.raw_format, fmt)
     return Response(status_body(entry), media_type="application/json")
+
+
+def raw_result(raw: bytes | None, raw_format: str | None, fmt: str) -> Response:
+    """A succeeded job's image as bytes, or a 406 saying what this job's result can be."""
+    if raw is None:
+        raise NotAcceptable("this job's result is text; ask for application/json")
+    if raw_format != fmt:
+        raise NotAcceptable(
+            f"this job's image is {raw_format}; ask for "
+            f"{MEDIA_TYPES[raw_format or 'png']} or application/json"
+        )
+    return Response(raw, media_type=MEDIA_TYPES[fmt])
 
 
 @router.get("/{job_id}/events", response_model=None)
@@ -115,9 +140,12 @@ async def job_events(job_id: str, request: Request, engine: EngineDep) -> Respon
 
     Unlike /infer's stream, dropping this one does not cancel the job.
     """
-    entry = engine.jobs.get(job_id)
     last = request.headers.get("last-event-id", "").strip()
     after = int(last) if last.isdigit() else 0
+    shared = shared_jobs(request)
+    if shared is not None:
+        return await shared.events(job_id, after)
+    entry = engine.jobs.get(job_id)
 
     async def render(_output: Any, _handle: JobHandle) -> Rendered:
         await entry.ready.wait()
@@ -133,8 +161,11 @@ async def job_events(job_id: str, request: Request, engine: EngineDep) -> Respon
 
 
 @router.delete("/{job_id}", response_model=None)
-async def cancel_job(job_id: str, engine: EngineDep) -> Response:
+async def cancel_job(job_id: str, request: Request, engine: EngineDep) -> Response:
     """Cancels a queued job (it never runs) or a running one (it stops within a step or token)."""
+    shared = shared_jobs(request)
+    if shared is not None:
+        return await shared.cancel(job_id)
     entry = engine.jobs.get(job_id)
     entry.handle.cancel(StopReason.USER)
     await _settled(entry)
@@ -148,24 +179,46 @@ async def _settled(entry: StoredJob) -> None:
 
 
 def _summary(handle: JobHandle, entry: StoredJob) -> dict[str, Any]:
+    running = handle.status is JobStatus.RUNNING
+    progress = handle.progress() if running else None
+    return summary_fields(
+        handle.id,
+        handle.status.value,
+        entry.created_at,
+        handle.request_id,
+        position=handle.position() if handle.status is JobStatus.QUEUED else None,
+        progress=progress.data() if progress is not None else None,
+        tokens=handle.tokens() if running else 0,
+    )
+
+
+def summary_fields(
+    job_id: str,
+    status: str,
+    created_at: float,
+    request_id: str,
+    *,
+    position: int | None,
+    progress: dict[str, Any] | None,
+    tokens: int,
+) -> dict[str, Any]:
+    """A job's status fields, whichever store keeps it: a queued job's position, a running
+    one's latest progress and token count."""
     body: dict[str, Any] = {
-        "id": handle.id,
+        "id": job_id,
         "object": "job",
-        "status": handle.status.value,
-        "created_at": int(entry.created_at),
-        "request_id": handle.request_id,
+        "status": status,
+        "created_at": int(created_at),
+        "request_id": request_id,
     }
-    position = handle.position()
-    if handle.status is JobStatus.QUEUED and position:
+    if status == JobStatus.QUEUED.value and position:
         body["position"] = position
-    elif handle.status is JobStatus.RUNNING:
-        progress = handle.progress()
+    elif status == JobStatus.RUNNING.value:
         if progress is not None:
-            body["progress"] = progress.data()
-        tokens = handle.tokens()
+            body["progress"] = progress
         if tokens:
             body["tokens"] = tokens
-    body["links"] = {"self": f"/v1/jobs/{handle.id}", "events": f"/v1/jobs/{handle.id}/events"}
+    body["links"] = {"self": f"/v1/jobs/{job_id}", "events": f"/v1/jobs/{job_id}/events"}
     return body
 
 

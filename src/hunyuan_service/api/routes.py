@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -31,10 +33,11 @@ async def infer(request: Request) -> Response:
 
 
 @router.get("/health")
-async def health(engine: EngineDep) -> JSONResponse:
+async def health(request: Request, engine: EngineDep) -> JSONResponse:
     """Liveness: 200 while the worker is alive, 503 once it has died or the CPU pool that
-    decodes and encodes images is wedged (restart the process)."""
-    status = engine.status()
+    decodes and encodes images is wedged (restart the process). A job store that cannot be
+    reached is reported, not fatal: a restart would not bring it back."""
+    status = with_job_store(request, engine.status())
     alive = engine.worker_alive or engine.state is State.STARTING
     return JSONResponse(
         status, status_code=200 if alive and not status["cpu_pool"]["wedged"] else 503
@@ -42,11 +45,21 @@ async def health(engine: EngineDep) -> JSONResponse:
 
 
 @router.get("/ready")
-async def ready(engine: EngineDep) -> JSONResponse:
-    """Readiness: 200 only while the model is loaded and new requests are accepted."""
-    status = engine.status()
+async def ready(request: Request, engine: EngineDep) -> JSONResponse:
+    """Readiness: 200 only while the model is loaded and new requests are accepted, and the
+    shared job store (JOB_STORE_URL) answers, where one is set."""
+    status = with_job_store(request, engine.status())
     ok = engine.state is State.READY and engine.worker_alive and not status["cpu_pool"]["wedged"]
+    store = status.get("job_store")
+    ok = ok and (store is None or store["reachable"])
     return JSONResponse(status, status_code=200 if ok else 503)
+
+
+def with_job_store(request: Request, status: dict[str, Any]) -> dict[str, Any]:
+    shared = request.app.state.shared_jobs
+    if shared is not None:
+        status["job_store"] = shared.health()
+    return status
 
 
 # Probes answer HEAD as they answer GET (the body is dropped), out of the OpenAPI document.

@@ -319,6 +319,7 @@ class Engine:
         reservation: Reservation | None = None,
         observed: bool = False,
         detached: bool = False,
+        job_id: str | None = None,
     ) -> JobHandle:
         """The one way to run a job. Raises `QueueFull` or `Unavailable` when not admitted.
 
@@ -330,10 +331,13 @@ class Engine:
             observed: keep progress and token events (someone streams the job).
             detached: the job outlives its request: it gets an unguessable id and is kept in
                 `jobs` until its result expires.
+            job_id: a detached job's id given elsewhere (the shared job store keeps the job,
+                not `jobs`).
         """
         scheduler = self.check_ready() if reservation is None else self.scheduler
         assert scheduler is not None
-        job_id = new_job_id() if detached else None
+        kept = detached and job_id is None
+        job_id = new_job_id() if kept else job_id
         job = scheduler.submit(
             payload,
             request_id,
@@ -343,7 +347,7 @@ class Engine:
             job_id=job_id,
         )
         handle = JobHandle(scheduler, job)
-        if detached:
+        if kept:
             self.jobs.add(handle)
         return handle
 

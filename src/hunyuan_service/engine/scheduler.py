@@ -308,6 +308,13 @@ class Scheduler(WorkerLoop, ContinuousLoop):
     def busy(self) -> bool:
         return bool(self.running)
 
+    def has_room(self) -> bool:
+        """Whether a job submitted now would start at once: nothing waits or is being
+        prepared, and the running batch has a free row (one job, without batching)."""
+        return not (self._queue.qsize() or self._reserved) and (
+            len(self.running) < self.max_batch_size
+        )
+
     def position(self, job: Job) -> int | None:
         """0 for the running job, 1 for the first waiting one, None once finished."""
         if job.status is JobStatus.RUNNING:
