@@ -13,10 +13,21 @@ the next replica). It measures, in one run:
    as a 200 or a 503 with Retry-After at the edge; only jobs on the killed replica may fail
    (counted); the drained replica must finish every job it admitted and exit 0.
 
+With `--jobs N`, instead: the jobs API on one shared Redis store (JOB_STORE_URL, a real
+redis-server with a password). One replica alone runs N/5 jobs (the baseline rate); then three
+replicas behind nginx get N jobs posted through nginx and polled through random replicas, and one
+replica is SIGKILLed while it runs a job, a third of the way in. It checks: no job lost or
+answered `job_not_found`; the killed replica's running job ends `replica_lost` within the lease
+bound (4 heartbeats); what it had only claimed runs elsewhere; every other job succeeds; jobs
+start in submission order within the number of replicas; the password is in no log. It reports
+both rates and the Redis commands and bytes per job.
+
 Needs nginx (Debian's nginx-light; installed with apt-get when missing and run as root).
 
     uv run python bench/replicas.py              # about 40 s
     uv run python bench/replicas.py --quick      # about 20 s; tests/e2e/test_replicas.py
+    uv run python bench/replicas.py --jobs 300 --job-s 0.1   # about 40 s
+    uv run python bench/replicas.py --jobs 45 --job-s 0.05   # tests/e2e/test_shared_jobs.py
 """
 
 import argparse
@@ -71,7 +82,9 @@ def run_replica(job_s: float) -> int:
 
 
 class Replica:
-    def __init__(self, port: int, job_s: float, logs: Path) -> None:
+    def __init__(
+        self, port: int, job_s: float, logs: Path, extra_env: dict[str, str] | None = None
+    ) -> None:
         self.port, self.url = port, f"http://127.0.0.1:{port}"
         self.log = logs / f"replica-{port}.log"
         env = {
@@ -84,6 +97,7 @@ class Replica:
             "SHUTDOWN_TIMEOUT_S": "60",
             "LOG_LEVEL": "info",
             "PLAYGROUND": "false",
+            **(extra_env or {}),
         }
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(
@@ -287,6 +301,247 @@ def verdicts(result: dict[str, Any]) -> list[tuple[str, bool]]:
     ]
 
 
+# -- the jobs workload: three replicas on one Redis job store -----------------------------------
+
+REDIS_PASSWORD = "bench-" + "pw" * 8  # must never appear in a replica's log
+HEARTBEAT_S = 0.5
+
+
+def start_redis(port: int, work: Path) -> subprocess.Popen:
+    server = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not Path(server).exists():
+        raise SystemExit(
+            "bench/replicas.py --jobs needs redis-server (apt-get install redis-server)"
+        )
+    args = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
+    args += ["no", "--dir", str(work), "--requirepass", REDIS_PASSWORD]
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def measure_jobs(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Jobs through nginx to three replicas on one store; one SIGKILLed mid-burst."""
+    import random
+
+    import httpx
+    import redis.asyncio
+
+    redis_port, edge = free_port(), free_port()
+    store_url = f"redis://:{REDIS_PASSWORD}@127.0.0.1:{redis_port}/0"
+    env = {
+        "JOB_STORE_URL": store_url,
+        "JOB_STORE_HEARTBEAT_S": str(HEARTBEAT_S),
+        "MAX_QUEUE_SIZE": str(args.jobs + 10),
+        "MAX_STORED_JOBS": str(2 * args.jobs + 100),
+    }
+    server = start_redis(redis_port, work)
+    store = redis.asyncio.from_url(store_url)
+    ports = [free_port() for _ in range(3)]
+    replicas: list[Replica] = []
+    nginx = None
+    body = {"prompt": "a fox", "width": 64, "height": 64}
+    try:
+        for _ in range(100):
+            try:
+                await store.ping()
+                break
+            except redis.ConnectionError:
+                await asyncio.sleep(0.1)
+        replicas.append(Replica(ports[0], args.job_s, work, env))
+        await wait_ready([replicas[0].url])
+        async with httpx.AsyncClient(timeout=60) as client:
+            # One replica alone: the baseline rate.
+            alone = args.jobs // 5
+            started = time.monotonic()
+            solo = [
+                (await client.post(f"{replicas[0].url}/v1/jobs", json=body)).json()["id"]
+                for _ in range(alone)
+            ]
+            await settle(client, [replicas[0].url], solo, {})
+            rate_one = alone / (time.monotonic() - started)
+
+            replicas += [Replica(port, args.job_s, work, env) for port in ports[1:]]
+            nginx = start_nginx(edge, ports, work)
+            edge_url = f"http://127.0.0.1:{edge}"
+            await wait_ready([r.url for r in replicas] + [edge_url])
+            victim = replicas[0]
+            victim_id = (await client.get(f"{victim.url}/health")).json()["job_store"]["replica"]
+            before = await redis_counts(store)
+            started = time.monotonic()
+            ids: list[str] = []
+            killed_at = None
+            for index in range(args.jobs):
+                reply = await client.post(f"{edge_url}/v1/jobs", json=body)
+                assert reply.status_code == 202, reply.text
+                ids.append(reply.json()["id"])
+                if killed_at is None and index >= args.jobs // 3:
+                    running = await running_on(store, ids, victim_id)
+                    if running:
+                        victim.proc.send_signal(signal.SIGKILL)
+                        killed_at = time.time()
+                        lost_ids = running
+            live = [r.url for r in replicas[1:]]
+            misses: dict[str, int] = {}
+            finals = await settle(client, live, ids, misses, random.Random(0))
+            elapsed = time.monotonic() - started
+            after = await redis_counts(store)
+        stamps = await job_stamps(store, ids)
+    finally:
+        if nginx is not None:
+            nginx.send_signal(signal.SIGQUIT)
+        for replica in replicas:
+            if replica.proc.poll() is None:
+                replica.proc.send_signal(signal.SIGTERM)
+        for proc in [*(r.proc for r in replicas), *([nginx] if nginx else [])]:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        await store.aclose()
+        server.terminate()
+        server.wait(timeout=30)
+    lost = [job_id for job_id, final in finals.items() if final[1] == "replica_lost"]
+    lost_after_s = [round(stamps[job_id][1] - killed_at, 2) for job_id in lost if killed_at]
+    succeeded = sum(final[0] == "succeeded" for final in finals.values())
+    # A job the killed replica had claimed but not started goes back to the head of the queue
+    # when its lease lapses: it starts late by design, and is left out of the order check.
+    requeued = [job_id for job_id, stamp in stamps.items() if stamp[2]]
+    considered = [j for j in ids if stamps[j][0] and not stamps[j][2]]
+    start_rank = {j: rank for rank, j in enumerate(sorted(considered, key=lambda j: stamps[j][0]))}
+    displacement = max((abs(start_rank[j] - i) for i, j in enumerate(considered)), default=0)
+    commands = after["commands"] - before["commands"]
+    moved = after["bytes"] - before["bytes"]
+    logs = "".join(r.log.read_text() for r in replicas)
+    return {
+        "jobs": args.jobs,
+        "job_s": args.job_s,
+        "heartbeat_s": HEARTBEAT_S,
+        "one_replica_jobs_per_s": round(rate_one, 2),
+        "three_replicas_jobs_per_s": round(args.jobs / elapsed, 2),
+        "killed_replica_running": len(lost_ids) if killed_at else 0,
+        "finals": {
+            status: sum(final[0] == status for final in finals.values())
+            for status in {final[0] for final in finals.values()}
+        },
+        "succeeded": succeeded,
+        "replica_lost": lost,
+        "replica_lost_after_kill_s": lost_after_s,
+        "lease_bound_s": 4 * HEARTBEAT_S,
+        "job_not_found": misses.get("job_not_found", 0),
+        "unfinished": args.jobs - len(finals),
+        "start_order_max_displacement": displacement,
+        "requeued_from_the_killed_replica": len(requeued),
+        "requeued_succeeded": sum(
+            finals.get(job_id, ("",))[0] == "succeeded" for job_id in requeued
+        ),
+        "redis_commands_per_job": round(commands / args.jobs, 1),
+        # Each poll of the bench costs the replica that answers it one pipeline of 2 commands.
+        "bench_polls_per_job": round(misses.get("polls", 0) / args.jobs, 1),
+        "redis_commands_per_job_without_polls": round(
+            (commands - 2 * misses.get("polls", 0)) / args.jobs, 1
+        ),
+        "redis_bytes_per_job": round(moved / args.jobs),
+        "password_in_logs": REDIS_PASSWORD in logs,
+        "expected_lost": sorted(lost_ids) if killed_at else [],
+    }
+
+
+async def running_on(store: Any, ids: list[str], replica: str) -> list[str]:
+    """The ids of jobs the replica runs now, read from the store."""
+    pipe = store.pipeline(transaction=False)
+    for job_id in ids:
+        pipe.hmget(f"hunyuan:job:{job_id}", ["owner", "status"])
+    rows = await pipe.execute()
+    return [
+        job_id
+        for job_id, (owner, status) in zip(ids, rows, strict=True)
+        if owner == replica.encode() and status == b"running"
+    ]
+
+
+async def job_stamps(store: Any, ids: list[str]) -> dict[str, tuple[float, float, int]]:
+    """(started_at, finished_at, times requeued) of each job, wall clock, as the replicas
+    stored them; a job is requeued when the replica that claimed it died before starting it."""
+    pipe = store.pipeline(transaction=False)
+    for job_id in ids:
+        pipe.hmget(f"hunyuan:job:{job_id}", ["started_at", "finished_at", "requeued"])
+    rows = await pipe.execute()
+    return {
+        job_id: (float(started or 0), float(finished or 0), int(requeued or 0))
+        for job_id, (started, finished, requeued) in zip(ids, rows, strict=True)
+    }
+
+
+async def redis_counts(store: Any) -> dict[str, int]:
+    stats = await store.info("stats")
+    return {
+        "commands": int(stats["total_commands_processed"]),
+        "bytes": int(stats["total_net_input_bytes"]) + int(stats["total_net_output_bytes"]),
+    }
+
+
+async def settle(
+    client: Any,
+    urls: list[str],
+    ids: list[str],
+    misses: dict[str, int],
+    pick: Any = None,
+    timeout_s: float = 300,
+) -> dict[str, tuple[str, str | None]]:
+    """Polls every job through a random replica until each ends: id -> (status, error code).
+    404s are counted by code in `misses`, and every poll under "polls"."""
+    finals: dict[str, tuple[str, str | None]] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(finals) < len(ids) and time.monotonic() < deadline:
+        for job_id in ids:
+            if job_id in finals:
+                continue
+            url = pick.choice(urls) if pick else urls[0]
+            reply = await client.get(f"{url}/v1/jobs/{job_id}")
+            misses["polls"] = misses.get("polls", 0) + 1
+            if reply.status_code == 404:
+                code = reply.json()["error"]["code"]
+                misses[code] = misses.get(code, 0) + 1
+                continue
+            job = reply.json()
+            if job["status"] not in ("queued", "running"):
+                finals[job_id] = (job["status"], job.get("error", {}).get("code"))
+        await asyncio.sleep(0.05)
+    return finals
+
+
+def job_verdicts(result: dict[str, Any]) -> list[tuple[str, bool]]:
+    lost = result["replica_lost"]
+    return [
+        (
+            "jobs: three replicas faster than one",
+            result["three_replicas_jobs_per_s"] > result["one_replica_jobs_per_s"],
+        ),
+        ("jobs: none lost, every one ended", result["unfinished"] == 0),
+        ("jobs: no job_not_found from any replica", result["job_not_found"] == 0),
+        (
+            "jobs: the killed replica's running job ended replica_lost",
+            result["killed_replica_running"] > 0 and sorted(lost) == result["expected_lost"],
+        ),
+        (
+            "jobs: ...within the lease bound (4 heartbeats, plus one heartbeat of polling)",
+            all(
+                after <= result["lease_bound_s"] + result["heartbeat_s"]
+                for after in result["replica_lost_after_kill_s"]
+            ),
+        ),
+        ("jobs: every other job succeeded", result["succeeded"] == result["jobs"] - len(lost)),
+        (
+            "jobs: what the killed replica only claimed ran elsewhere",
+            result["requeued_succeeded"] == result["requeued_from_the_killed_replica"],
+        ),
+        (
+            "jobs: started in submission order, within the number of replicas",
+            result["start_order_max_displacement"] < 3,
+        ),
+        ("jobs: the store's password is in no log", not result["password_in_logs"]),
+    ]
+
+
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--replica":
         sys.exit(run_replica(float(sys.argv[2])))
@@ -296,12 +551,22 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="each throughput phase")
     parser.add_argument("--burst-seconds", type=float, default=10.0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=0,
+        help="instead: this many /v1/jobs jobs on a shared Redis store (redis-server needed)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.burst_seconds = 3.0, 4.0
     with tempfile.TemporaryDirectory(prefix="replicas-") as folder:
-        result = asyncio.run(measure(args, Path(folder)))
-    checks = verdicts(result)
+        if args.jobs:
+            result = asyncio.run(measure_jobs(args, Path(folder)))
+            checks = job_verdicts(result)
+        else:
+            result = asyncio.run(measure(args, Path(folder)))
+            checks = verdicts(result)
     result["checks"] = dict(checks)
     print(json.dumps(result, indent=2))
     if args.json:
