@@ -38,7 +38,11 @@ def test_yamllint_passes() -> None:
 
 
 def test_the_deployment_matches_the_service() -> None:
-    (deployment,) = [doc for doc in documents() if doc["kind"] == "Deployment"]
+    (deployment,) = [
+        doc
+        for doc in documents()
+        if doc["kind"] == "Deployment" and doc["metadata"]["name"] == "hunyuan-service"
+    ]
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     env = {item["name"]: item.get("value") for item in container["env"]}
@@ -54,3 +58,32 @@ def test_the_deployment_matches_the_service() -> None:
     settings = Settings(_env_file=None, **{k.lower(): v for k, v in env.items() if v})
     assert settings.port == container["ports"][0]["containerPort"]
     assert settings.warmup_sizes == [(1024, 1024)]
+
+
+def test_the_job_store_is_wired_through_the_secret_to_the_redis_service() -> None:
+    (deployment,) = [
+        doc
+        for doc in documents()
+        if doc["kind"] == "Deployment" and doc["metadata"]["name"] == "hunyuan-service"
+    ]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    (store,) = [item for item in container["env"] if item["name"] == "JOB_STORE_URL"]
+    assert "value" not in store  # a URL with a password belongs in a secret
+    assert store["valueFrom"]["secretKeyRef"]["key"] == "job-store-url"
+    (service,) = [
+        doc
+        for doc in documents()
+        if doc["kind"] == "Service" and doc["metadata"]["name"] == "hunyuan-redis"
+    ]
+    (redis,) = [
+        doc
+        for doc in documents()
+        if doc["kind"] == "Deployment" and doc["metadata"]["name"] == "hunyuan-redis"
+    ]
+    labels = redis["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert "hunyuan-redis:6379" in (FOLDER / "redis.yaml").read_text()
+    args = redis["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    (kustomization,) = yaml.safe_load_all((FOLDER / "kustomization.yaml").read_text())
+    assert "redis.yaml" in kustomization["resources"]
