@@ -44,13 +44,14 @@ class GatedModel(FakeImageModel):
         self.gate.clear()
 
     def infer(self, request: Any, ctx: JobContext) -> Any:
+        label = request.prompt if hasattr(request, "prompt") else request.messages[-1].text
         with self.lock:
-            self.started.append(request.prompt)
+            self.started.append(label)
         while not self.gate.wait(0.005):
             try:
                 ctx.raise_if_stopped()
             except JobCancelled:
-                self.cancelled.append(request.prompt)
+                self.cancelled.append(label)
                 raise
         return super(FakeImageModel, self).infer(request, ctx)
 
@@ -341,3 +342,29 @@ def test_two_deployments_share_one_redis_under_their_prefixes(
     keys = {key.decode() for key in redis_server.client().keys("*")}
     assert keys
     assert all(key.startswith((PREFIX, "other-deployment:")) for key in keys), keys
+
+
+def test_an_uploaded_image_job_runs_on_another_replica(fleet: Fleet) -> None:
+    """A multipart image2text job is stored as sent and decoded again where it runs."""
+    busy = fleet.add(model_type="image2text")
+    runner = fleet.add(model_type="image2text")
+    blocker = submit(busy, {"prompt": "hold"}).json()["id"]
+    wait_until(lambda: fleet.started == ["hold"], timeout=30)
+    holder = 0 if fleet.models[0].started else 1
+    picture = io.BytesIO()
+    Image.new("RGB", (96, 80), (200, 10, 10)).save(picture, format="PNG")
+    accepted = httpx.post(
+        f"{[busy, runner][holder]}/v1/jobs",
+        data={"prompt": "what is this?"},
+        files={"images": ("red.png", picture.getvalue(), "image/png")},
+        timeout=30,
+    )
+    assert accepted.status_code == 202, accepted.text
+    job_id = accepted.json()["id"]
+    fleet.models[1 - holder].gate.set()
+    done = wait_for(busy, job_id, "succeeded")
+    assert done["result"]["text"] == "fake answer"
+    (call,) = fleet.models[1 - holder].calls
+    assert [image.size for image in call.messages[-1].images] == [(96, 80)]
+    fleet.open_gates()
+    wait_for(runner, blocker, "succeeded")
