@@ -72,6 +72,12 @@ class Settings(BaseSettings):
     step_cache_threshold: float = Field(
         0.0, ge=0, le=1, description="text2image: first-block cache; 0 is off (lossy above 0)"
     )
+    prompt_cache_bytes: int = Field(
+        64 * 2**20,
+        ge=0,
+        description="text2image: bytes of prompt embeddings kept on the device for prompts "
+        "that repeat (least recently used out); 0: off",
+    )
     decode_ahead: bool = Field(
         False,
         description="image2text: queue each decode step before reading the last one's tokens",

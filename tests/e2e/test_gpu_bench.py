@@ -24,12 +24,14 @@ def test_gpu_bench_runs_on_cpu_with_the_tiny_models(tmp_path: Path) -> None:
     assert not [row for row in result["rows"] if "failed" in str(row.get("note"))]
     assert result["meta"]["tiny"] is True
     assert "torch" in result["meta"]
-    # baseline, 2 service variants and their profiles, 2 HTTP rows
-    assert (tmp_path / "gpu.md").read_text().count("| FLUX.1-dev |") == 7
+    # baseline, 3 service variants and their profiles, 2 HTTP rows
+    assert (tmp_path / "gpu.md").read_text().count("| FLUX.1-dev |") == 9
 
     flux = {variant: row for (section, variant), row in rows.items() if section == "FLUX.1-dev"}
     assert flux["diffusers FluxPipeline, eager (baseline)"]["s_per_image"] > 0
     assert flux["service, eager"]["quality"] == "identical"  # same seed, same weights
+    cached = flux["service, eager, the prompt repeated (prompt-embedding cache hits)"]
+    assert cached["quality"] == "identical"
     lossless = flux["service, lossless: fused QKV + channels-last + regional compile"]
     assert lossless["quality"] == "identical" or float(lossless["quality"].split()[1]) > 40
     http = [row for variant, row in flux.items() if variant.startswith("whole service")]
@@ -66,7 +68,7 @@ def test_gpu_bench_runs_on_cpu_with_the_tiny_models(tmp_path: Path) -> None:
     # --profile: one profiled call per service variant, summarised in a row and a file
     services = [(s, v) for (s, v) in rows if v.startswith("service, ") and "[" not in v]
     services = [(s, v) for (s, v) in services if "constraint" not in v]
-    assert len(services) == 5
+    assert len(services) == 6
     for section, variant in services:
         note = rows[(section, f"{variant} [profiled once]")]["note"]
         unit = "step" if section.startswith("FLUX") else "token"

@@ -189,3 +189,31 @@ def test_jobs_that_finish_within_the_drain_are_not_touched() -> None:
         assert [h.status for h in handles] == [JobStatus.SUCCEEDED] * 3
 
     run(scenario())
+
+
+def test_the_tensor_cache_keeps_the_most_recently_used_under_its_byte_cap() -> None:
+    import torch
+
+    from hunyuan_service.models.caches import TensorCache
+
+    cache = TensorCache(max_bytes=3 * 400)
+    for name in ("a", "b", "c"):
+        cache.put(name, torch.zeros(100))  # 400 bytes each
+    assert cache.get("a") is not None  # "a" is now the most recent
+    cache.put("d", (torch.zeros(50), torch.zeros(50)))  # a pair counts both: 400 bytes
+    assert cache.get("b") is None  # the least recently used went
+    assert [cache.get(k) is not None for k in ("a", "c", "d")] == [True, True, True]
+    assert cache.bytes == 1200
+    cache.put("huge", torch.zeros(1000))  # larger than the cap: not kept, nothing evicted
+    assert cache.get("huge") is None
+    assert len(cache) == 3
+    assert cache.stats() == {
+        "hits": 4,
+        "misses": 2,
+        "evictions": 1,
+        "bytes": 1200,
+        "entries": 3,
+    }
+    off = TensorCache(max_bytes=0)
+    off.put("a", torch.zeros(1))
+    assert off.get("a") is None

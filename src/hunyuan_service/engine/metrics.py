@@ -172,6 +172,7 @@ class ServiceCollector(Collector):
         yield gauge("stored_jobs", "Jobs API jobs kept in memory.", len(store))
         yield gauge("stored_job_bytes", "Bytes of stored jobs API results.", store.bytes)
         yield _model_info(engine)
+        yield from _caches(engine)
         yield from _gpu_memory(engine)
         if scheduler is not None:
             yield scheduler.inference_seconds.family(
@@ -226,6 +227,41 @@ def _model_info(engine: Engine) -> GaugeMetricFamily:
         1,
     )
     return family
+
+
+def _caches(engine: Engine) -> Iterator[Any]:
+    """Each reuse cache of the model: lookups by outcome, hit ratio, bytes and entries held."""
+    caches = engine.model.caches() if engine.model is not None else {}
+    if not caches:
+        return
+    stats = {name: cache.stats() for name, cache in sorted(caches.items())}
+    yield counter(
+        "cache_lookups",
+        "Lookups in the model's reuse caches (prompt embeddings, ...), by cache and outcome.",
+        ["cache", "outcome"],
+        (
+            ((name, outcome), s[key])
+            for name, s in stats.items()
+            for outcome, key in (("hit", "hits"), ("miss", "misses"))
+        ),
+    )
+    ratio = GaugeMetricFamily(
+        f"{PREFIX}_cache_hit_ratio", "Hits over lookups so far, by cache.", labels=["cache"]
+    )
+    held = GaugeMetricFamily(
+        f"{PREFIX}_cache_bytes", "Bytes each reuse cache holds now.", labels=["cache"]
+    )
+    entries = GaugeMetricFamily(
+        f"{PREFIX}_cache_entries", "Entries each reuse cache holds now.", labels=["cache"]
+    )
+    for name, s in stats.items():
+        lookups = s["hits"] + s["misses"]
+        ratio.add_metric([name], s["hits"] / lookups if lookups else 0.0)
+        held.add_metric([name], s["bytes"])
+        entries.add_metric([name], s["entries"])
+    yield ratio
+    yield held
+    yield entries
 
 
 def _gpu_memory(engine: Engine) -> Iterator[GaugeMetricFamily]:

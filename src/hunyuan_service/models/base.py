@@ -109,6 +109,10 @@ class InferenceModel(abc.ABC, Generic[InputT, OutputT]):
         `feed.close_if_idle()` agrees that nothing is left. See `engine/continuous.py`."""
         raise NotImplementedError(f"{type(self).__name__} does not decode continuously")
 
+    def caches(self) -> dict[str, Any]:
+        """The model's reuse caches by name (`models/caches.py`), for /metrics."""
+        return {}
+
     def recover_from_oom(self) -> None:
         """Frees what an out-of-memory failure left behind, so the next job can run."""
 

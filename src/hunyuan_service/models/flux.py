@@ -9,6 +9,7 @@ from typing import Any
 
 from hunyuan_service.errors import JobCancelled
 from hunyuan_service.models.base import JobContext, TorchModel
+from hunyuan_service.models.caches import TensorCache
 from hunyuan_service.models.loading import (
     quiet_hf_progress,
     reporting_download,
@@ -43,6 +44,7 @@ class FluxModel(TorchModel[Text2ImageInput, Text2ImageOutput]):
         self.defaults = SCHNELL_DEFAULTS
         self.shapes = CompiledShapes(settings.compile != "off")
         self.adapters: Adapters | None = None
+        self.prompt_cache = TensorCache(settings.prompt_cache_bytes)
 
     def load(self) -> None:
         from diffusers import FluxPipeline
@@ -121,8 +123,10 @@ class FluxModel(TorchModel[Text2ImageInput, Text2ImageOutput]):
         if self.adapters is not None:
             self.adapters.apply(size.loras)  # every row of a batch has the same, by batch_key
         with torch.inference_mode():
+            embeds, pooled = self._embeddings(prompt, size.loras)
             result = self.pipe(
-                prompt=prompt,
+                prompt_embeds=embeds,
+                pooled_prompt_embeds=pooled,
                 width=size.width,
                 height=size.height,
                 num_inference_steps=steps,
@@ -133,6 +137,45 @@ class FluxModel(TorchModel[Text2ImageInput, Text2ImageOutput]):
                 output_type="pil",
             )
         return list(result.images)
+
+    def _embeddings(self, prompt: str | list[str], loras: Any) -> tuple[Any, Any]:
+        """The text encoders' output for each prompt, from the cache where the prompt (and any
+        adapter that changes a text encoder) repeats; one row per prompt.
+
+        Each prompt is encoded alone, hit or miss, so a hit returns exactly what its miss
+        computed, and a prompt's embeddings never depend on its batch companions.
+        """
+        import torch
+
+        prompts = prompt if isinstance(prompt, list) else [prompt]
+        adapters = self.adapters
+        text_loras = tuple(
+            (name, scale)
+            for name, scale in loras
+            if adapters is not None and adapters.text_encoder.get(name, False)
+        )
+        length = self.defaults.max_sequence_length
+        rows = []
+        for text in prompts:
+            key = (text, length, text_loras)
+            found = self.prompt_cache.get(key)
+            if found is None:
+                found, pooled, _ids = self.pipe.encode_prompt(
+                    prompt=[text], prompt_2=None, max_sequence_length=length
+                )
+                found = (found, pooled)
+                self.prompt_cache.put(key, found)
+            rows.append(found)
+        if len(rows) == 1:
+            return rows[0]
+        return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+
+    def caches(self) -> dict[str, Any]:
+        return {"prompt_embeddings": self.prompt_cache}
+
+    def recover_from_oom(self) -> None:
+        self.prompt_cache.clear()  # it holds device memory; rebuilt as prompts come
+        super().recover_from_oom()
 
     def _settings_of(self, request: Text2ImageInput) -> tuple[int, float]:
         steps = request.num_inference_steps or self.defaults.num_inference_steps
