@@ -6,14 +6,12 @@ speeds, which the bench reports and a test on a loaded CI machine must not depen
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.e2e.test_replicas import behaviour_checks, run_bench
 from tests.redis_server import needs_redis
 
 pytestmark = [
@@ -24,22 +22,12 @@ pytestmark = [
         reason="needs nginx (apt-get install nginx-light; .ci/run installs it)",
     ),
 ]
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "replicas.py"
 SPEEDS = ("jobs: three replicas faster than one", "jobs: ...within the lease bound")
 
 
 def test_jobs_survive_a_sigkilled_replica(tmp_path: Path) -> None:
-    out = tmp_path / "jobs.json"
-    done = subprocess.run(
-        [sys.executable, str(BENCH), "--jobs", "45", "--job-s", "0.05", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert out.exists(), done.stdout[-3000:] + done.stderr[-3000:]
-    result = json.loads(out.read_text())
-    behaviour = {name: ok for name, ok in result["checks"].items() if not name.startswith(SPEEDS)}
+    result = run_bench(tmp_path, "--jobs", "45", "--job-s", "0.05")
+    behaviour = behaviour_checks(result, SPEEDS)
     assert len(behaviour) == 7
     assert behaviour == dict.fromkeys(behaviour, True), result
     assert result["killed_replica_running"] >= 1
