@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import ipaddress
 import math
@@ -377,7 +378,29 @@ def decode_image(data: bytes, param: str, settings: Settings) -> Image:
             f"{param}: not a readable image (corrupt, truncated or not an image file)",
             param=param,
         ) from None
-    return _downscale(_to_rgb(image), settings.vl_max_pixels)
+    decoded = _downscale(_to_rgb(image), settings.vl_max_pixels)
+    # The key of its vision-encoder output, made here in the CPU pool from the file's bytes
+    # (one hash of a compressed file, not of the pixels) and what decoding made of them.
+    digest = hashlib.blake2b(data, digest_size=16)
+    digest.update(f"file:{decoded.mode}:{decoded.width}x{decoded.height}".encode())
+    decoded.info[DIGEST_KEY] = (id(decoded), digest.digest())
+    return decoded
+
+
+# Where `decode_image` keeps an image's digest, the key of its vision-encoder output.
+DIGEST_KEY = "hunyuan_digest"
+
+
+def content_digest(image: Image) -> bytes:
+    """A digest of the image's content: of its file, kept when `decode_image` made it (equal
+    files decode to equal pixels), else of its pixels, size and mode."""
+    found = image.info.get(DIGEST_KEY)
+    # Pillow copies `info` into images derived from this one: the digest names its owner.
+    if isinstance(found, tuple) and found[0] == id(image):
+        return bytes(found[1])
+    digest = hashlib.blake2b(image.tobytes(), digest_size=16)
+    digest.update(f"{image.mode}:{image.width}x{image.height}".encode())
+    return digest.digest()
 
 
 # Each scan of a progressive JPEG is decoded over the whole image: a small file that repeats

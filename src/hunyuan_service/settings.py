@@ -78,6 +78,12 @@ class Settings(BaseSettings):
         description="text2image: bytes of prompt embeddings kept on the device for prompts "
         "that repeat (least recently used out); 0: off",
     )
+    vision_cache_bytes: int = Field(
+        256 * 2**20,
+        ge=0,
+        description="image2text: bytes of vision-encoder outputs kept on the device for images "
+        "that repeat, in a later request or a later turn (least recently used out); 0: off",
+    )
     decode_ahead: bool = Field(
         False,
         description="image2text: queue each decode step before reading the last one's tokens",

@@ -35,6 +35,7 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
         self.processor: Any = None
         self.grammar_tokenizer: Any = None  # llguidance's view of the vocabulary
         self.decoder: Any = None  # the continuous decoder, with MAX_BATCH_SIZE above 1
+        self.images: Any = None  # an ImageEncoder: inputs, with images encoded once and kept
 
     def load(self) -> None:
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
@@ -70,6 +71,11 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
         # Batched rows are left-padded, so every row's next token follows its own last one.
         self.processor.tokenizer.padding_side = "left"
         self.grammar_tokenizer = _grammar_tokenizer(self.model, self.processor.tokenizer)
+        from hunyuan_service.models.vision import ImageEncoder
+
+        self.images = ImageEncoder(
+            self.model, self.processor, self.settings.vision_cache_bytes, _resize
+        )
         speed = speed_up_qwen(self.model, self.settings, self.device)
         if self.settings.max_batch_size > 1 and self.settings.continuous_batching:
             from hunyuan_service.models.decoding.batch import DecodeBatch
@@ -77,8 +83,8 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
             # Built at load, so that its KV pool is taken before the service turns ready.
             self.decoder = DecodeBatch(
                 self.model,
-                self.processor,
-                self._prompt_and_images,
+                self.processor.tokenizer,
+                self._inputs,
                 self._row_grammar,
                 capacity=kv_cache_tokens(self.settings),
                 chunk_tokens=self.settings.prefill_chunk_tokens,
@@ -119,10 +125,7 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         ctx.raise_if_stopped()
-        prompt, images = self._prompt_and_images(request)
-        inputs = self.processor(
-            text=[prompt], images=images or None, return_tensors="pt", padding=True
-        ).to(self.device)
+        inputs = self._inputs([request])
         prompt_tokens = int(inputs["input_ids"].shape[1])
         self._check_input_tokens(prompt_tokens)
 
@@ -153,6 +156,14 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
         ctx.raise_if_stopped()
         generated = output[0, prompt_tokens:]
         return answer(self._decode(generated), request, prompt_tokens, int(generated.shape[0]))
+
+    def caches(self) -> dict[str, Any]:
+        return {"vision": self.images.cache} if self.images is not None else {}
+
+    def recover_from_oom(self) -> None:
+        if self.images is not None:
+            self.images.cache.clear()  # it holds device memory; refilled as images come
+        super().recover_from_oom()
 
     # -- continuous batching (MAX_BATCH_SIZE > 1) ---------------------------------------------
 
@@ -204,14 +215,7 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
 
         if all(ctx.should_stop() for ctx in contexts):
             raise JobCancelled("every row of the batch stopped")
-        prompts, images = [], []
-        for request in requests:
-            prompt, row_images = self._prompt_and_images(request)
-            prompts.append(prompt)
-            images.extend(row_images)
-        inputs = self.processor(
-            text=prompts, images=images or None, return_tensors="pt", padding=True
-        ).to(self.device)
+        inputs = self._inputs(requests)
         width = int(inputs["input_ids"].shape[1])
         lengths = [int(n) for n in inputs["attention_mask"].sum(dim=1).tolist()]
         too_long = [n > self.settings.max_input_tokens for n in lengths]
@@ -271,16 +275,22 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
             param="messages",
         )
 
-    def _prompt_and_images(self, request: Image2TextInput) -> tuple[str, list[Any]]:
-        from qwen_vl_utils import fetch_image
+    def _inputs(self, requests: list[Image2TextInput]) -> Any:
+        """`generate`'s inputs for the requests as rows, on the device; each image is encoded
+        once and reused while the vision cache keeps it (models/vision.py)."""
+        rows = []
+        for request in requests:
+            prompt, images = self._prompt(request)
+            rows.append((prompt, images, tuple(sorted(self._pixel_bounds(request).items()))))
+        return self.images.inputs(rows)
 
+    def _prompt(self, request: Image2TextInput) -> tuple[str, list[Any]]:
+        """The templated prompt, one image marker per image, and the images as sent."""
         conversation, images = [], []
         for message in request.messages:
             parts: list[dict[str, Any]] = []
             for image in message.images:
-                # Only decoded PIL images reach qwen_vl_utils: its own fetcher would follow any
-                # URL or open any path. Here it only resizes to the pixel budget.
-                images.append(fetch_image({"image": image, **self._pixel_bounds(request)}))
+                images.append(image)
                 parts.append({"type": "image"})
             parts.append({"type": "text", "text": message.text})
             conversation.append({"role": message.role, "content": parts})
@@ -330,6 +340,14 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
                 [token_ids], skip_special_tokens=True, clean_up_tokenization_spaces=False
             )[0]
         )
+
+
+def _resize(image: Any, bounds: dict[str, int]) -> Any:
+    """qwen_vl_utils' resize to the pixel bounds. Only decoded PIL images reach it: its own
+    fetcher would follow any URL or open any path."""
+    from qwen_vl_utils import fetch_image
+
+    return fetch_image({"image": image, **bounds})
 
 
 def kv_cache_tokens(settings: Any) -> int:

@@ -2,12 +2,13 @@
 
 `DecodeBatch` is the small interface the model class drives from its thread:
 
-- `prepare(request, ctx, key)` templates and tokenizes a request (its images included) and
-  says how many KV positions it needs;
-- `begin(prepared)` reserves its KV range and runs its vision encoder, with the 3-D rotary
-  positions of its images as `generate` computes them; `advance(prefill)` runs the next chunk
-  of its prompt through the text model, and after the last one copies its keys and values into
-  the pool and chooses its first token: the request is a decoding row;
+- `prepare(request, ctx, key)` templates and tokenizes a request, encodes its images (or
+  finds them in the vision cache) and says how many KV positions it needs;
+- `begin(prepared)` reserves its KV range and puts the images' features into the prompt's
+  embeddings, with the 3-D rotary positions of its images as `generate` computes them;
+  `advance(prefill)` runs the next chunk of its prompt through the text model, and after the
+  last one copies its keys and values into the pool and chooses its first token: the request
+  is a decoding row;
 - `step()` decodes one token for every row in one forward pass over the pool and returns the
   rows that ended (by their end of text, a stop string, `max_new_tokens`, or their job
   stopping);
@@ -98,7 +99,7 @@ class Prepared:
     key: Any
     request: Image2TextInput
     ctx: JobContext
-    inputs: Any  # the processor's tensors, on the device
+    inputs: Any  # `generate`'s inputs on the device, images encoded (`mm_encoder_outputs`)
     prompt_tokens: int
 
     @property
@@ -132,8 +133,9 @@ class DecodeBatch:
 
     Args:
         model: a loaded `Qwen2_5_VLForConditionalGeneration`.
-        processor: its processor (tokenizer left-padding does not matter here: one row each).
-        prompt_and_images: turns a request into (templated prompt, resized images).
+        tokenizer: its tokenizer.
+        model_inputs: turns a list of requests into `generate`'s inputs on the device, images
+            already encoded (under `mm_encoder_outputs`; models/vision.py).
         grammar_mask: makes a row's `GrammarMask` for an `OutputGrammar` (None: no grammar).
         capacity: KV positions in all (KV_CACHE_TOKENS).
         chunk_tokens: prompt tokens a joining request runs between two steps (0: all at once).
@@ -142,8 +144,8 @@ class DecodeBatch:
     def __init__(
         self,
         model: Any,
-        processor: Any,
-        prompt_and_images: Any,
+        tokenizer: Any,
+        model_inputs: Any,
         grammar_mask: Any,
         capacity: int,
         chunk_tokens: int = 0,
@@ -153,9 +155,8 @@ class DecodeBatch:
             raise ValueError("the continuous decoder needs full attention in every layer")
         self.model = model
         self.text_model = model.model.language_model
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-        self.prompt_and_images = prompt_and_images
+        self.tokenizer = tokenizer
+        self.model_inputs = model_inputs
         self.grammar_mask = grammar_mask
         self.device = model.device
         head_dim = config.hidden_size // config.num_attention_heads
@@ -177,10 +178,7 @@ class DecodeBatch:
     # -- joining ---------------------------------------------------------------------------------
 
     def prepare(self, request: Image2TextInput, ctx: JobContext, key: Any) -> Prepared:
-        prompt, images = self.prompt_and_images(request)
-        inputs = self.processor(
-            text=[prompt], images=images or None, return_tensors="pt", padding=True
-        ).to(self.device)
+        inputs = self.model_inputs([request])
         return Prepared(key, request, ctx, inputs, int(inputs["input_ids"].shape[1]))
 
     def fits(self, prepared: Prepared) -> bool:
@@ -197,8 +195,8 @@ class DecodeBatch:
         )
 
     def begin(self, prepared: Prepared) -> Prefill | None:
-        """Reserves the request's KV range and runs its vision encoder; `advance` then runs its
-        prompt a chunk at a time. None while its range is not free."""
+        """Reserves the request's KV range and embeds its prompt; `advance` then runs it a
+        chunk at a time. None while its range is not free."""
         import torch
 
         start = self.pool.reserve(prepared.needs)
@@ -313,8 +311,8 @@ class DecodeBatch:
         self.pool.release(prefill.start, prefill.prepared.needs)
 
     def _begin(self, prepared: Prepared, start: int) -> Prefill:
-        """The prompt's embeddings with the images' features in place (the vision encoder runs
-        here, whole), and the 3-D rotary positions `generate` would give it."""
+        """The prompt's embeddings with the images' features in place (encoded in `prepare`),
+        and the 3-D rotary positions `generate` would give it."""
         model = self.model
         inputs = dict(prepared.inputs)
         input_ids = inputs["input_ids"]
@@ -323,11 +321,9 @@ class DecodeBatch:
         rope_delta = int(delta.reshape(-1)[0]) if delta is not None else 0
         vision = model.model
         embeds = vision.get_input_embeddings()(input_ids)
-        if inputs.get("pixel_values") is not None:
-            features = vision.get_image_features(
-                inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True
-            )
-            images = _cat(features.pooler_output).to(embeds.device, embeds.dtype)
+        encoded = inputs.get("mm_encoder_outputs", {}).get("image")
+        if encoded is not None:
+            images = _cat(encoded.pooler_output).to(embeds.device, embeds.dtype)
             mask, _ = vision.get_placeholder_mask(
                 input_ids, inputs_embeds=embeds, image_features=images
             )
