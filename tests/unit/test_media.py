@@ -74,6 +74,16 @@ def test_large_photo_is_downscaled_to_the_pixel_budget() -> None:
     assert abs(width / height - 4 / 3) < 0.02
 
 
+def test_an_image_slightly_over_the_budget_is_resized_once_by_the_model_alone() -> None:
+    # 480 x 480 is 1.15x the 200,000 pixels of SETTINGS: qwen_vl_utils' resize follows anyway.
+    source = Image.effect_noise((480, 480), 60).convert("RGB")
+    image = decode_image(encoded(source, "PNG"), "i", SETTINGS)
+    assert image.size == (480, 480)
+    assert image.tobytes() == source.tobytes()
+    larger = decode_image(encoded(source.resize((520, 520)), "PNG"), "i", SETTINGS)
+    assert larger.width * larger.height <= 200_000  # 1.35x: shrunk while decoding
+
+
 def test_bomb_is_refused_from_its_header() -> None:
     # Decoding 50,000 x 50,000 pixels would need 7.5 GB; the refusal comes from the header alone.
     with pytest.raises(PayloadTooLarge, match="too many pixels"):
