@@ -21,7 +21,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 from urllib.parse import urljoin, urlsplit
 
 from hunyuan_service.errors import InvalidInput, JobCancelled, PayloadTooLarge, ServiceError
@@ -47,26 +47,36 @@ class ImageSource:
 
     value: str | bytes
     param: str  # where it came from, for error messages: "images[0]"
+    mask: bool = False  # an inpainting mask: decoded to one channel by `decode_mask`
 
 
 def load_images(
-    sources: list[ImageSource], settings: Settings, stop: threading.Event | None = None
+    sources: list[ImageSource],
+    settings: Settings,
+    stop: threading.Event | None = None,
+    max_pixels: int | None = None,
+    max_count: int | None = None,
 ) -> list[Image]:
     """Fetches, decodes, validates and normalises every image; raises a 4xx `ServiceError`.
 
     `stop`, once set (the request was answered or its client left), ends the work before the
-    next image.
+    next image. Images over `max_pixels` (VL_MAX_PIXELS unless given) are downscaled; more than
+    `max_count` images (MAX_INPUT_IMAGES unless given) are refused.
     """
-    if len(sources) > settings.max_input_images:
+    limit = max_count or settings.max_input_images
+    if len(sources) > limit:
         raise InvalidInput(
-            f"{len(sources)} images sent; at most {settings.max_input_images} are allowed",
-            param="images",
+            f"{len(sources)} images sent; at most {limit} are allowed", param="images"
         )
     images = []
     for source in sources:
         if stop is not None and stop.is_set():
             raise JobCancelled("image decoding stopped: the request ended")
-        images.append(decode_image(read_source(source, settings), source.param, settings))
+        data = read_source(source, settings)
+        if source.mask:
+            images.append(decode_mask(data, source.param, settings, max_pixels))
+        else:
+            images.append(decode_image(data, source.param, settings, max_pixels))
     return images
 
 
@@ -333,12 +343,47 @@ def fetch_url(url: str, settings: Settings, param: str) -> bytes:
 # -- decoding --------------------------------------------------------------------------------
 
 
-def decode_image(data: bytes, param: str, settings: Settings) -> Image:
-    """Decodes one image safely and returns it as RGB, within the processor's pixel budget.
+def decode_image(
+    data: bytes, param: str, settings: Settings, max_pixels: int | None = None
+) -> Image:
+    """Decodes one image safely and returns it as RGB, within a pixel budget (`max_pixels`,
+    else the processor's, VL_MAX_PIXELS).
 
     The pixel count is read from the header and checked before any pixel is decoded, so a small
     file that declares 50,000 x 50,000 pixels costs nothing.
     """
+    decoded = _downscale(
+        _to_rgb(_open(data, param, settings)), max_pixels or settings.vl_max_pixels
+    )
+    # The key of its vision-encoder output, made here in the CPU pool from the file's bytes
+    # (one hash of a compressed file, not of the pixels) and what decoding made of them.
+    digest = hashlib.blake2b(data, digest_size=16)
+    digest.update(f"file:{decoded.mode}:{decoded.width}x{decoded.height}".encode())
+    decoded.info[DIGEST_KEY] = (id(decoded), digest.digest())
+    return decoded
+
+
+def decode_mask(
+    data: bytes, param: str, settings: Settings, max_pixels: int | None = None
+) -> Image:
+    """Decodes an inpainting mask, safely, to one channel where 255 means repaint; downscaled
+    as `decode_image` would downscale an image of its size. A mask with transparent pixels is
+    read as OpenAI's are (transparent: repaint); an opaque one by brightness (white: repaint)."""
+    from PIL import ImageOps
+
+    image = _open(data, param, settings)
+    alpha = None
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        alpha = image.convert("RGBA").getchannel("A")
+        low, _high = cast("tuple[int, int]", alpha.getextrema())
+        if low == 255:  # opaque throughout (a canvas saves an alpha of 255s): by brightness
+            alpha = None
+    mask = ImageOps.invert(alpha) if alpha is not None else _to_rgb(image).convert("L")
+    return _downscale(mask, max_pixels or settings.vl_max_pixels)
+
+
+def _open(data: bytes, param: str, settings: Settings) -> Image:
+    """Opens and loads one image, refusing a format, size or file that would cost too much."""
     from PIL import Image as PILImage
 
     try:
@@ -364,6 +409,7 @@ def decode_image(data: bytes, param: str, settings: Settings) -> Image:
                 )
             image.seek(0)  # an animated image is read as its first frame
             image.load()
+            return image
     except ServiceError:
         raise
     except PILImage.DecompressionBombError:
@@ -378,13 +424,6 @@ def decode_image(data: bytes, param: str, settings: Settings) -> Image:
             f"{param}: not a readable image (corrupt, truncated or not an image file)",
             param=param,
         ) from None
-    decoded = _downscale(_to_rgb(image), settings.vl_max_pixels)
-    # The key of its vision-encoder output, made here in the CPU pool from the file's bytes
-    # (one hash of a compressed file, not of the pixels) and what decoding made of them.
-    digest = hashlib.blake2b(data, digest_size=16)
-    digest.update(f"file:{decoded.mode}:{decoded.width}x{decoded.height}".encode())
-    decoded.info[DIGEST_KEY] = (id(decoded), digest.digest())
-    return decoded
 
 
 # Where `decode_image` keeps an image's digest, the key of its vision-encoder output.

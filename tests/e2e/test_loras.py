@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -223,3 +224,29 @@ def test_hot_swapping_into_a_compiled_transformer_never_recompiles(
         (both, image(client, ("style", 0.8), ("subject", 1.0))),
     ):
         assert np.abs(compiled - eager).max() <= 2
+
+
+def test_edits_take_loras_on_infer_and_the_openai_edits_endpoint(client: TestClient) -> None:
+    from tests.e2e.test_image_edits import half_mask, noise, uri
+
+    source = noise((64, 64), seed=6)
+    body = {**BODY, "image": uri(source), "mask": uri(half_mask((64, 64)))}
+    plain = pixels(client.post("/infer", json=body))
+    chosen = [{"name": "style", "scale": 1.0}]
+    styled = pixels(client.post("/infer", json={**body, "loras": chosen}))
+    assert not np.array_equal(plain[:, :32], styled[:, :32])  # the adapter changed the repaint
+    kept = np.asarray(source, dtype=np.int16)[:, 32:]
+    assert np.array_equal(styled[:, 32:], kept)  # and nothing outside the mask
+
+    sdk = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=client)
+    files = {name: (f"{name}.png", io.BytesIO(), "image/png") for name in ("image", "mask")}
+    source.save(files["image"][1], "PNG")
+    half_mask((64, 64)).save(files["mask"][1], "PNG")
+    result = sdk.images.edit(
+        image=files["image"],
+        mask=files["mask"],
+        prompt=BODY["prompt"],
+        extra_body={"seed": BODY["seed"], "loras": json.dumps(chosen)},
+    )
+    data = base64.b64decode(result.data[0].b64_json or "")
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data)), dtype=np.int16), styled)

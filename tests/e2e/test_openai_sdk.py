@@ -61,6 +61,40 @@ def test_images_refusals_raise_the_sdk_exceptions(flux_service: ServiceProcess) 
         client.images.generate(model="dall-e-3", prompt="x", size="64x64")
 
 
+def png_file(image: Image.Image) -> tuple[str, bytes, str]:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return ("image.png", buffer.getvalue(), "image/png")
+
+
+def test_images_edit_without_and_with_a_mask(flux_service: ServiceProcess) -> None:
+    import numpy as np
+
+    client = sdk(flux_service)
+    rng = np.random.default_rng(7)
+    source = Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    reworked = client.images.edit(
+        model="tiny", image=png_file(source), prompt="a red fox", n=2, extra_body={"seed": 3}
+    )
+    images = [Image.open(io.BytesIO(base64.b64decode(d.b64_json))) for d in reworked.data]
+    assert [i.size for i in images] == [(96, 64)] * 2  # the image's size, none asked
+    assert images[0].tobytes() != images[1].tobytes()  # seeds 3 and 4
+    # OpenAI's mask: the image with the part to repaint made transparent (the left half).
+    mask = source.convert("RGBA")
+    alpha = np.full((64, 96), 255, dtype=np.uint8)
+    alpha[:, :48] = 0
+    mask.putalpha(Image.fromarray(alpha))
+    painted = client.images.edit(
+        image=png_file(source), mask=png_file(mask), prompt="a red fox", size="96x64"
+    )
+    result = np.asarray(Image.open(io.BytesIO(base64.b64decode(painted.data[0].b64_json))))
+    assert np.array_equal(result[:, 48:], np.asarray(source)[:, 48:])
+    assert not np.array_equal(result[:, :48], np.asarray(source)[:, :48])
+    with pytest.raises(openai.BadRequestError, match="mask"):
+        client.images.edit(image=png_file(source), mask=png_file(mask.crop((0, 0, 32, 32))),
+                           prompt="x")  # fmt: skip
+
+
 def test_wrong_key_raises_authentication_error(flux_service: ServiceProcess) -> None:
     with pytest.raises(openai.AuthenticationError):
         sdk(flux_service, key="wrong").images.generate(prompt="x", size="64x64")

@@ -66,6 +66,9 @@ def test_readme_examples_run_as_written(
     (tmp_path / "cat.png").write_bytes(png_bytes((96, 64)))
     (tmp_path / "cat.jpg").write_bytes(encoded(Image.new("RGB", (64, 64), (90, 60, 30)), "JPEG"))
     (tmp_path / "dog.png").write_bytes(png_bytes((48, 80)))
+    mask = Image.new("L", (96, 64), 0)  # cat.png's size, white where to repaint
+    mask.paste(255, (0, 0, 48, 64))
+    (tmp_path / "mask.png").write_bytes(encoded(mask, "PNG"))
     settings = tiny_env(tiny_cache, **dict(env))
     if "LORA_DIR" in settings:  # the adapter the example names, made for the tiny FLUX
         settings["LORA_DIR"] = str(make_lora(tiny_cache, tmp_path / settings["LORA_DIR"]))

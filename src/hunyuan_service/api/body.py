@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
-from typing import Any
+import json
+from collections.abc import Iterator, Mapping
+from typing import Any, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.types import Message, Receive
 
 from hunyuan_service.api.encoding import MEDIA_TYPES
 from hunyuan_service.api.schemas import describe_validation_errors
@@ -21,6 +25,9 @@ from hunyuan_service.errors import (
     NotAcceptable,
     PayloadTooLarge,
 )
+from hunyuan_service.media import ImageSource
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
@@ -194,3 +201,108 @@ def negotiate(accept: str, image_format: str | None) -> str | None:
         f"cannot answer with any of Accept: {accept.strip()!r}; this endpoint sends "
         + ", ".join(offered)
     )
+
+
+# -- multipart/form-data --------------------------------------------------------------------
+
+# The form keys of image uploads by the field they fill: curl's `-F images=@a.png`, and the
+# OpenAI SDK's `image` / `image[]`.
+IMAGE_FIELDS = {"images": "images", "image": "images", "images[]": "images"}
+
+
+async def read_multipart(
+    request: Request,
+    engine: Engine,
+    schema: type[ModelT],
+    file_fields: Mapping[str, str],
+    max_files: int,
+) -> tuple[ModelT, dict[str, list[ImageSource]]]:
+    """Parses a form whose file (or string) parts named in `file_fields` are images, and whose
+    other parts are the schema's fields; the body cap holds for chunked uploads too.
+
+    Returns the validated fields and the image sources by the field they fill, each one named
+    for error messages as `field[i]`.
+    """
+    settings = engine.settings
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > settings.max_body_bytes:
+        raise PayloadTooLarge(
+            f"the body is {declared} bytes; at most {settings.max_body_bytes} are accepted"
+        )
+    limited = Request(
+        request.scope, receive=_capped_receive(request.receive, settings.max_body_bytes)
+    )
+    try:
+        with body_deadline(settings.body_timeout_s):
+            form = await limited.form(
+                max_files=max_files,
+                max_fields=64,
+                max_part_size=max(settings.max_prompt_chars * 4, settings.max_image_bytes * 2),
+            )
+    except StarletteHTTPException as error:  # Starlette's 400s for its limits: a 422, as in JSON
+        detail = str(error.detail)
+        first = next(iter(file_fields.values()))
+        if "Too many files" in detail:
+            raise InvalidInput(
+                f"more than {max_files} images sent; at most {max_files} are allowed",
+                param=first,
+            ) from None
+        if "Too many fields" in detail:
+            raise InvalidInput("more than 64 form fields sent", param="body") from None
+        raise
+    try:
+        fields: dict[str, Any] = {}
+        files: dict[str, list[ImageSource]] = {}
+        for key, value in form.multi_items():
+            if key in file_fields:
+                field = file_fields[key]
+                found = files.setdefault(field, [])
+                param = f"{field}[{len(found)}]"
+                if isinstance(value, UploadFile):
+                    data = await value.read(settings.max_image_bytes + 1)
+                    found.append(ImageSource(data, param))
+                else:
+                    found.append(ImageSource(value, param))
+            elif isinstance(value, UploadFile):
+                names = " or ".join(repr(name) for name in dict.fromkeys(file_fields.values()))
+                raise InvalidInput(f"{key}: unexpected file; upload images as {names}", param=key)
+            elif key == "loras" or (key == "response_format" and value.lstrip()[:1] == "{"):
+                fields[key] = _json_field(key, value)  # a list or object, sent as JSON text
+            else:
+                fields[key] = value
+        try:
+            params = schema.model_validate(fields, context={"settings": settings})
+        except ValidationError as error:
+            message, bad_field = describe_validation_errors(list(error.errors()))
+            raise InvalidInput(message, param=bad_field) from None
+        count = sum(len(found) for found in files.values())
+        if count > max_files:
+            raise InvalidInput(
+                f"{count} images sent; at most {max_files} are allowed",
+                param=next(iter(files)),
+            )
+        return params, files
+    finally:
+        await form.close()
+
+
+def _json_field(key: str, value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError:
+        raise InvalidInput(f"{key}: must be JSON text in a form field", param=key) from None
+
+
+def _capped_receive(receive: Receive, limit: int) -> Receive:
+    seen = 0
+
+    async def capped() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise PayloadTooLarge(f"the body is over {limit} bytes, the most accepted")
+        return message
+
+    return capped

@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 from typing import Any
 
 from fastapi import Request
-from pydantic import ValidationError
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
-from starlette.types import Message, Receive
 
 from hunyuan_service.api.body import (
-    body_deadline,
+    IMAGE_FIELDS,
     is_multipart,
     negotiate,
     parse_json,
     read_body,
+    read_multipart,
     wait_for_disconnect,
     wants_event_stream,
 )
@@ -29,10 +25,9 @@ from hunyuan_service.api.schemas import (
     Image2TextRequest,
     ResponseFormat,
     WebhookField,
-    describe_validation_errors,
 )
 from hunyuan_service.engine.engine import Engine, JobHandle
-from hunyuan_service.errors import DeadlineExceeded, InvalidInput, PayloadTooLarge
+from hunyuan_service.errors import DeadlineExceeded
 from hunyuan_service.media import ImageSource, load_images
 from hunyuan_service.models.grammar import compile_response_format
 from hunyuan_service.models.types import (
@@ -55,7 +50,10 @@ async def prepare_image2text(
     negotiate(request.headers.get("accept", ""), None)  # text: JSON or SSE only, else a 406
     settings = engine.settings
     if is_multipart(request):
-        params, sources = await _read_multipart(request, engine, schema)
+        params, files = await read_multipart(
+            request, engine, schema, IMAGE_FIELDS, settings.max_input_images
+        )
+        sources = files.get("images", [])
     else:
         body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
         params = await parse_json(body, schema, engine)
@@ -96,6 +94,8 @@ async def decode_images(
     sources: list[ImageSource],
     request: Request | None = None,
     timeout_s: float | None = None,
+    max_pixels: int | None = None,
+    max_count: int | None = None,
 ) -> list[Any]:
     """Fetches and decodes client images on the CPU pool; a text-only request skips the hop.
 
@@ -107,7 +107,9 @@ async def decode_images(
     if not sources:
         return []
     stop = threading.Event()
-    decoding = asyncio.ensure_future(engine.run_cpu(load_images, sources, engine.settings, stop))
+    decoding = asyncio.ensure_future(
+        engine.run_cpu(load_images, sources, engine.settings, stop, max_pixels, max_count)
+    )
     waiters: set[asyncio.Future[Any]] = {decoding}
     left = None
     if request is not None:
@@ -173,88 +175,3 @@ def to_model_input(
         min_pixels=params.min_pixels,
         max_pixels=params.max_pixels,
     )
-
-
-async def _read_multipart(
-    request: Request, engine: Engine, schema: type[Image2TextRequest]
-) -> tuple[Image2TextRequest, list[ImageSource]]:
-    """Parses `-F prompt=... -F images=@cat.jpg ...`; the body cap holds for chunked uploads too."""
-    settings = engine.settings
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > settings.max_body_bytes:
-        raise PayloadTooLarge(
-            f"the body is {declared} bytes; at most {settings.max_body_bytes} are accepted"
-        )
-    limited = Request(
-        request.scope, receive=_capped_receive(request.receive, settings.max_body_bytes)
-    )
-    try:
-        with body_deadline(settings.body_timeout_s):
-            form = await limited.form(
-                max_files=settings.max_input_images,
-                max_fields=64,
-                max_part_size=max(settings.max_prompt_chars * 4, settings.max_image_bytes * 2),
-            )
-    except StarletteHTTPException as error:  # Starlette's 400s for its limits: a 422, as in JSON
-        detail = str(error.detail)
-        if "Too many files" in detail:
-            raise InvalidInput(
-                f"more than {settings.max_input_images} images sent; at most "
-                f"{settings.max_input_images} are allowed",
-                param="images",
-            ) from None
-        if "Too many fields" in detail:
-            raise InvalidInput("more than 64 form fields sent", param="body") from None
-        raise
-    try:
-        fields: dict[str, Any] = {}
-        sources: list[ImageSource] = []
-        for key, value in form.multi_items():
-            if key in ("images", "image", "images[]"):
-                param = f"images[{len(sources)}]"
-                if isinstance(value, UploadFile):
-                    data = await value.read(settings.max_image_bytes + 1)
-                    sources.append(ImageSource(data, param))
-                else:
-                    sources.append(ImageSource(value, param))
-            elif isinstance(value, UploadFile):
-                raise InvalidInput(f"{key}: unexpected file; upload images as 'images'", param=key)
-            elif key == "response_format":  # an object: sent as JSON text in a form field
-                fields[key] = _json_field(key, value)
-            else:
-                fields[key] = value
-        try:
-            params = schema.model_validate(fields, context={"settings": settings})
-        except ValidationError as error:
-            message, bad_field = describe_validation_errors(list(error.errors()))
-            raise InvalidInput(message, param=bad_field) from None
-        if len(sources) > settings.max_input_images:
-            raise InvalidInput(
-                f"{len(sources)} images sent; at most {settings.max_input_images} are allowed",
-                param="images",
-            )
-        return params, sources
-    finally:
-        await form.close()
-
-
-def _json_field(key: str, value: str) -> Any:
-    try:
-        return json.loads(value)
-    except ValueError:
-        raise InvalidInput(f"{key}: must be JSON text in a form field", param=key) from None
-
-
-def _capped_receive(receive: Receive, limit: int) -> Receive:
-    seen = 0
-
-    async def capped() -> Message:
-        nonlocal seen
-        message = await receive()
-        if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise PayloadTooLarge(f"the body is over {limit} bytes, the most accepted")
-        return message
-
-    return capped

@@ -1,5 +1,5 @@
-"""OpenAI-compatible endpoints: /v1/models, /v1/chat/completions and /v1/images/generations,
-and /v1/loras, the adapters text2image requests may name.
+"""OpenAI-compatible endpoints: /v1/models, /v1/chat/completions, /v1/images/generations and
+/v1/images/edits, and /v1/loras, the adapters text2image requests may name.
 
 They share the queue, deadlines and cancellation with /infer; only the wire format differs.
 """
@@ -15,22 +15,40 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from hunyuan_service.api.body import parse_json, read_body, wait_for_disconnect
+from hunyuan_service.api.body import (
+    is_multipart,
+    parse_json,
+    read_body,
+    read_multipart,
+    wait_for_disconnect,
+)
 from hunyuan_service.api.deps import EngineDep, request_id_of
 from hunyuan_service.api.encoding import base64_json_string, encode_image, json_bytes, json_object
 from hunyuan_service.api.image2text import compile_grammar, decode_images, usage
-from hunyuan_service.api.openai_schemas import ChatCompletionRequest, ImageGenerationRequest
+from hunyuan_service.api.openai_schemas import (
+    ChatCompletionRequest,
+    ImageEditRequest,
+    ImageGenerationRequest,
+)
 from hunyuan_service.api.renderers import KEEPALIVE, SSE_HEADERS
+from hunyuan_service.api.text2image import prepare_edit
 from hunyuan_service.engine.engine import Engine, JobHandle
 from hunyuan_service.engine.events import Failed, Heartbeat, Succeeded, Token
 from hunyuan_service.engine.jobs import StopReason
-from hunyuan_service.errors import NotFound, error_body
+from hunyuan_service.errors import (
+    BadRequest,
+    InvalidInput,
+    NotFound,
+    UnsupportedMediaType,
+    error_body,
+)
 from hunyuan_service.media import ImageSource
 from hunyuan_service.models.lora import canonical
 from hunyuan_service.models.types import (
     ChatMessage,
     Image2TextInput,
     Image2TextOutput,
+    ImageEdit,
     Text2ImageInput,
 )
 
@@ -245,22 +263,67 @@ async def images_generations(request: Request, engine: EngineDep) -> Response:
         body, ImageGenerationRequest, engine, status_400=True
     )
     _require(engine, "text2image", params.model)
-    width, height = params.dimensions
-    payload = Text2ImageInput(
+    size = params.dimensions or (1024, 1024)  # `size` always has a value here
+    handle = engine.submit(_image_input(params, size), request_id_of(request))
+    output = await handle.result(functools.partial(wait_for_disconnect, request))
+    extra = {"output_format": params.output_format, "size": params.size, "seed": output.seed}
+    data = await engine.run_cpu(_images_json, output.images, params, extra)
+    return Response(data, media_type="application/json")
+
+
+# The form's file parts of `images.edit`: one image (`image`, or `image[]` from a list) and an
+# optional mask.
+EDIT_FILES = {"image": "image", "image[]": "image", "mask": "mask"}
+
+
+@router.post("/images/edits", response_model=None)
+async def images_edits(request: Request, engine: EngineDep) -> Response:
+    """Edits one image, `n` times: image-to-image, or inpainting with a mask. A multipart form,
+    as OpenAI's SDK sends it; the response carries the images as b64_json."""
+    _require(engine, "text2image", None)
+    engine.check_ready()
+    if not is_multipart(request):
+        raise UnsupportedMediaType(
+            "images/edits takes multipart/form-data with the image as a file, as OpenAI's "
+            "images.edit sends it; for a JSON body use POST /infer with image and mask"
+        )
+    try:
+        params, files = await read_multipart(request, engine, ImageEditRequest, EDIT_FILES, 2)
+        _require(engine, "text2image", params.model)
+        images, masks = files.get("image", []), files.get("mask", [])
+        if len(images) != 1:
+            raise InvalidInput("image: send exactly one image to edit", param="image")
+        sources = [ImageSource(images[0].value, "image")]
+        if masks:
+            sources.append(ImageSource(masks[0].value, "mask", mask=True))
+        with engine.reserve() as reservation:
+            edit, (width, height) = await prepare_edit(
+                engine, sources, params.dimensions, params.strength, request
+            )
+            payload = _image_input(params, (width, height), edit)
+            handle = engine.submit(payload, request_id_of(request), reservation=reservation)
+    except InvalidInput as error:  # OpenAI answers a bad request with 400, not 422
+        raise BadRequest(error.message, param=error.param) from None
+    output = await handle.result(functools.partial(wait_for_disconnect, request))
+    extra = {"output_format": params.output_format, "size": f"{width}x{height}"}
+    data = await engine.run_cpu(_images_json, output.images, params, {**extra, "seed": output.seed})
+    return Response(data, media_type="application/json")
+
+
+def _image_input(
+    params: ImageGenerationRequest, size: tuple[int, int], edit: ImageEdit | None = None
+) -> Text2ImageInput:
+    return Text2ImageInput(
         prompt=params.prompt,
-        width=width,
-        height=height,
+        width=size[0],
+        height=size[1],
         num_inference_steps=params.num_inference_steps,
         guidance_scale=params.guidance_scale,
         seed=params.seed,
         count=params.n,
         loras=canonical((choice.name, choice.scale) for choice in params.loras),
+        edit=edit,
     )
-    handle = engine.submit(payload, request_id_of(request))
-    output = await handle.result(functools.partial(wait_for_disconnect, request))
-    extra = {"output_format": params.output_format, "size": params.size, "seed": output.seed}
-    data = await engine.run_cpu(_images_json, output.images, params, extra)
-    return Response(data, media_type="application/json")
 
 
 def _images_json(images: Any, params: ImageGenerationRequest, extra: dict[str, Any]) -> bytes:

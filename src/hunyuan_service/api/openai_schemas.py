@@ -234,6 +234,8 @@ class ImageGenerationRequest(BaseModel):
             check_steps(self.num_inference_steps, settings)
         except ValueError as error:
             raise ValueError(f"num_inference_steps: {error}") from None
+        if self.size is None:
+            return self
         match = re.fullmatch(r"(\d{1,5})x(\d{1,5})", self.size)
         if match is None:
             raise ValueError(f"size: must look like '1024x768' (got {self.size!r})")
@@ -245,6 +247,20 @@ class ImageGenerationRequest(BaseModel):
         return self
 
     @property
-    def dimensions(self) -> tuple[int, int]:
+    def dimensions(self) -> tuple[int, int] | None:
+        """(width, height) of `size`; None where it was left out (an edit's default)."""
+        if self.size is None:
+            return None
         width, height = self.size.split("x")
         return int(width), int(height)
+
+
+class ImageEditRequest(ImageGenerationRequest):
+    """OpenAI's `images.edit` form: the image and mask arrive as files beside these fields.
+
+    Without `size` the output takes the image's size (see /infer's `image`). `strength` is
+    this server's own: how far the result may move from the image."""
+
+    size: str | None = None  # type: ignore[assignment]
+    strength: float | None = Field(None, gt=0, le=1)
+    input_fidelity: str | None = None  # gpt-image-1's; FLUX has no such setting

@@ -102,11 +102,34 @@ class Text2ImageRequest(RequestBase):
     seed: int | None = Field(None, ge=0, lt=2**63)
     output_format: ImageFormat = "png"
     loras: list[LoraChoice] = Field(default_factory=list, max_length=MAX_LIST_ITEMS)
+    image: str | None = Field(
+        None,
+        description="An image to start from (base64, a data URI, or a URL or path the operator "
+        "allows): image-to-image, or inpainting with `mask`. Without width and height the "
+        "output takes its size, rounded down to multiples of 16.",
+    )
+    mask: str | None = Field(
+        None,
+        description="Inpainting: an image of `image`'s size whose white parts are repainted "
+        "(or, with transparency, whose transparent parts are); the rest comes back as sent.",
+    )
+    strength: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="With `image`: how far the result may move from it, the share of the steps "
+        "that run; 0.6 by default, 1.0 with a mask.",
+    )
 
     @field_validator("loras")
     @classmethod
     def _loras(cls, value: list[LoraChoice], info: ValidationInfo) -> list[LoraChoice]:
         return check_loras(value, _limits(info))
+
+    @model_validator(mode="after")
+    def _edit_fields(self) -> Text2ImageRequest:
+        check_edit_fields(self.image is not None, self.mask is not None, self.strength)
+        return self
 
     @field_validator("width", "height")
     @classmethod
@@ -127,6 +150,14 @@ def check_side(value: int, settings: Settings) -> int:
     if not low <= value <= high:
         raise ValueError(f"must be between {low} and {high} (got {value})")
     return value
+
+
+def check_edit_fields(image: bool, mask: bool, strength: float | None) -> None:
+    """`mask` and `strength` belong to an edit: they need an image to work on."""
+    if mask and not image:
+        raise ValueError("mask: needs an image to paint into; send image as well")
+    if strength is not None and not image:
+        raise ValueError("strength: applies to an image edit; send image, or leave strength out")
 
 
 def check_steps(value: int | None, settings: Settings) -> int | None:

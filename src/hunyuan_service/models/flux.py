@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import secrets
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from hunyuan_service.models.loading import (
 )
 from hunyuan_service.models.lora import Adapters, configured_adapters
 from hunyuan_service.models.speed import CompiledShapes, speed_up_flux
-from hunyuan_service.models.types import Text2ImageInput, Text2ImageOutput
+from hunyuan_service.models.types import ImageEdit, Text2ImageInput, Text2ImageOutput
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class FluxModel(TorchModel[Text2ImageInput, Text2ImageOutput]):
         self.shapes = CompiledShapes(settings.compile != "off")
         self.adapters: Adapters | None = None
         self.prompt_cache = TensorCache(settings.prompt_cache_bytes)
+        self.edit_pipes: dict[str, Any] = {}  # image-to-image and inpainting, sharing `pipe`
 
     def load(self) -> None:
         from diffusers import FluxPipeline
@@ -85,6 +87,18 @@ class FluxModel(TorchModel[Text2ImageInput, Text2ImageOutput]):
         )
         self.adapters.load()
         speed = speed_up_flux(pipe, self.settings, self.device)
+        from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline
+
+        # The same modules (so the same speed options and adapters), other denoising loops.
+        # Built from the components, not `from_pipe`, which casts them and warns about it.
+        for kind, edit_class in (
+            ("img2img", FluxImg2ImgPipeline),
+            ("inpaint", FluxInpaintPipeline),
+        ):
+            accepted = inspect.signature(edit_class.__init__).parameters
+            parts = {k: v for k, v in pipe.components.items() if k in accepted}
+            self.edit_pipes[kind] = edit_class(**parts)
+            self.edit_pipes[kind].set_progress_bar_config(disable=True)
         self.info.extra = {
             "variant": "dev" if guidance else "schnell",
             "default_steps": self.defaults.num_inference_steps,
@@ -114,17 +128,26 @@ class FluxModel(TorchModel[Text2ImageInput, Text2ImageOutput]):
         guidance: float,
         generator: Any,
         on_step_end: Any,
+        edit: ImageEdit | None = None,
     ) -> list[Any]:
-        """One pipeline call: one image per prompt, each from its own generator if a list."""
+        """One pipeline call: one image per prompt, each from its own generator if a list;
+        from the edit's image (and mask) when there is one."""
         import torch
 
         rows = len(prompt) if isinstance(prompt, list) else 1
         self.shapes.note((size.width, size.height, rows))
         if self.adapters is not None:
             self.adapters.apply(size.loras)  # every row of a batch has the same, by batch_key
+        pipe, extra = self.pipe, {}
+        if edit is not None:
+            pipe = self.edit_pipes["inpaint" if edit.mask is not None else "img2img"]
+            extra = {"image": edit.image, "strength": edit.strength}
+            if edit.mask is not None:
+                extra["mask_image"] = edit.mask
         with torch.inference_mode():
             embeds, pooled = self._embeddings(prompt, size.loras)
-            result = self.pipe(
+            result = pipe(
+                **extra,
                 prompt_embeds=embeds,
                 pooled_prompt_embeds=pooled,
                 width=size.width,
@@ -191,13 +214,15 @@ class FluxModel(TorchModel[Text2ImageInput, Text2ImageOutput]):
 
         seed = request.seed if request.seed is not None else secrets.randbits(63)
         steps, guidance = self._settings_of(request)
-        total = steps * request.count
+        edit = request.edit
+        runs = steps if edit is None else edit_steps(steps, edit.strength)  # steps that run
+        total = runs * request.count
         images = []
         ctx.raise_if_stopped()
         for index in range(request.count):
 
             def on_step_end(
-                _pipe: Any, step: int, _timestep: Any, kwargs: dict, done: int = index * steps
+                _pipe: Any, step: int, _timestep: Any, kwargs: dict, done: int = index * runs
             ) -> dict:
                 ctx.on_progress(done + step + 1, total)
                 # Raising stops the pipeline at once; setting pipe._interrupt would still run
@@ -207,9 +232,12 @@ class FluxModel(TorchModel[Text2ImageInput, Text2ImageOutput]):
 
             # A CPU generator gives the same image for the same seed on every device type.
             generator = torch.Generator("cpu").manual_seed((seed + index) % 2**63)
-            images += self._denoise(
-                request.prompt, request, steps, guidance, generator, on_step_end
+            made = self._denoise(
+                request.prompt, request, steps, guidance, generator, on_step_end, edit
             )
+            if edit is not None and edit.mask is not None:
+                made = [composite(image, edit.image, edit.mask) for image in made]
+            images += made
         return Text2ImageOutput(images=tuple(images), seed=seed, num_inference_steps=steps)
 
     # -- batching ----------------------------------------------------------------------------
@@ -218,8 +246,8 @@ class FluxModel(TorchModel[Text2ImageInput, Text2ImageOutput]):
 
     def batch_key(self, request: Text2ImageInput) -> Hashable | None:
         """Jobs of the same size, steps, guidance and LoRA adapters denoise together; `n > 1`
-        runs alone."""
-        if request.count != 1:
+        and edits run alone."""
+        if request.count != 1 or request.edit is not None:
             return None
         steps, guidance = self._settings_of(request)
         return (request.width, request.height, steps, guidance, request.loras)
@@ -262,3 +290,18 @@ class FluxModel(TorchModel[Text2ImageInput, Text2ImageOutput]):
                     Text2ImageOutput(images=(image,), seed=seed, num_inference_steps=steps)
                 )
         return outputs
+
+
+def edit_steps(steps: int, strength: float) -> int:
+    """The denoising steps an edit runs, as diffusers' image-to-image pipelines count them: the
+    last `steps * strength` of the schedule (at least one for any strength above 0)."""
+    start = int(max(steps - min(steps * strength, steps), 0))
+    return steps - start
+
+
+def composite(generated: Any, source: Any, mask: Any) -> Any:
+    """The inpainted image with every pixel outside the mask as sent: white takes the new
+    pixels, black keeps the input's, grey blends them."""
+    from PIL import Image
+
+    return Image.composite(generated, source, mask)

@@ -23,6 +23,21 @@ class Text2ImageInput:
     seed: int | None = None
     count: int = 1  # images to make; image i uses seed + i
     loras: tuple[tuple[str, float], ...] = ()  # (adapter name, scale), sorted by name
+    edit: ImageEdit | None = None  # image-to-image or inpainting; None: from text alone
+
+
+@dataclass(frozen=True)
+class ImageEdit:
+    """An input image to start from, already decoded and at the output's size.
+
+    Without a mask the whole image is reworked (image-to-image); with one, its white parts are
+    repainted and every pixel where it is black comes back as sent (inpainting). `strength`
+    (0 to 1] is how far from the input the result may go: the share of the steps that run.
+    """
+
+    image: Image
+    strength: float
+    mask: Image | None = None  # mode "L", the image's size
 
 
 @dataclass(frozen=True)
