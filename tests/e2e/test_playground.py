@@ -179,3 +179,38 @@ def test_the_page_asks_for_the_key_and_sends_it(page: Any, tiny_cache: Path) -> 
         assert "sesame" not in page.url
         generate(page, "a key", Width="64", Height="64", Steps="2")
         page.wait_for_selector("#image-result:not([hidden])", timeout=120_000)
+
+
+def test_a_painted_mask_repaints_only_where_it_was_painted(
+    page: Any, flux_site: str, tmp_path: Path, shots: Path
+) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    source = Image.fromarray(rng.integers(0, 256, (128, 192, 3), dtype=np.uint8))
+    picture = tmp_path / "photo.png"
+    source.save(picture)
+    open_ready(page, flux_site)
+    page.get_by_text("Start from an image").click()
+    page.get_by_label("Image to edit").set_input_files(str(picture))
+    page.wait_for_selector("#mask-editor:not([hidden])", timeout=60_000)
+    assert page.get_by_label("Width").input_value() == "192"  # the image's own size
+    assert page.get_by_label("Height").input_value() == "128"
+    box = page.locator("#mask-canvas").bounding_box()
+    scale = box["width"] / 192
+    page.mouse.move(box["x"] + 20 * scale, box["y"] + 20 * scale)
+    page.mouse.down()
+    for y in range(20, 110, 10):  # a stroke down the left part of the image (x 20 to 50)
+        page.mouse.move(box["x"] + 20 * scale, box["y"] + y * scale, steps=3)
+        page.mouse.move(box["x"] + 50 * scale, box["y"] + y * scale, steps=3)
+    page.mouse.up()
+    assert page.locator("#mask-canvas").get_attribute("data-painted") == "true"
+    generate(page, "a red door", Steps="4", Seed="5")
+    page.wait_for_selector("#image-result:not([hidden])", timeout=120_000)
+    found = page.locator("#result-image").get_attribute("src")
+    result = np.asarray(Image.open(io.BytesIO(base64.b64decode(found.split(",", 1)[1]))))
+    original = np.asarray(source)
+    assert result.shape == original.shape
+    assert np.array_equal(result[:, 96:], original[:, 96:])  # never painted: as sent
+    assert not np.array_equal(result[20:100, 20:50], original[20:100, 20:50])  # repainted
+    page.screenshot(path=str(shots / "playground-inpainting.png"), full_page=True)

@@ -105,6 +105,14 @@ async function streamInfer(form, body, on) {
   }
 }
 
+const readAsDataUrl = (file) =>
+  new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+
 function setBusy(form, busy) {
   form.querySelector("button[type=submit]").disabled = busy;
   form.querySelector("button.stop").disabled = !busy;
@@ -124,6 +132,7 @@ function setupTextToImage(config) {
   form.elements.num_inference_steps.max = config.max_inference_steps;
   const bar = $("#image-progress");
   const barText = $("#image-progress-text");
+  const edit = setupEdit(form);
 
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
@@ -140,6 +149,7 @@ function setupTextToImage(config) {
     };
     const seed = form.elements.seed.value.trim();
     if (seed) body.seed = /^\d+$/.test(seed) ? Number(seed) : seed;
+    Object.assign(body, await edit.fields());
     setBusy(form, true);
     await streamInfer(form, body, {
       queued: (data) => {
@@ -171,6 +181,78 @@ function setupTextToImage(config) {
     setBusy(form, false);
   });
   $("#cancel-image").addEventListener("click", () => running && running.abort());
+}
+
+// The image to edit, and its mask: painted on a canvas over the image, or uploaded as a file.
+function setupEdit(form) {
+  const canvas = $("#mask-canvas");
+  const context = canvas.getContext("2d");
+  let image = null; // the chosen image's data URL
+  let painted = false;
+
+  function clearMask() {
+    context.fillStyle = "black";
+    context.fillRect(0, 0, canvas.width, canvas.height);
+    painted = false;
+    canvas.dataset.painted = "false";
+  }
+
+  form.elements.image.addEventListener("change", async (event) => {
+    const file = event.target.files[0];
+    if (!file) return;
+    image = await readAsDataUrl(file);
+    const preview = $("#edit-preview");
+    preview.src = image;
+    await preview.decode();
+    canvas.width = preview.naturalWidth;
+    canvas.height = preview.naturalHeight;
+    clearMask();
+    // The output takes the image's size, rounded down to multiples of 16, unless changed here.
+    form.elements.width.value = Math.floor(preview.naturalWidth / 16) * 16;
+    form.elements.height.value = Math.floor(preview.naturalHeight / 16) * 16;
+    $("#mask-editor").hidden = false;
+  });
+
+  function paintAt(event) {
+    const box = canvas.getBoundingClientRect();
+    const x = ((event.clientX - box.left) * canvas.width) / box.width;
+    const y = ((event.clientY - box.top) * canvas.height) / box.height;
+    const radius = (Number($("#brush").value) * canvas.width) / box.width / 2;
+    context.fillStyle = "white";
+    context.beginPath();
+    context.arc(x, y, radius, 0, 2 * Math.PI);
+    context.fill();
+    painted = true;
+    canvas.dataset.painted = "true";
+  }
+  canvas.addEventListener("pointerdown", (event) => {
+    canvas.setPointerCapture(event.pointerId);
+    paintAt(event);
+  });
+  canvas.addEventListener("pointermove", (event) => {
+    if (canvas.hasPointerCapture(event.pointerId)) paintAt(event);
+  });
+  $("#clear-mask").addEventListener("click", clearMask);
+  $("#remove-image").addEventListener("click", () => {
+    image = null;
+    form.elements.image.value = "";
+    form.elements.mask.value = "";
+    $("#mask-editor").hidden = true;
+  });
+
+  // The request's edit fields: none without an image.
+  return {
+    async fields() {
+      if (!image) return {};
+      const fields = { image };
+      const maskFile = form.elements.mask.files[0];
+      if (maskFile) fields.mask = await readAsDataUrl(maskFile);
+      else if (painted) fields.mask = canvas.toDataURL("image/png");
+      const strength = form.elements.strength.value.trim();
+      if (strength) fields.strength = Number(strength);
+      return fields;
+    },
+  };
 }
 
 // -- image2text ---------------------------------------------------------------------------------
@@ -222,14 +304,6 @@ function setupImageToText(config) {
     zone.classList.remove("over");
     add(event.dataTransfer.files);
   });
-
-  const readAsDataUrl = (file) =>
-    new Promise((resolve, reject) => {
-      const reader = new FileReader();
-      reader.onload = () => resolve(reader.result);
-      reader.onerror = () => reject(reader.error);
-      reader.readAsDataURL(file);
-    });
 
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
