@@ -198,7 +198,7 @@ class Settings(BaseSettings):
         100, ge=1, le=1000, description="text2image: most denoising steps a request may ask for"
     )
     max_images_per_request: int = Field(
-        4, ge=1, le=64, description="text2image: n on /v1/images/generations"
+        4, ge=1, le=64, description="text2image: the most images (n) one request may ask for"
     )
 
     # image2text limits.

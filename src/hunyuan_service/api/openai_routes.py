@@ -330,10 +330,10 @@ def _images_json(images: Any, params: ImageGenerationRequest, extra: dict[str, A
     """Encodes every image and builds the whole body in one CPU-pool call."""
     items = [
         json_object(
-            {"revised_prompt": params.prompt},
+            {"revised_prompt": params.prompt, "seed": (extra["seed"] + i) % 2**63},
             {"b64_json": base64_json_string(encode_image(image, params.output_format))},
         )
-        for image in images
+        for i, image in enumerate(images)
     ]
     data = b"[" + b",".join(items) + b"]"
     return json_object({"created": int(time.time()), **extra}, {"data": data})

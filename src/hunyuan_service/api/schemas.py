@@ -97,6 +97,11 @@ def check_loras(value: list[LoraChoice], settings: Settings) -> list[LoraChoice]
 class Text2ImageRequest(RequestBase):
     width: int = 1024
     height: int = 1024
+    n: int = Field(
+        1,
+        ge=1,
+        description="Images to make, up to MAX_IMAGES_PER_REQUEST; image i uses seed + i.",
+    )
     num_inference_steps: int | None = Field(None, ge=1)
     guidance_scale: float | None = Field(None, ge=0, le=30)
     seed: int | None = Field(None, ge=0, lt=2**63)
@@ -135,6 +140,16 @@ class Text2ImageRequest(RequestBase):
     @classmethod
     def _side(cls, value: int, info: ValidationInfo) -> int:
         return check_side(value, _limits(info))
+
+    @field_validator("n")
+    @classmethod
+    def _count(cls, value: int, info: ValidationInfo) -> int:
+        limit = _limits(info).max_images_per_request
+        if value > limit:
+            raise ValueError(
+                f"is {value}; at most {limit} images per request (MAX_IMAGES_PER_REQUEST)"
+            )
+        return value
 
     @field_validator("num_inference_steps")
     @classmethod

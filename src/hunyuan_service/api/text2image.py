@@ -18,7 +18,7 @@ from hunyuan_service.api.image2text import decode_images
 from hunyuan_service.api.renderers import Prepared, Rendered
 from hunyuan_service.api.schemas import Text2ImageRequest, WebhookField
 from hunyuan_service.engine.engine import Engine, JobHandle
-from hunyuan_service.errors import InvalidInput, UnsupportedMediaType
+from hunyuan_service.errors import InvalidInput, NotAcceptable, UnsupportedMediaType
 from hunyuan_service.media import ImageSource
 from hunyuan_service.models.lora import canonical
 from hunyuan_service.models.types import ImageEdit, Text2ImageInput, Text2ImageOutput
@@ -61,11 +61,20 @@ async def prepare_text2image(
         guidance_scale=params.guidance_scale,
         seed=params.seed,
         loras=canonical((choice.name, choice.scale) for choice in params.loras),
+        count=params.n,
         edit=edit,
     )
     stream = wants_event_stream(request, params.stream)
     fmt = params.output_format
     raw_format = negotiate(request.headers.get("accept", ""), fmt)
+    if params.n > 1 and raw_format is not None and not stream:
+        if reservation is not None:
+            reservation.release()
+        raise NotAcceptable(
+            f"n: {params.n} images come back as JSON, one image_base64 each; ask for "
+            "application/json, or n=1 for the raw image",
+            param="n",
+        )
 
     async def render(output: Text2ImageOutput, handle: JobHandle) -> Rendered:
         width, height = output.image.size
@@ -76,7 +85,7 @@ async def prepare_text2image(
             "seed": output.seed,
             "timings": handle.timings(),
         }
-        body, raw = await engine.run_cpu(image_json, output.image, fmt, fields)
+        body, raw = await engine.run_cpu(image_json, output.images, fmt, fields)
         return Rendered(body, raw, fmt)
 
     return Prepared(
@@ -146,7 +155,21 @@ def fitted_size(size: tuple[int, int], settings: Settings) -> tuple[int, int]:
     return fitted
 
 
-def image_json(image: Any, fmt: str, fields: dict[str, Any]) -> tuple[bytes, bytes]:
-    """Encodes the image once and builds the whole JSON body around it, in one CPU-pool call."""
-    data = encode_image(image, fmt)
-    return json_object(fields, {"image_base64": base64_json_string(data)}), data
+def image_json(
+    images: tuple[Any, ...], fmt: str, fields: dict[str, Any]
+) -> tuple[bytes, bytes | None]:
+    """Encodes each image once and builds the whole JSON body around them, in one CPU-pool
+    call. The first image is `image_base64`; with several, `images` lists each with its seed
+    (`fields["seed"]` + i), and there is no single raw image."""
+    encoded = [encode_image(image, fmt) for image in images]
+    raw = {"image_base64": base64_json_string(encoded[0])}
+    if len(encoded) > 1:
+        items = [
+            json_object(
+                {"seed": (fields["seed"] + i) % 2**63}, {"image_base64": base64_json_string(data)}
+            )
+            for i, data in enumerate(encoded)
+        ]
+        raw["images"] = b"[" + b",".join(items) + b"]"
+        return json_object(fields, raw), None
+    return json_object(fields, raw), encoded[0]

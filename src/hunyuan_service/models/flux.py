@@ -216,13 +216,17 @@ class FluxModel(TorchModel[Text2ImageInput, Text2ImageOutput]):
         steps, guidance = self._settings_of(request)
         edit = request.edit
         runs = steps if edit is None else edit_steps(steps, edit.strength)  # steps that run
-        total = runs * request.count
+        # `n` images denoise together, MAX_BATCH_SIZE rows per pipeline call (an edit's one
+        # image and mask are one row each); image i uses seed + i either way.
+        rows = 1 if edit is not None else max(1, min(request.count, self.settings.max_batch_size))
+        calls = [range(i, min(i + rows, request.count)) for i in range(0, request.count, rows)]
+        total = runs * len(calls)
         images = []
         ctx.raise_if_stopped()
-        for index in range(request.count):
+        for number, call in enumerate(calls):
 
             def on_step_end(
-                _pipe: Any, step: int, _timestep: Any, kwargs: dict, done: int = index * runs
+                _pipe: Any, step: int, _timestep: Any, kwargs: dict, done: int = number * runs
             ) -> dict:
                 ctx.on_progress(done + step + 1, total)
                 # Raising stops the pipeline at once; setting pipe._interrupt would still run
@@ -231,10 +235,12 @@ class FluxModel(TorchModel[Text2ImageInput, Text2ImageOutput]):
                 return kwargs
 
             # A CPU generator gives the same image for the same seed on every device type.
-            generator = torch.Generator("cpu").manual_seed((seed + index) % 2**63)
-            made = self._denoise(
-                request.prompt, request, steps, guidance, generator, on_step_end, edit
-            )
+            generators = [torch.Generator("cpu").manual_seed((seed + i) % 2**63) for i in call]
+            prompt: str | list[str] = request.prompt
+            generator: Any = generators[0]
+            if len(call) > 1:
+                prompt, generator = [request.prompt] * len(call), generators
+            made = self._denoise(prompt, request, steps, guidance, generator, on_step_end, edit)
             if edit is not None and edit.mask is not None:
                 made = [composite(image, edit.image, edit.mask) for image in made]
             images += made
