@@ -21,10 +21,11 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urljoin, urlsplit
 
 from hunyuan_service.errors import InvalidInput, JobCancelled, PayloadTooLarge, ServiceError
+from hunyuan_service.videos import VideoSampling, decode_video
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -48,6 +49,7 @@ class ImageSource:
     value: str | bytes
     param: str  # where it came from, for error messages: "images[0]"
     mask: bool = False  # an inpainting mask: decoded to one channel by `decode_mask`
+    video: VideoSampling | None = None  # a video, sampled so by `decode_video`
 
 
 def load_images(
@@ -56,24 +58,28 @@ def load_images(
     stop: threading.Event | None = None,
     max_pixels: int | None = None,
     max_count: int | None = None,
-) -> list[Image]:
-    """Fetches, decodes, validates and normalises every image; raises a 4xx `ServiceError`.
+) -> list[Any]:
+    """Fetches, decodes, validates and normalises every image (and video: a `Video` in its
+    place); raises a 4xx `ServiceError`.
 
     `stop`, once set (the request was answered or its client left), ends the work before the
     next image. Images over `max_pixels` (VL_MAX_PIXELS unless given) are downscaled; more than
-    `max_count` images (MAX_INPUT_IMAGES unless given) are refused.
+    `max_count` images and videos (MAX_INPUT_IMAGES unless given) are refused.
     """
     limit = max_count or settings.max_input_images
     if len(sources) > limit:
         raise InvalidInput(
-            f"{len(sources)} images sent; at most {limit} are allowed", param="images"
+            f"{len(sources)} images and videos sent; at most {limit} are allowed",
+            param="videos" if sources[-1].video is not None else "images",
         )
-    images = []
+    images: list[Any] = []
     for source in sources:
         if stop is not None and stop.is_set():
             raise JobCancelled("image decoding stopped: the request ended")
         data = read_source(source, settings)
-        if source.mask:
+        if source.video is not None:
+            images.append(decode_video(data, source.param, settings, source.video, stop))
+        elif source.mask:
             images.append(decode_mask(data, source.param, settings, max_pixels))
         else:
             images.append(decode_image(data, source.param, settings, max_pixels))
@@ -81,8 +87,10 @@ def load_images(
 
 
 def read_source(source: ImageSource, settings: Settings) -> bytes:
-    """Returns the raw bytes of one image, enforcing the byte cap and the media policy."""
-    value, param, limit = source.value, source.param, settings.max_image_bytes
+    """Returns the raw bytes of one image or video, enforcing the byte cap and the media
+    policy."""
+    value, param = source.value, source.param
+    limit = settings.max_video_bytes if source.video is not None else settings.max_image_bytes
     if isinstance(value, bytes):
         return _capped(value, limit, param)
     text = value.strip()
@@ -92,18 +100,17 @@ def read_source(source: ImageSource, settings: Settings) -> bytes:
     if lowered.startswith("data:"):
         header, sep, payload = text.partition(",")
         if not sep or ";base64" not in header.lower():
-            raise InvalidInput(
-                f"{param}: a data URI must be 'data:image/...;base64,...'", param=param
-            )
+            kind = "video/mp4" if source.video is not None else "image/..."
+            raise InvalidInput(f"{param}: a data URI must be 'data:{kind};base64,...'", param=param)
         return _b64decode(payload, limit, param)
     if lowered.startswith(("http://", "https://")):
-        return fetch_url(text, settings, param)
+        return fetch_url(text, settings, param, limit)
     if lowered.startswith("file://"):
-        return read_local(text[len("file://") :], settings, param)
+        return read_local(text[len("file://") :], settings, param, limit)
     decoded = _try_b64(text, limit, param)
     if decoded is not None:
         return decoded
-    return read_local(text, settings, param)
+    return read_local(text, settings, param, limit)
 
 
 def _capped(data: bytes, limit: int, param: str) -> bytes:
@@ -143,8 +150,9 @@ def _try_b64(text: str, limit: int, param: str) -> bytes | None:
 # -- local files -----------------------------------------------------------------------------
 
 
-def read_local(path_text: str, settings: Settings, param: str) -> bytes:
+def read_local(path_text: str, settings: Settings, param: str, limit: int | None = None) -> bytes:
     """Reads a server-local file, only from inside ALLOWED_LOCAL_MEDIA_DIR (symlinks resolved)."""
+    limit = limit or settings.max_image_bytes
     root = settings.allowed_local_media_dir
     if root is None:
         raise MediaNotAllowed(
@@ -167,13 +175,11 @@ def read_local(path_text: str, settings: Settings, param: str) -> bytes:
             raise InvalidInput(f"{param}: not a regular file", param=param)
         with os.fdopen(descriptor, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
-            if size > settings.max_image_bytes:
+            if size > limit:
                 raise PayloadTooLarge(
-                    f"{param}: file is {size} bytes; at most "
-                    f"{settings.max_image_bytes} are allowed",
-                    param=param,
+                    f"{param}: file is {size} bytes; at most {limit} are allowed", param=param
                 )
-            return handle.read(settings.max_image_bytes + 1)
+            return handle.read(limit + 1)
     except FileNotFoundError:
         raise InvalidInput(
             f"{param}: no such file in the allowed media folder", param=param
@@ -254,7 +260,7 @@ def _unmapped(address: IPAddress) -> IPAddress:
     return address
 
 
-def fetch_url(url: str, settings: Settings, param: str) -> bytes:
+def fetch_url(url: str, settings: Settings, param: str, limit: int | None = None) -> bytes:
     """Fetches an image from an allowlisted host with timeouts, a byte cap and vetted redirects."""
     import httpx
 
@@ -267,7 +273,7 @@ def fetch_url(url: str, settings: Settings, param: str) -> bytes:
     # MEDIA_FETCH_TIMEOUT_S bounds the whole fetch, redirects included: a host that trickles one
     # byte a second must not hold a decoding thread for longer.
     deadline = time.monotonic() + settings.media_fetch_timeout_s
-    limit = settings.max_image_bytes
+    limit = limit or settings.max_image_bytes
     late = InvalidInput(
         f"{param}: fetching the URL took longer than {settings.media_fetch_timeout_s:g} s "
         "(MEDIA_FETCH_TIMEOUT_S)",

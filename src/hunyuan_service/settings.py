@@ -225,6 +225,29 @@ class Settings(BaseSettings):
         ge=4 * 28 * 28,
         description="image2text: images are downscaled to at most this many pixels",
     )
+    max_video_bytes: int = Field(
+        32 * 2**20, ge=1024, description="image2text: bytes of one video file"
+    )
+    max_video_seconds: float = Field(
+        120, gt=0, description="image2text: length of one video, read from its header"
+    )
+    max_video_decoded_frames: int = Field(
+        3600,
+        ge=2,
+        description="image2text: frames decoded from one video to sample it (at 30 fps, two "
+        "minutes); a video that needs more is refused",
+    )
+    max_video_frame_pixels: int = Field(
+        3840 * 2160,
+        ge=1024,
+        description="image2text: pixels of one video frame, read from its header",
+    )
+    max_video_tokens: int = Field(
+        8192,
+        ge=4,
+        description="image2text: visual tokens of the videos of one request, after sampling "
+        "and resizing",
+    )
     allowed_media_domains: Annotated[list[str], NoDecode] = Field(
         [], description="image2text: hosts whose http(s) image URLs may be fetched; empty: none"
     )

@@ -18,6 +18,7 @@ from PIL import Image
 
 from tests.images import encoded, png_bytes
 from tests.service_process import ServiceProcess, tiny_env
+from tests.videos import video_bytes
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 BLOCK = re.compile(r"```(bash|python)\n(.*?)```", re.S)
@@ -69,6 +70,7 @@ def test_readme_examples_run_as_written(
     mask = Image.new("L", (96, 64), 0)  # cat.png's size, white where to repaint
     mask.paste(255, (0, 0, 48, 64))
     (tmp_path / "mask.png").write_bytes(encoded(mask, "PNG"))
+    (tmp_path / "clip.mp4").write_bytes(video_bytes("mp4", frames=8, size=(64, 48)))
     settings = tiny_env(tiny_cache, **dict(env))
     if "LORA_DIR" in settings:  # the adapter the example names, made for the tiny FLUX
         settings["LORA_DIR"] = str(make_lora(tiny_cache, tmp_path / settings["LORA_DIR"]))

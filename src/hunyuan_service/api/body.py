@@ -205,9 +205,15 @@ def negotiate(accept: str, image_format: str | None) -> str | None:
 
 # -- multipart/form-data --------------------------------------------------------------------
 
-# The form keys of image uploads by the field they fill: curl's `-F images=@a.png`, and the
-# OpenAI SDK's `image` / `image[]`.
-IMAGE_FIELDS = {"images": "images", "image": "images", "images[]": "images"}
+# The form keys of image2text's uploads by the field they fill: curl's `-F images=@a.png` or
+# `-F videos=@clip.mp4`, and the `image` / `image[]` spelling of OpenAI's SDK.
+MEDIA_FIELDS = {
+    "images": "images",
+    "image": "images",
+    "images[]": "images",
+    "videos": "videos",
+    "videos[]": "videos",
+}
 
 
 async def read_multipart(
@@ -259,7 +265,10 @@ async def read_multipart(
                 found = files.setdefault(field, [])
                 param = f"{field}[{len(found)}]"
                 if isinstance(value, UploadFile):
-                    data = await value.read(settings.max_image_bytes + 1)
+                    cap = (
+                        settings.max_video_bytes if field == "videos" else settings.max_image_bytes
+                    )
+                    data = await value.read(cap + 1)  # one byte over: refused by its cap
                     found.append(ImageSource(data, param))
                 else:
                     found.append(ImageSource(value, param))

@@ -10,7 +10,7 @@ from fastapi import Request
 from starlette.requests import ClientDisconnect
 
 from hunyuan_service.api.body import (
-    IMAGE_FIELDS,
+    MEDIA_FIELDS,
     is_multipart,
     negotiate,
     parse_json,
@@ -51,24 +51,29 @@ async def prepare_image2text(
     settings = engine.settings
     if is_multipart(request):
         params, files = await read_multipart(
-            request, engine, schema, IMAGE_FIELDS, settings.max_input_images
+            request, engine, schema, MEDIA_FIELDS, settings.max_input_images
         )
-        sources = files.get("images", [])
+        sources, video_sources = files.get("images", []), files.get("videos", [])
     else:
         body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
         params = await parse_json(body, schema, engine)
         sources = [ImageSource(v, f"images[{i}]") for i, v in enumerate(params.images)]
+        video_sources = [ImageSource(v, f"videos[{i}]") for i, v in enumerate(params.videos)]
+    sampling = params.video_sampling(settings)
+    sources += [ImageSource(s.value, s.param, video=sampling) for s in video_sources]
     grammar = await compile_grammar(engine, params.response_format)
-    reservation, images = None, []
+    reservation, media = None, []
     if sources:
         reservation = engine.reserve()
         try:
-            images = await decode_images(engine, sources, request, params.timeout_s)
+            media = await decode_images(engine, sources, request, params.timeout_s)
         except BaseException:
             reservation.release()
             raise
+    split = len(sources) - len(video_sources)  # the videos come last
+    images, videos = media[:split], media[split:]
     return Prepared(
-        to_model_input(params, images, grammar),
+        to_model_input(params, images, grammar, videos),
         render_text,
         timeout_s=params.timeout_s,
         stream=wants_event_stream(request, params.stream),
@@ -161,10 +166,14 @@ def usage(output: Image2TextOutput) -> dict[str, int]:
 
 
 def to_model_input(
-    params: Image2TextRequest, images: list[Any], grammar: OutputGrammar | None = None
+    params: Image2TextRequest,
+    images: list[Any],
+    grammar: OutputGrammar | None = None,
+    videos: list[Any] | None = None,
 ) -> Image2TextInput:
+    message = ChatMessage("user", params.prompt, tuple(images), tuple(videos or ()))
     return Image2TextInput(
-        messages=(ChatMessage(role="user", text=params.prompt, images=tuple(images)),),
+        messages=(message,),
         max_new_tokens=params.max_new_tokens,
         temperature=params.temperature,
         top_p=params.top_p,

@@ -120,14 +120,20 @@ async def chat_completions(request: Request, engine: EngineDep) -> Response:
         body, ChatCompletionRequest, engine, status_400=True
     )
     _require(engine, "image2text", params.model)
-    texts, sources = params.texts_and_images()
+    texts, sources, video_sources = params.texts_and_images()
+    sampling = params.video_sampling(settings)
     flat = [ImageSource(url, param) for group in sources for url, param in group]
+    flat += [
+        ImageSource(url, param, video=sampling) for group in video_sources for url, param in group
+    ]
     grammar = await compile_grammar(engine, params.response_format)
     with engine.reserve() as reservation:
-        images = iter(await decode_images(engine, flat, request))
+        media = iter(await decode_images(engine, flat, request))
+        images = [tuple(next(media) for _ in group) for group in sources]
+        videos = [tuple(next(media) for _ in group) for group in video_sources]
         messages = tuple(
-            ChatMessage(role=m.role, text=text, images=tuple(next(images) for _ in group))
-            for m, text, group in zip(params.messages, texts, sources, strict=True)
+            ChatMessage(role=m.role, text=text, images=found, videos=clips)
+            for m, text, found, clips in zip(params.messages, texts, images, videos, strict=True)
         )
         payload = Image2TextInput(
             messages=messages,

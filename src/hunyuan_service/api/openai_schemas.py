@@ -21,6 +21,7 @@ from hunyuan_service.api.schemas import (
     refuse_huge_objects,
 )
 from hunyuan_service.settings import Settings
+from hunyuan_service.videos import VideoSampling
 
 # Accepted and ignored: they do not change what this server produces.
 IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "quality", "style"}
@@ -49,9 +50,10 @@ class ImageURL(BaseModel):
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["text", "image_url"]
+    type: Literal["text", "image_url", "video_url"]
     text: str | None = None
     image_url: ImageURL | None = None
+    video_url: ImageURL | None = None  # vLLM's part for a video: {"url": ...}
 
 
 class ChatMessageIn(BaseModel):
@@ -85,12 +87,15 @@ CHAT_UNSUPPORTED = {
 
 
 class PixelBounds(BaseModel):
-    """`{"min_pixels", "max_pixels"}`: how far each image of the request is resized."""
+    """`{"min_pixels", "max_pixels", "fps", "max_frames"}`: how far each image (and video
+    frame) of the request is resized, and how its videos are sampled."""
 
     model_config = ConfigDict(extra="forbid")
 
     min_pixels: int | None = Field(None, ge=1)
     max_pixels: int | None = Field(None, ge=1)
+    fps: float = Field(2.0, gt=0, le=30)
+    max_frames: int = Field(32, ge=2, le=768)
 
 
 class ChatCompletionRequest(BaseModel):
@@ -141,7 +146,7 @@ class ChatCompletionRequest(BaseModel):
         limit = settings.max_new_tokens_limit
         if (self.max_completion_tokens or self.max_tokens or 0) > limit:
             raise ValueError(f"max_tokens: must be at most {limit}")
-        texts, _ = self.texts_and_images()
+        texts, _, _ = self.texts_and_images()
         for index, text in enumerate(texts):
             try:
                 check_no_special_tokens(text)
@@ -160,25 +165,33 @@ class ChatCompletionRequest(BaseModel):
             )
         return self
 
-    def texts_and_images(self) -> tuple[list[str], list[list[tuple[str, str]]]]:
-        """Per message: its text parts joined, and its image URLs with where each came from."""
+    def texts_and_images(
+        self,
+    ) -> tuple[list[str], list[list[tuple[str, str]]], list[list[tuple[str, str]]]]:
+        """Per message: its text parts joined, and its image and video URLs, each with where
+        it came from."""
         texts: list[str] = []
-        images: list[list[tuple[str, str]]] = []
+        media: dict[str, list[list[tuple[str, str]]]] = {"image_url": [], "video_url": []}
         for i, message in enumerate(self.messages):
+            parts = [] if isinstance(message.content, str) else message.content or []
             if isinstance(message.content, str):
                 texts.append(message.content)
-                images.append([])
-                continue
-            parts = message.content or []
-            texts.append("\n".join(part.text or "" for part in parts if part.type == "text"))
-            images.append(
-                [
-                    (part.image_url.url, f"messages[{i}].content[{j}].image_url")
-                    for j, part in enumerate(parts)
-                    if part.type == "image_url" and part.image_url is not None
-                ]
-            )
-        return texts, images
+            else:
+                texts.append("\n".join(part.text or "" for part in parts if part.type == "text"))
+            for kind, found in media.items():
+                found.append(
+                    [
+                        (url.url, f"messages[{i}].content[{j}].{kind}")
+                        for j, part in enumerate(parts)
+                        if part.type == kind and (url := getattr(part, kind)) is not None
+                    ]
+                )
+        return texts, media["image_url"], media["video_url"]
+
+    def video_sampling(self, settings: Settings) -> VideoSampling:
+        bounds = self.mm_processor_kwargs or PixelBounds()
+        budget = bounds.max_pixels or settings.vl_max_pixels
+        return VideoSampling(bounds.fps, bounds.max_frames, budget)
 
     def token_budget(self, settings: Settings) -> int:
         return (

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from hunyuan_service.settings import Settings
+from hunyuan_service.videos import VideoSampling
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 
@@ -227,11 +228,25 @@ class Image2TextRequest(RequestBase):
     response_format: ResponseFormat | None = None
     min_pixels: int | None = Field(None, ge=1)
     max_pixels: int | None = Field(None, ge=1)
+    videos: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_LIST_ITEMS,
+        description="Videos (MP4, WebM or animated GIF) as base64, a data URI, or a URL or path "
+        "the operator allows; they follow the images in the turn.",
+    )
+    fps: float = Field(2.0, gt=0, le=30, description="Video frames sampled per second.")
+    max_frames: int = Field(
+        32, ge=2, le=768, description="The most frames sampled from each video."
+    )
 
     @model_validator(mode="after")
     def _pixels(self, info: ValidationInfo) -> Image2TextRequest:
         check_pixels(self.min_pixels, self.max_pixels, _limits(info), "")
         return self
+
+    def video_sampling(self, settings: Settings) -> VideoSampling:
+        """How this request's videos are sampled and sized (each frame within max_pixels)."""
+        return VideoSampling(self.fps, self.max_frames, self.max_pixels or settings.vl_max_pixels)
 
     @field_validator("temperature")
     @classmethod

@@ -281,23 +281,40 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
         rows = []
         for request in requests:
             prompt, images = self._prompt(request)
-            rows.append((prompt, images, tuple(sorted(self._pixel_bounds(request).items()))))
+            videos = [video for message in request.messages for video in message.videos]
+            self._check_video_tokens(videos)
+            bounds = tuple(sorted(self._pixel_bounds(request).items()))
+            rows.append((prompt, images, videos, bounds))
         return self.images.inputs(rows)
 
     def _prompt(self, request: Image2TextInput) -> tuple[str, list[Any]]:
-        """The templated prompt, one image marker per image, and the images as sent."""
+        """The templated prompt, one marker per image and video, and the images as sent."""
         conversation, images = [], []
         for message in request.messages:
             parts: list[dict[str, Any]] = []
             for image in message.images:
                 images.append(image)
                 parts.append({"type": "image"})
+            parts += [{"type": "video"} for _ in message.videos]
             parts.append({"type": "text", "text": message.text})
             conversation.append({"role": message.role, "content": parts})
         prompt = self.processor.apply_chat_template(
             conversation, tokenize=False, add_generation_prompt=True
         )
         return prompt, images
+
+    def _check_video_tokens(self, videos: list[Any]) -> None:
+        from hunyuan_service.videos import video_tokens
+
+        tokens = sum(video_tokens(video) for video in videos)
+        limit = self.settings.max_video_tokens
+        if tokens > limit:
+            raise InvalidInput(
+                f"videos: {len(videos)} videos make {tokens} visual tokens; at most {limit} are "
+                "allowed (MAX_VIDEO_TOKENS): ask for a lower fps, fewer max_frames or a smaller "
+                "max_pixels",
+                param="videos",
+            )
 
     def _pixel_bounds(self, request: Image2TextInput) -> dict[str, int]:
         """qwen_vl_utils' resize bounds: the request's, within the server's (the API checked)."""

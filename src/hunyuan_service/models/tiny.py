@@ -20,7 +20,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 # Bump when a builder changes, so stale caches are rebuilt rather than reused.
-TINY_FORMAT_VERSION = 1
+TINY_FORMAT_VERSION = 2  # 2: the chat template renders video parts
 _CHARS = string.ascii_letters + string.digits + string.punctuation
 
 
@@ -172,7 +172,7 @@ def build_flux(shape: FluxShape) -> Any:
 
 
 # The Qwen2.5-VL conversation format, written for the tiny model: a default system turn, image
-# parts as vision-start/pad/end markers, and an assistant header when a reply is wanted.
+# and video parts as vision-start/pad/end markers, and an assistant header when a reply is wanted.
 _QWEN_CHAT_TEMPLATE = (
     "{%- if messages[0]['role'] != 'system' -%}"
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -182,6 +182,7 @@ _QWEN_CHAT_TEMPLATE = (
     "{%- if message['content'] is string -%}{{ message['content'] }}"
     "{%- else -%}{%- for part in message['content'] -%}"
     "{%- if part['type'] == 'image' -%}<|vision_start|><|image_pad|><|vision_end|>"
+    "{%- elif part['type'] == 'video' -%}<|vision_start|><|video_pad|><|vision_end|>"
     "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
     "<|im_end|>\n"

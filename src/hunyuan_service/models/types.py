@@ -52,12 +52,24 @@ class Text2ImageOutput:
 
 
 @dataclass(frozen=True)
+class Video:
+    """A decoded video: the frames sampled from it, each already at its model size (sides
+    multiples of 28; an even count), and how many were taken per second of the video."""
+
+    frames: tuple[Image, ...]
+    fps: float
+    digest: bytes  # of the file and the sampling: the key of its encoder output
+
+
+@dataclass(frozen=True)
 class ChatMessage:
-    """One turn. `images` are already decoded and validated; they precede the text in the turn."""
+    """One turn. `images` and `videos` are already decoded and validated; they precede the text
+    in the turn, images first."""
 
     role: str
     text: str
     images: tuple[Image, ...] = ()
+    videos: tuple[Video, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Qwen2.5-VL's model inputs, with each image's vision-encoder output kept for reuse.
+"""Qwen2.5-VL's model inputs, with each image's (and video's) vision-encoder output kept for reuse.
 
 A user who asks a second question about the same picture, in a new request or a later turn of
 the same chat, sends the same pixels again. Their features depend only on the pixels and the
@@ -13,6 +13,7 @@ through its `mm_encoder_outputs` argument instead of pixels.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +24,18 @@ from hunyuan_service.models.caches import TensorCache
 if TYPE_CHECKING:
     from PIL.Image import Image
 
+    from hunyuan_service.models.types import Video
+
 Bounds = tuple[tuple[str, int], ...]  # qwen_vl_utils' resize bounds, as sorted items
+Row = tuple[str, "Sequence[Image]", "Sequence[Video]", Bounds]
+
+
+def _features(tensors: list[Any]) -> Any:
+    """Per-item features as `generate`'s `mm_encoder_outputs` holds an encoder's output."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    # transformers' annotation says one tensor; Qwen's own encoders give a tuple.
+    return BaseModelOutputWithPooling(pooler_output=tuple(tensors))  # type: ignore[arg-type]
 
 
 class ImageEncoder:
@@ -49,30 +61,42 @@ class ImageEncoder:
         self.resize = resize
         self.encoded = 0  # images through the encoder, for tests and benches
 
-    def inputs(self, rows: Sequence[tuple[str, Sequence[Image], Bounds]]) -> Any:
-        """For rows of (templated prompt, its images, their resize bounds): the tokenized
-        prompts (left-padded), with `image_grid_thw` and the features of the images that fill
-        each prompt's `<|image_pad|>` markers in order (under `mm_encoder_outputs`, as
-        `generate` takes them), all on the model's device."""
+    def inputs(self, rows: Sequence[Row]) -> Any:
+        """For rows of (templated prompt, its images, its videos, the images' resize bounds):
+        the tokenized prompts (left-padded), with the grids and features of the images and
+        videos that fill each prompt's `<|image_pad|>` and `<|video_pad|>` markers in order
+        (features under `mm_encoder_outputs`, as `generate` takes them), on the model's device."""
         import torch
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         processor = self.processor
-        pad = processor.image_token
+        image_pad, video_pad = processor.image_token, processor.video_token
+        markers = re.compile(f"({re.escape(image_pad)}|{re.escape(video_pad)})")
         merge = processor.image_processor.merge_size**2
-        texts, grids, features = [], [], []
-        for prompt, row_images, bounds in rows:
-            pieces = prompt.split(pad)
-            if len(pieces) != len(row_images) + 1:
+        texts = []
+        found: dict[str, list[Any]] = {"image": [], "video": [], "image_grid": [], "video_grid": []}
+        seconds: list[float] = []  # each video's time per temporal patch, for its positions
+        for prompt, row_images, row_videos, bounds in rows:
+            pieces = markers.split(prompt)  # text, marker, text, marker, ..., text
+            kinds = pieces[1::2]
+            if kinds.count(image_pad) != len(row_images) or kinds.count(video_pad) != len(
+                row_videos
+            ):
                 raise InvalidInput(
-                    "messages: an image marker does not match the images sent", param="messages"
+                    "messages: the image and video markers do not match what was sent",
+                    param="messages",
                 )
+            images, videos = iter(row_images), iter(row_videos)
             text = pieces[0]
-            for image, piece in zip(row_images, pieces[1:], strict=True):
-                grid, feature = self._encoded(image, bounds)
-                grids.append(grid)
-                features.append(feature)
-                text += pad * (int(grid.prod()) // merge) + piece
+            for marker, piece in zip(kinds, pieces[2::2], strict=True):
+                if marker == image_pad:
+                    kind, (grid, feature) = "image", self._encoded(next(images), bounds)
+                else:
+                    video = next(videos)
+                    kind, (grid, feature) = "video", self._encoded_video(video)
+                    seconds.append(processor.video_processor.temporal_patch_size / video.fps)
+                found[kind].append(feature)
+                found[f"{kind}_grid"].append(grid)
+                text += marker * (int(grid.prod()) // merge) + piece
             texts.append(text)
         tokens = processor.tokenizer(texts, return_tensors="pt", padding=True)
         ids = tokens["input_ids"]
@@ -80,13 +104,51 @@ class ImageEncoder:
             processor.create_mm_token_type_ids(ids.tolist()), dtype=ids.dtype
         )
         inputs = dict(tokens.to(self.model.device))
-        if grids:
-            inputs["image_grid_thw"] = torch.cat(grids).to(self.model.device)
-            inputs["mm_encoder_outputs"] = {
-                # transformers' annotation says one tensor; Qwen's own encoder gives a tuple.
-                "image": BaseModelOutputWithPooling(pooler_output=tuple(features))  # type: ignore[arg-type]
-            }
+        encoded = {}
+        for kind in ("image", "video"):
+            if found[kind]:
+                inputs[f"{kind}_grid_thw"] = torch.cat(found[f"{kind}_grid"]).to(self.model.device)
+                encoded[kind] = _features(found[kind])
+        if seconds:
+            inputs["second_per_grid_ts"] = torch.tensor(seconds, device=self.model.device)
+        if encoded:
+            inputs["mm_encoder_outputs"] = encoded
         return inputs
+
+    def _encoded_video(self, video: Video) -> tuple[Any, Any]:
+        """(grid_thw [1, 3] on the CPU, features [tokens, hidden] on the device) of one video,
+        whose frames are already sampled and sized (videos.py)."""
+        import numpy as np
+        import torch
+
+        key = ("video", video.digest)
+        found = self.cache.get(key)
+        if found is not None:
+            return found
+        frames = torch.stack(
+            [
+                torch.from_numpy(np.array(frame.convert("RGB"))).permute(2, 0, 1)
+                for frame in video.frames
+            ]
+        )
+        pixels = self.processor.video_processor(
+            videos=[frames],
+            do_sample_frames=False,  # sampled and sized while decoding (videos.py)
+            do_resize=False,
+            cap_pixels_per_frame=True,  # no effect without resizing; silences its notice
+            return_tensors="pt",
+        )
+        grid = pixels["video_grid_thw"]
+        with torch.inference_mode():
+            output = self.model.model.get_video_features(
+                pixels["pixel_values_videos"].to(self.model.device),
+                grid.to(self.model.device),
+                return_dict=True,
+            )
+        self.encoded += 1
+        entry = (grid, output.pooler_output[0])
+        self.cache.put(key, entry)
+        return entry
 
     def _encoded(self, image: Image, bounds: Bounds) -> tuple[Any, Any]:
         """(grid_thw [1, 3] on the CPU, features [tokens, hidden] on the device) of one image."""

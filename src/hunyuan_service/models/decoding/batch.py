@@ -321,13 +321,19 @@ class DecodeBatch:
         rope_delta = int(delta.reshape(-1)[0]) if delta is not None else 0
         vision = model.model
         embeds = vision.get_input_embeddings()(input_ids)
-        encoded = inputs.get("mm_encoder_outputs", {}).get("image")
-        if encoded is not None:
-            images = _cat(encoded.pooler_output).to(embeds.device, embeds.dtype)
+        encoded = inputs.get("mm_encoder_outputs", {})
+        if encoded.get("image") is not None:
+            images = _cat(encoded["image"].pooler_output).to(embeds.device, embeds.dtype)
             mask, _ = vision.get_placeholder_mask(
                 input_ids, inputs_embeds=embeds, image_features=images
             )
             embeds = embeds.masked_scatter(mask, images)
+        if encoded.get("video") is not None:
+            videos = _cat(encoded["video"].pooler_output).to(embeds.device, embeds.dtype)
+            _, mask = vision.get_placeholder_mask(
+                input_ids, inputs_embeds=embeds, video_features=videos
+            )
+            embeds = embeds.masked_scatter(mask, videos)
         return Prefill(prepared, start, embeds, positions, rope_delta)
 
     def _chunk(self, prefill: Prefill) -> Any:
