@@ -214,3 +214,23 @@ def test_a_painted_mask_repaints_only_where_it_was_painted(
     assert np.array_equal(result[:, 96:], original[:, 96:])  # never painted: as sent
     assert not np.array_equal(result[20:100, 20:50], original[20:100, 20:50])  # repainted
     page.screenshot(path=str(shots / "playground-inpainting.png"), full_page=True)
+
+
+def test_image2text_answers_about_a_picked_video(page: Any, vl_site: str, tmp_path: Path) -> None:
+    from tests.videos import video_bytes
+
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(video_bytes("mp4", frames=8, size=(64, 48)))
+    open_ready(page, vl_site)
+    page.get_by_label("Question").fill("What happens?")
+    page.get_by_label("Max new tokens").fill("4")
+    page.get_by_role("button", name="Ask").click()
+    page.wait_for_selector("#answer[data-done=true]", timeout=120_000)
+    without = int(page.locator("#answer").get_attribute("data-prompt-tokens"))
+    page.get_by_label("Video (MP4, WebM or animated GIF)").set_input_files(str(clip))
+    page.get_by_role("button", name="Ask").click()
+    page.wait_for_function(
+        "n => document.querySelector('#answer').dataset.promptTokens > n", arg=without,
+        timeout=120_000,
+    )  # fmt: skip
+    assert page.locator("#answer").get_attribute("data-done") == "true"

@@ -317,6 +317,8 @@ function setupImageToText(config) {
       images: await Promise.all(chosen.map(readAsDataUrl)),
       max_new_tokens: Number(form.elements.max_new_tokens.value),
     };
+    const video = form.elements.videos.files[0];
+    if (video) body.videos = [await readAsDataUrl(video)];
     setBusy(form, true);
     await streamInfer(form, body, {
       token: (data) => {
@@ -326,6 +328,7 @@ function setupImageToText(config) {
       result: (data) => {
         answer.dataset.streamed = answer.textContent;
         answer.textContent = data.text;
+        answer.dataset.promptTokens = String(data.usage.prompt_tokens);
         answer.dataset.done = "true";
       },
     });
