@@ -138,36 +138,27 @@ class ImageEncoder:
             cap_pixels_per_frame=True,  # no effect without resizing; silences its notice
             return_tensors="pt",
         )
-        grid = pixels["video_grid_thw"]
-        with torch.inference_mode():
-            output = self.model.model.get_video_features(
-                pixels["pixel_values_videos"].to(self.model.device),
-                grid.to(self.model.device),
-                return_dict=True,
-            )
-        self.encoded += 1
-        entry = (grid, output.pooler_output[0])
-        self.cache.put(key, entry)
-        return entry
+        encoder = self.model.model.get_video_features
+        return self._encode(key, encoder, pixels["pixel_values_videos"], pixels["video_grid_thw"])
 
     def _encoded(self, image: Image, bounds: Bounds) -> tuple[Any, Any]:
         """(grid_thw [1, 3] on the CPU, features [tokens, hidden] on the device) of one image."""
-        import torch
-
         key = (content_digest(image), bounds)
         found = self.cache.get(key)
         if found is not None:
             return found
         resized = self.resize(image, dict(bounds))
         pixels = self.processor.image_processor(images=[resized], return_tensors="pt")
-        grid = pixels["image_grid_thw"]
-        vision = self.model.model
+        encoder = self.model.model.get_image_features
+        return self._encode(key, encoder, pixels["pixel_values"], pixels["image_grid_thw"])
+
+    def _encode(self, key: Any, encoder: Any, pixels: Any, grid: Any) -> tuple[Any, Any]:
+        """Runs one image's or video's pixels through its encoder and keeps the result."""
+        import torch
+
+        device = self.model.device
         with torch.inference_mode():
-            output = vision.get_image_features(
-                pixels["pixel_values"].to(self.model.device),
-                grid.to(self.model.device),
-                return_dict=True,
-            )
+            output = encoder(pixels.to(device), grid.to(device), return_dict=True)
         self.encoded += 1
         entry = (grid, output.pooler_output[0])
         self.cache.put(key, entry)
