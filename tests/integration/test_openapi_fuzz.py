@@ -89,6 +89,9 @@ def test_image2text_api_matches_its_document(case: Any, image2text_url: str) -> 
 def test_each_document_describes_only_its_model_types_api() -> None:
     t2i, i2t = (APPS[kind].openapi() for kind in ("text2image", "image2text"))
     assert "/v1/images/generations" in t2i["paths"]
+    edits = t2i["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]
+    assert edits["multipart/form-data"]["schema"]["properties"]["mask"]["format"] == "binary"
+    assert "/v1/images/edits" not in i2t["paths"]
     assert "/v1/loras" in t2i["paths"]
     assert "/v1/chat/completions" not in t2i["paths"]
     assert "/v1/chat/completions" in i2t["paths"]
@@ -99,9 +102,10 @@ def test_each_document_describes_only_its_model_types_api() -> None:
     assert (
         "width" in t2i_infer["requestBody"]["content"]["application/json"]["schema"]["properties"]
     )
-    assert (
-        "images" in i2t_infer["requestBody"]["content"]["application/json"]["schema"]["properties"]
-    )
+    i2t_fields = i2t_infer["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    assert {"images", "videos", "fps", "max_frames"} <= set(i2t_fields)
+    t2i_fields = t2i_infer["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    assert {"image", "mask", "strength", "n"} <= set(t2i_fields)
     assert "image/png" in t2i_infer["responses"]["200"]["content"]
     assert "image/png" not in i2t_infer["responses"]["200"]["content"]
     for document in (t2i, i2t):

@@ -124,9 +124,22 @@ def _image2text_body(model: type[BaseModel]) -> dict[str, Any]:
     body = _json_body(model)
     form = inline_schema(model)
     form["properties"]["images"] = {"type": "array", "items": BINARY}
+    form["properties"]["videos"] = {"type": "array", "items": BINARY}
     form["properties"]["response_format"] = {"type": "string", "description": "JSON text"}
     body["content"]["multipart/form-data"] = {"schema": form}
     return body
+
+
+def _image_edit_form() -> dict[str, Any]:
+    """OpenAI's images.edit form: the image and mask as files, the rest as form fields."""
+    from hunyuan_service.api import openai_schemas
+
+    form = inline_schema(openai_schemas.ImageEditRequest)
+    form["properties"]["image"] = BINARY
+    form["properties"]["mask"] = BINARY
+    form["properties"]["loras"] = {"type": "string", "description": "JSON text"}
+    form.setdefault("required", []).append("image")
+    return {"required": True, "content": {"multipart/form-data": {"schema": form}}}
 
 
 def _routes(settings: Settings) -> dict[tuple[str, str], dict[str, Any]]:
@@ -211,6 +224,13 @@ def _routes(settings: Settings) -> dict[tuple[str, str], dict[str, Any]]:
     if text2image:
         routes[("/v1/images/generations", "post")] = {
             "requestBody": _json_body(openai_schemas.ImageGenerationRequest),
+            "responses": {
+                "200": _ok("OpenAI's images response (b64_json).", {"application/json": OBJECT}),
+                **_errors(*BODY_ERRORS, "404"),
+            },
+        }
+        routes[("/v1/images/edits", "post")] = {
+            "requestBody": _image_edit_form(),
             "responses": {
                 "200": _ok("OpenAI's images response (b64_json).", {"application/json": OBJECT}),
                 **_errors(*BODY_ERRORS, "404"),
