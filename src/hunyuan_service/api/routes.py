@@ -17,9 +17,10 @@ from hunyuan_service.engine.lifecycle import State
 router = APIRouter()
 
 
-@router.post("/infer", response_model=None)
 async def infer(request: Request) -> Response:
-    """Runs one request on the loaded model: text2image or image2text, by MODEL_TYPE."""
+    """Runs one request on the loaded model: text2image or image2text, by MODEL_TYPE.
+
+    `create_app` registers it on the app itself, ahead of every other route."""
     # The hot path reads the engine directly; resolving a dependency costs ~50 us a request.
     engine = request.app.state.engine
     if engine.settings.model_type == "text2image":
