@@ -118,7 +118,18 @@ def _sample(
     stop: threading.Event | None,
 ) -> list[Image]:
     """The first frame at or after each multiple of 1/fps seconds, decoding in order and no
-    further than the last one needed."""
+    further than the last one needed. Each is converted straight to about its model size (the
+    share of MAX_VIDEO_TOKENS the expected frame count leaves it), so memory stays bounded
+    however large the frames or however many are asked for."""
+    seconds_long = _duration(stream, container)
+    expected = sampling.max_frames
+    if seconds_long is not None:
+        expected = max(1, min(expected, int(seconds_long * sampling.fps) + 1))
+    width, height = fitted(
+        (stream.codec_context.width, stream.codec_context.height),
+        MIN_FRAME_TOKENS * PATCH**2,
+        _frame_budget(expected, sampling, settings),
+    )
     taken: list[Image] = []
     decoded = 0
     start: float | None = None  # the first frame's time: a stream may not begin at 0
@@ -150,7 +161,7 @@ def _sample(
             if stop is not None and decoded % 32 == 0 and stop.is_set():
                 raise JobCancelled("video decoding stopped: the request ended")
             while len(taken) < sampling.max_frames and seconds >= len(taken) / sampling.fps:
-                taken.append(frame.to_image())
+                taken.append(frame.to_image(width=width, height=height))
             if len(taken) >= sampling.max_frames:
                 break
     except (PayloadTooLarge, JobCancelled):
@@ -172,16 +183,26 @@ def _resized(frames: list[Image], sampling: VideoSampling, settings: Settings) -
 
     if len(frames) % 2:
         frames = [*frames, frames[-1]]
-    share = settings.max_video_tokens * 2 // len(frames)  # tokens per frame, two frames a patch
-    tokens = max(MIN_FRAME_TOKENS, min(TOKENS_PER_FRAME, share))
-    budget = max(MIN_FRAME_TOKENS * PATCH**2, min(sampling.max_pixels, tokens * PATCH**2))
+    budget = _frame_budget(len(frames), sampling, settings)
     size = fitted(frames[0].size, MIN_FRAME_TOKENS * PATCH**2, budget)
-    return tuple(frame.convert("RGB").resize(size, PILImage.Resampling.BICUBIC) for frame in frames)
+    return tuple(
+        frame if frame.size == size else frame.resize(size, PILImage.Resampling.BICUBIC)
+        for frame in (frame.convert("RGB") for frame in frames)
+    )
+
+
+def _frame_budget(count: int, sampling: VideoSampling, settings: Settings) -> int:
+    """Pixels of each of `count` frames: within the request's max_pixels, Qwen's largest frame
+    and the frames' share of MAX_VIDEO_TOKENS (two frames make one temporal patch)."""
+    share = settings.max_video_tokens * 2 // max(count + count % 2, 2)
+    tokens = max(MIN_FRAME_TOKENS, min(TOKENS_PER_FRAME, share))
+    return max(MIN_FRAME_TOKENS * PATCH**2, min(sampling.max_pixels, tokens * PATCH**2))
 
 
 def fitted(size: tuple[int, int], min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """`size` with each side a multiple of 28, near its aspect ratio, scaled into the pixel
-    bounds (as Qwen's own resize rule does)."""
+    """`size` with each side a multiple of 28 (at least 28), near its aspect ratio, scaled into
+    the pixel bounds as Qwen's own resize rule does; where rounding cannot meet both bounds, at
+    most `max_pixels` wins."""
     width, height = size
 
     def sides(scale: float, rounding: Any) -> tuple[int, int]:
@@ -191,10 +212,10 @@ def fitted(size: tuple[int, int], min_pixels: int, max_pixels: int) -> tuple[int
         )
 
     new = sides(1.0, round)
-    if new[0] * new[1] > max_pixels:
-        new = sides(math.sqrt(max_pixels / (width * height)), math.floor)
-    elif new[0] * new[1] < min_pixels:
+    if new[0] * new[1] < min_pixels:
         new = sides(math.sqrt(min_pixels / (width * height)), math.ceil)
+    if new[0] * new[1] > max_pixels:  # the cap wins over the floor
+        new = sides(math.sqrt(max_pixels / (width * height)), math.floor)
     return new
 
 
