@@ -79,6 +79,8 @@ def decode_video(
 
 def _check_header(stream: Any, container: Any, param: str, settings: Settings) -> None:
     width, height = stream.codec_context.width, stream.codec_context.height
+    if width <= 0 or height <= 0:  # a header without a frame size: nothing to size frames by
+        raise _unreadable(param)
     if width * height > settings.max_video_frame_pixels:
         raise PayloadTooLarge(
             f"{param}: frames are {width}x{height} pixels; at most "

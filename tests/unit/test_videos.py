@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
+
+from hunyuan_service.errors import InvalidInput
 from hunyuan_service.settings import Settings
-from hunyuan_service.videos import VideoSampling, decode_video, fitted, video_tokens
+from hunyuan_service.videos import (
+    VideoSampling,
+    _check_header,
+    decode_video,
+    fitted,
+    video_tokens,
+)
 from tests.videos import video_bytes
 
 PATCH_PIXELS = 28 * 28
@@ -41,3 +52,11 @@ def test_sampling_takes_one_frame_per_interval_and_an_even_count() -> None:
     capped = decode_video(data, "videos[0]", settings(), VideoSampling(10.0, 5, 10**6))
     assert len(capped.frames) == 6  # 5 taken, the last repeated to make pairs
     assert one.digest != three.digest  # the sampling is part of the key
+
+
+def test_a_header_without_a_frame_size_is_unreadable_not_a_crash() -> None:
+    stream = SimpleNamespace(
+        codec_context=SimpleNamespace(width=0, height=0), duration=None, time_base=None, frames=0
+    )
+    with pytest.raises(InvalidInput, match="not a readable video"):
+        _check_header(stream, SimpleNamespace(duration=None), "videos[0]", settings())
