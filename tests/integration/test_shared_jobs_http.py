@@ -167,7 +167,8 @@ def test_delete_on_any_replica_stops_the_job_where_it_runs(fleet: Fleet) -> None
     assert cancelled.status_code == 200
     assert cancelled.json()["status"] == "cancelled"
     assert cancelled.json()["error"]["code"] == "cancelled_by_user"
-    assert fleet.models[runner].cancelled == ["long"]
+    # The replica running it sees the stop at its next step, after the DELETE has answered.
+    wait_until(lambda: fleet.models[runner].cancelled == ["long"], timeout=30)
     assert events(other, job_id)[-1]["event"] == "error"
     # A queued job is withdrawn from the shared queue and never runs.
     second = submit(urls[0], {"prompt": "second", **SMALL}).json()["id"]
