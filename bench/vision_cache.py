@@ -15,11 +15,11 @@ import asyncio
 import base64
 import io
 import os
-import socket
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,13 +27,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.batching import wait_ready
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.service_process import ServiceProcess, tiny_env
 
 
 def photo(size: int, seed: int) -> str:
@@ -80,28 +74,15 @@ async def rounds(url: str, count: int, size: int) -> dict[str, float]:
 
 
 def measure(cache_bytes: int | None, count: int, size: int) -> dict[str, float]:
-    """Serves the tiny demo in its own process and runs the rounds against it."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "MODEL_TYPE": "image2text",
-        "MODEL_ID": "tiny",
-        "DEVICE": "cpu",
-        "PORT": str(port),
-        "HOST": "127.0.0.1",
-        "LOG_LEVEL": "warning",
-        "HF_HUB_OFFLINE": "1",
-    }
+    """Serves the tiny demo in its own process (the installed command) and runs the rounds."""
+    extra = {"MODEL_TYPE": "image2text", "LOG_LEVEL": "warning", "HF_HUB_OFFLINE": "1"}
     if cache_bytes is not None:
-        env["VISION_CACHE_BYTES"] = str(cache_bytes)
-    url = f"http://127.0.0.1:{port}"
-    child = subprocess.Popen([sys.executable, "-m", "hunyuan_service"], env=env)
-    try:
-        asyncio.run(wait_ready(url, child))
-        return asyncio.run(rounds(url, count, size))
-    finally:
-        child.terminate()
-        child.wait(timeout=30)
+        extra["VISION_CACHE_BYTES"] = str(cache_bytes)
+    with (
+        tempfile.TemporaryDirectory() as cache,
+        ServiceProcess(tiny_env(Path(cache), **extra)) as service,
+    ):
+        return asyncio.run(rounds(service.url, count, size))
 
 
 def main() -> None:
