@@ -75,6 +75,11 @@ def test_n_is_capped_and_several_images_never_come_back_raw(flux_client: TestCli
     raw = flux_client.post("/infer", json={**BODY, "n": 2}, headers={"Accept": "image/png"})
     assert raw.status_code == 406
     assert raw.json()["error"]["param"] == "n"
+    # Refused before its image is decoded: an unreadable image would otherwise be the 422.
+    edit = {**BODY, "n": 2, "image": "bm90IGFuIGltYWdl"}  # base64 of "not an image"
+    early = flux_client.post("/infer", json=edit, headers={"Accept": "image/png"})
+    assert (early.status_code, early.json()["error"]["param"]) == (406, "n")
+    assert flux_client.post("/infer", json=edit).status_code == 422  # the image, once accepted
 
 
 def test_jobs_and_the_openai_endpoint_carry_each_seed(flux_client: TestClient) -> None:

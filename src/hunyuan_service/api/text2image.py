@@ -38,6 +38,15 @@ async def prepare_text2image(
         raise UnsupportedMediaType("text2image takes a JSON body, not multipart/form-data")
     body = await read_body(request, engine.settings.max_body_bytes, engine.settings.body_timeout_s)
     params: Text2ImageRequest = await parse_json(body, schema, engine)
+    stream = wants_event_stream(request, params.stream)
+    fmt = params.output_format
+    raw_format = negotiate(request.headers.get("accept", ""), fmt)
+    if params.n > 1 and raw_format is not None and not stream:  # refused before any decoding
+        raise NotAcceptable(
+            f"n: {params.n} images come back as JSON, one image_base64 each; ask for "
+            "application/json, or n=1 for the raw image",
+            param="n",
+        )
     size = (params.width, params.height)
     sized = bool({"width", "height"} & params.model_fields_set)
     edit, reservation = None, None
@@ -64,17 +73,6 @@ async def prepare_text2image(
         count=params.n,
         edit=edit,
     )
-    stream = wants_event_stream(request, params.stream)
-    fmt = params.output_format
-    raw_format = negotiate(request.headers.get("accept", ""), fmt)
-    if params.n > 1 and raw_format is not None and not stream:
-        if reservation is not None:
-            reservation.release()
-        raise NotAcceptable(
-            f"n: {params.n} images come back as JSON, one image_base64 each; ask for "
-            "application/json, or n=1 for the raw image",
-            param="n",
-        )
 
     async def render(output: Text2ImageOutput, handle: JobHandle) -> Rendered:
         width, height = output.image.size
