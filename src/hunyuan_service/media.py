@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urljoin, urlsplit
 
 from hunyuan_service.errors import InvalidInput, JobCancelled, PayloadTooLarge, ServiceError
+from hunyuan_service.models.types import PixelRange
 from hunyuan_service.videos import VideoSampling, decode_video
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ class ImageSource:
     param: str  # where it came from, for error messages: "images[0]"
     mask: bool = False  # an inpainting mask: decoded to one channel by `decode_mask`
     video: VideoSampling | None = None  # a video, sampled so by `decode_video`
+    pixels: PixelRange = (None, None)  # an image's resize bounds for the model; None: the server's
 
 
 def load_images(

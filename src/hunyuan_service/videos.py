@@ -34,12 +34,14 @@ MIN_FRAME_TOKENS = 4
 
 @dataclass(frozen=True)
 class VideoSampling:
-    """How a request samples its videos: `fps` frames per second of video, at most
-    `max_frames`, each resized within `max_pixels`."""
+    """How a video is sampled: `fps` frames per second of video, at most `max_frames`, each
+    resized to at least `min_pixels` and at most `max_pixels` (and its share of
+    MAX_VIDEO_TOKENS, which wins over `min_pixels`)."""
 
     fps: float
     max_frames: int
     max_pixels: int
+    min_pixels: int = MIN_FRAME_TOKENS * PATCH**2
 
 
 def decode_video(
@@ -129,7 +131,7 @@ def _sample(
         expected = max(1, min(expected, int(seconds_long * sampling.fps) + 1))
     width, height = fitted(
         (stream.codec_context.width, stream.codec_context.height),
-        MIN_FRAME_TOKENS * PATCH**2,
+        sampling.min_pixels,
         _frame_budget(expected, sampling, settings),
     )
     taken: list[Image] = []
@@ -186,7 +188,7 @@ def _resized(frames: list[Image], sampling: VideoSampling, settings: Settings) -
     if len(frames) % 2:
         frames = [*frames, frames[-1]]
     budget = _frame_budget(len(frames), sampling, settings)
-    size = fitted(frames[0].size, MIN_FRAME_TOKENS * PATCH**2, budget)
+    size = fitted(frames[0].size, sampling.min_pixels, budget)
     return tuple(
         frame if frame.size == size else frame.resize(size, PILImage.Resampling.BICUBIC)
         for frame in (frame.convert("RGB") for frame in frames)
@@ -229,7 +231,9 @@ def video_tokens(video: Video) -> int:
 
 def _digest(data: bytes, sampling: VideoSampling) -> bytes:
     digest = hashlib.blake2b(data, digest_size=16)
-    digest.update(f"{sampling.fps}:{sampling.max_frames}:{sampling.max_pixels}".encode())
+    digest.update(
+        f"{sampling.fps}:{sampling.max_frames}:{sampling.min_pixels}:{sampling.max_pixels}".encode()
+    )
     return digest.digest()
 
 

@@ -320,6 +320,46 @@ def test_a_larger_min_pixels_enlarges_a_small_image(vl_client: TestClient) -> No
     assert larger["usage"]["prompt_tokens"] > default["prompt_tokens"]
 
 
+def test_each_image_may_carry_its_own_pixel_bounds(vl_client: TestClient) -> None:
+    """`{"image", "min_pixels", "max_pixels"}` sizes that image alone, over the request's."""
+    small = 56 * 56
+
+    def tokens(images: list[Any], **extra: Any) -> int:
+        return int(assert_text_answer(ask(vl_client, images, **extra))["usage"]["prompt_tokens"])
+
+    both_default = tokens([big_image(), big_image()])
+    both_small = tokens([big_image(), big_image()], max_pixels=small)
+    first_small = tokens([{"image": big_image(), "max_pixels": small}, big_image()])
+    assert both_small < first_small < both_default
+    # Each image's tokens add up: one small and one default sit halfway.
+    assert 2 * first_small == both_small + both_default
+    # An item's own bound wins over the request's, either way.
+    settings = vl_client.app.state.engine.settings  # type: ignore[attr-defined]
+    lifted = [{"image": big_image(), "max_pixels": settings.vl_max_pixels}, big_image()]
+    assert tokens(lifted, max_pixels=small) == first_small
+    enlarged = tokens([{"image": data_uri(png_bytes()), "min_pixels": 224 * 224}])
+    assert enlarged > tokens([data_uri(png_bytes())])
+    assert enlarged == tokens([data_uri(png_bytes())], min_pixels=224 * 224)
+
+
+@pytest.mark.parametrize(
+    ("images", "field"),
+    [
+        ([{"image": "x", "max_pixels": 100}], "images[0].max_pixels"),
+        (["x", {"image": "x", "min_pixels": 10**9}], "images[1].min_pixels"),
+        ([{"image": "x", "min_pixels": 100_000, "max_pixels": 50_000}], "images[0].min_pixels"),
+        ([{"image": "x", "size": 3}], "size"),  # an unknown key
+        ([{"max_pixels": 5000}], "image"),  # no image in the item
+    ],
+)
+def test_bad_image_items_are_422s_naming_the_item(
+    vl_client: TestClient, images: list[Any], field: str
+) -> None:
+    response = ask(vl_client, images)
+    assert response.status_code == 422, response.text
+    assert field in response.text
+
+
 @pytest.mark.parametrize(
     ("extra", "field"),
     [

@@ -188,3 +188,35 @@ def test_mm_processor_kwargs_bound_each_images_resolution(vl_client: TestClient)
     )
     assert refused.status_code == 400
     assert "max_pixels" in refused.json()["error"]["message"]
+
+
+def test_an_image_part_may_carry_its_own_pixel_bounds(vl_client: TestClient) -> None:
+    """qwen-vl-utils' per-item `min_pixels`/`max_pixels`, on the part itself."""
+    image = data_uri(encoded(Image.new("RGB", (640, 480), (40, 90, 160)), "PNG"))
+
+    def send(part_extra: dict[str, Any], **extra: Any) -> Any:
+        part = {"type": "image_url", "image_url": {"url": image}, **part_extra}
+        content = [part, {"type": "text", "text": "What is it?"}]
+        body = {"model": "tiny", "messages": [{"role": "user", "content": content}]}
+        return vl_client.post("/v1/chat/completions", json={**body, "max_tokens": 2, **extra})
+
+    def prompt_tokens(part_extra: dict[str, Any], **extra: Any) -> int:
+        response = send(part_extra, **extra)
+        assert response.status_code == 200, response.text
+        return int(response.json()["usage"]["prompt_tokens"])
+
+    small = prompt_tokens({"max_pixels": 56 * 56})
+    assert small < prompt_tokens({})
+    assert small == prompt_tokens({}, mm_processor_kwargs={"max_pixels": 56 * 56})
+    for extra, field in (
+        ({"max_pixels": 10}, "messages[0].content[0].max_pixels"),
+        ({"min_pixels": 10**9}, "messages[0].content[0].min_pixels"),
+    ):
+        refused = send(extra)
+        assert refused.status_code == 400, refused.text
+        assert field in refused.json()["error"]["message"]
+    text_part = {"type": "text", "text": "hi", "max_pixels": 5000}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": [text_part]}]}
+    refused = vl_client.post("/v1/chat/completions", json=body)
+    assert refused.status_code == 400
+    assert "only image and video parts" in refused.json()["error"]["message"]

@@ -106,6 +106,30 @@ def test_more_frames_give_more_prompt_tokens(client: TestClient) -> None:
     assert smaller < prompt_tokens(ask(client, videos=[larger]))  # frames within max_pixels
 
 
+def test_min_pixels_enlarges_small_frames_per_video_or_per_request(client: TestClient) -> None:
+    """A 64x48 clip's frames are 4 tokens each; a min_pixels enlarges them (within the
+    frames' share of MAX_VIDEO_TOKENS), set on the request or on the video alone."""
+    plain = prompt_tokens(ask(client, videos=[uri(MP4)]))
+    request_wide = prompt_tokens(ask(client, videos=[uri(MP4)], min_pixels=112 * 112))
+    assert request_wide > plain
+    own = prompt_tokens(ask(client, videos=[{"video": uri(MP4), "min_pixels": 112 * 112}]))
+    assert own == request_wide
+    # The item's bound is its own: the other video keeps the request's.
+    pair = prompt_tokens(
+        ask(client, videos=[{"video": uri(MP4), "min_pixels": 112 * 112}, uri(MP4)])
+    )
+    both = prompt_tokens(ask(client, videos=[uri(MP4), uri(MP4)]))
+    assert pair - both == request_wide - plain
+    chat_own = chat(
+        client,
+        [{"type": "video_url", "video_url": {"url": uri(MP4)}, "min_pixels": 112 * 112}],
+    )
+    assert chat_own > chat(client, [{"type": "video_url", "video_url": {"url": uri(MP4)}}])
+    refused = ask(client, videos=[{"video": uri(MP4), "max_pixels": 10}])
+    assert refused.status_code == 422
+    assert "videos[0].max_pixels" in refused.text
+
+
 def test_a_repeated_video_skips_the_encoder(client: TestClient, tiny_cache: Path) -> None:
     model = client.app.state.engine.model
     first = ask(client, videos=[uri(MP4)], fps=3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import replace
 from typing import Any
 
 from fastapi import Request
@@ -25,6 +26,7 @@ from hunyuan_service.api.schemas import (
     Image2TextRequest,
     ResponseFormat,
     WebhookField,
+    video_sampling,
 )
 from hunyuan_service.engine.engine import Engine, JobHandle
 from hunyuan_service.errors import DeadlineExceeded
@@ -35,6 +37,7 @@ from hunyuan_service.models.types import (
     Image2TextInput,
     Image2TextOutput,
     OutputGrammar,
+    PixelRange,
 )
 
 
@@ -53,14 +56,16 @@ async def prepare_image2text(
         params, files = await read_multipart(
             request, engine, schema, MEDIA_FIELDS, settings.max_input_images
         )
-        sources, video_sources = files.get("images", []), files.get("videos", [])
+        # Uploads take the request's bounds; a JSON item may carry its own.
+        pixels = params.pixels()
+        sampling = video_sampling(params.fps, params.max_frames, *pixels, settings)
+        sources = [replace(s, pixels=pixels) for s in files.get("images", [])]
+        video_sources = [replace(s, video=sampling) for s in files.get("videos", [])]
     else:
         body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
         params = await parse_json(body, schema, engine)
-        sources = [ImageSource(v, f"images[{i}]") for i, v in enumerate(params.images)]
-        video_sources = [ImageSource(v, f"videos[{i}]") for i, v in enumerate(params.videos)]
-    sampling = params.video_sampling(settings)
-    sources += [ImageSource(s.value, s.param, video=sampling) for s in video_sources]
+        sources, video_sources = params.image_sources(), params.video_sources(settings)
+    sources += video_sources
     grammar = await compile_grammar(engine, params.response_format)
     reservation, media = None, []
     if sources:
@@ -72,8 +77,9 @@ async def prepare_image2text(
             raise
     split = len(sources) - len(video_sources)  # the videos come last
     images, videos = media[:split], media[split:]
+    own = tuple(source.pixels for source in sources[:split])
     return Prepared(
-        to_model_input(params, images, grammar, videos),
+        to_model_input(params, images, grammar, videos, own),
         render_text,
         timeout_s=params.timeout_s,
         stream=wants_event_stream(request, params.stream),
@@ -170,8 +176,10 @@ def to_model_input(
     images: list[Any],
     grammar: OutputGrammar | None = None,
     videos: list[Any] | None = None,
+    image_pixels: tuple[PixelRange, ...] = (),
 ) -> Image2TextInput:
-    message = ChatMessage("user", params.prompt, tuple(images), tuple(videos or ()))
+    """The model's input for an /infer or jobs body; `image_pixels`: each image's own bounds."""
+    message = ChatMessage("user", params.prompt, tuple(images), tuple(videos or ()), image_pixels)
     return Image2TextInput(
         messages=(message,),
         max_new_tokens=params.max_new_tokens,

@@ -121,10 +121,11 @@ async def chat_completions(request: Request, engine: EngineDep) -> Response:
     )
     _require(engine, "image2text", params.model)
     texts, sources, video_sources = params.texts_and_images()
-    sampling = params.video_sampling(settings)
-    flat = [ImageSource(url, param) for group in sources for url, param in group]
+    flat = [ImageSource(url, param, pixels=px) for group in sources for url, param, px in group]
     flat += [
-        ImageSource(url, param, video=sampling) for group in video_sources for url, param in group
+        ImageSource(url, param, video=params.video_sampling(px, settings))
+        for group in video_sources
+        for url, param, px in group
     ]
     grammar = await compile_grammar(engine, params.response_format)
     with engine.reserve() as reservation:
@@ -132,8 +133,10 @@ async def chat_completions(request: Request, engine: EngineDep) -> Response:
         images = [tuple(next(media) for _ in group) for group in sources]
         videos = [tuple(next(media) for _ in group) for group in video_sources]
         messages = tuple(
-            ChatMessage(role=m.role, text=text, images=found, videos=clips)
-            for m, text, found, clips in zip(params.messages, texts, images, videos, strict=True)
+            ChatMessage(m.role, text, found, clips, tuple(px for _, _, px in group))
+            for m, text, found, clips, group in zip(
+                params.messages, texts, images, videos, sources, strict=True
+            )
         )
         payload = Image2TextInput(
             messages=messages,

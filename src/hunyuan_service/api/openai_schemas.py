@@ -19,9 +19,13 @@ from hunyuan_service.api.schemas import (
     check_steps,
     check_temperature,
     refuse_huge_objects,
+    video_sampling,
 )
+from hunyuan_service.models.types import PixelRange
 from hunyuan_service.settings import Settings
 from hunyuan_service.videos import VideoSampling
+
+Media = tuple[str, str, PixelRange]  # a part's URL, where it came from, and its resize bounds
 
 # Accepted and ignored: they do not change what this server produces.
 IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "quality", "style"}
@@ -54,6 +58,9 @@ class ContentPart(BaseModel):
     text: str | None = None
     image_url: ImageURL | None = None
     video_url: ImageURL | None = None  # vLLM's part for a video: {"url": ...}
+    # This image's or video's own resize bounds, as qwen-vl-utils' message items carry them
+    min_pixels: int | None = Field(None, ge=1)
+    max_pixels: int | None = Field(None, ge=1)
 
 
 class ChatMessageIn(BaseModel):
@@ -121,6 +128,11 @@ class ChatCompletionRequest(BaseModel):
         bounds = self.mm_processor_kwargs or PixelBounds()
         return {"min_pixels": bounds.min_pixels, "max_pixels": bounds.max_pixels}
 
+    def _pixels(self, part: ContentPart) -> PixelRange:
+        """A part's resize bounds: its own where it sets them, else the request's."""
+        bounds = self.mm_processor_kwargs or PixelBounds()
+        return (part.min_pixels or bounds.min_pixels, part.max_pixels or bounds.max_pixels)
+
     @field_validator("n")
     @classmethod
     def _one_choice(cls, value: int | None) -> int | None:
@@ -143,6 +155,13 @@ class ChatCompletionRequest(BaseModel):
         if self.mm_processor_kwargs is not None:
             bounds = self.mm_processor_kwargs
             check_pixels(bounds.min_pixels, bounds.max_pixels, settings, "mm_processor_kwargs.")
+        for i, message in enumerate(self.messages):
+            parts = [] if isinstance(message.content, str) else message.content or []
+            for j, part in enumerate(parts):
+                where = f"messages[{i}].content[{j}]."
+                if part.type == "text" and (part.min_pixels or part.max_pixels):
+                    raise ValueError(f"{where}min_pixels: only image and video parts are resized")
+                check_pixels(part.min_pixels, part.max_pixels, settings, where)
         limit = settings.max_new_tokens_limit
         if (self.max_completion_tokens or self.max_tokens or 0) > limit:
             raise ValueError(f"max_tokens: must be at most {limit}")
@@ -165,13 +184,11 @@ class ChatCompletionRequest(BaseModel):
             )
         return self
 
-    def texts_and_images(
-        self,
-    ) -> tuple[list[str], list[list[tuple[str, str]]], list[list[tuple[str, str]]]]:
+    def texts_and_images(self) -> tuple[list[str], list[list[Media]], list[list[Media]]]:
         """Per message: its text parts joined, and its image and video URLs, each with where
-        it came from."""
+        it came from and its resize bounds."""
         texts: list[str] = []
-        media: dict[str, list[list[tuple[str, str]]]] = {"image_url": [], "video_url": []}
+        media: dict[str, list[list[Media]]] = {"image_url": [], "video_url": []}
         for i, message in enumerate(self.messages):
             parts = [] if isinstance(message.content, str) else message.content or []
             if isinstance(message.content, str):
@@ -181,17 +198,17 @@ class ChatCompletionRequest(BaseModel):
             for kind, found in media.items():
                 found.append(
                     [
-                        (url.url, f"messages[{i}].content[{j}].{kind}")
+                        (url.url, f"messages[{i}].content[{j}].{kind}", self._pixels(part))
                         for j, part in enumerate(parts)
                         if part.type == kind and (url := getattr(part, kind)) is not None
                     ]
                 )
         return texts, media["image_url"], media["video_url"]
 
-    def video_sampling(self, settings: Settings) -> VideoSampling:
+    def video_sampling(self, pixels: PixelRange, settings: Settings) -> VideoSampling:
+        """How a video with these resize bounds is sampled."""
         bounds = self.mm_processor_kwargs or PixelBounds()
-        budget = bounds.max_pixels or settings.vl_max_pixels
-        return VideoSampling(bounds.fps, bounds.max_frames, budget)
+        return video_sampling(bounds.fps, bounds.max_frames, *pixels, settings)
 
     def token_budget(self, settings: Settings) -> int:
         return (

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from hunyuan_service.media import ImageSource
+from hunyuan_service.models.types import PixelRange
 from hunyuan_service.settings import Settings
 from hunyuan_service.videos import VideoSampling
 
@@ -215,10 +217,37 @@ class ResponseFormat(BaseModel):
         return self.type != "text"
 
 
+class OwnPixels(BaseModel):
+    """An image's or video's own resize bounds, in place of the request's (each one that is
+    set); the shape of qwen-vl-utils' message items."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_pixels: int | None = Field(None, ge=1)
+    max_pixels: int | None = Field(None, ge=1)
+
+
+class ImageItem(OwnPixels):
+    """`{"image": ..., "min_pixels", "max_pixels"}`: one image in the forms `images` takes."""
+
+    image: str
+
+
+class VideoItem(OwnPixels):
+    """`{"video": ..., "min_pixels", "max_pixels"}`: one video in the forms `videos` takes."""
+
+    video: str
+
+
 class Image2TextRequest(RequestBase):
     """The reference body `{"images": [...], "prompt"}` plus generation parameters."""
 
-    images: list[str] = Field(default_factory=list, max_length=MAX_LIST_ITEMS)
+    images: list[str | ImageItem] = Field(
+        default_factory=list,
+        max_length=MAX_LIST_ITEMS,
+        description="Images as base64, a data URI, or a URL or path the operator allows; an "
+        'item may be {"image", "min_pixels", "max_pixels"} to size that image alone.',
+    )
     max_new_tokens: int = Field(128, ge=1)
     temperature: float = Field(0.0, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -228,11 +257,12 @@ class Image2TextRequest(RequestBase):
     response_format: ResponseFormat | None = None
     min_pixels: int | None = Field(None, ge=1)
     max_pixels: int | None = Field(None, ge=1)
-    videos: list[str] = Field(
+    videos: list[str | VideoItem] = Field(
         default_factory=list,
         max_length=MAX_LIST_ITEMS,
         description="Videos (MP4, WebM or animated GIF) as base64, a data URI, or a URL or path "
-        "the operator allows; they follow the images in the turn.",
+        'the operator allows; they follow the images in the turn. An item may be {"video", '
+        '"min_pixels", "max_pixels"} to size that video\'s frames alone.',
     )
     fps: float = Field(2.0, gt=0, le=30, description="Video frames sampled per second.")
     max_frames: int = Field(
@@ -241,12 +271,34 @@ class Image2TextRequest(RequestBase):
 
     @model_validator(mode="after")
     def _pixels(self, info: ValidationInfo) -> Image2TextRequest:
-        check_pixels(self.min_pixels, self.max_pixels, _limits(info), "")
+        settings = _limits(info)
+        check_pixels(self.min_pixels, self.max_pixels, settings, "")
+        for field, items in (("images", self.images), ("videos", self.videos)):
+            for i, item in enumerate(items):
+                if isinstance(item, OwnPixels):
+                    check_pixels(item.min_pixels, item.max_pixels, settings, f"{field}[{i}].")
         return self
 
-    def video_sampling(self, settings: Settings) -> VideoSampling:
-        """How this request's videos are sampled and sized (each frame within max_pixels)."""
-        return VideoSampling(self.fps, self.max_frames, self.max_pixels or settings.vl_max_pixels)
+    def image_sources(self) -> list[ImageSource]:
+        """Each image to fetch and decode, with the bounds it is resized within."""
+        return [
+            _source(item, "image", f"images[{i}]", self.pixels(item))
+            for i, item in enumerate(self.images)
+        ]
+
+    def video_sources(self, settings: Settings) -> list[ImageSource]:
+        """Each video to fetch and decode, with how it is sampled and its frames sized."""
+        sources = []
+        for i, item in enumerate(self.videos):
+            low, high = self.pixels(item)
+            sampling = video_sampling(self.fps, self.max_frames, low, high, settings)
+            sources.append(_source(item, "video", f"videos[{i}]", (low, high), sampling))
+        return sources
+
+    def pixels(self, item: str | OwnPixels | None = None) -> PixelRange:
+        """An item's resize bounds: its own where it sets them, else the request's."""
+        own = item if isinstance(item, OwnPixels) else OwnPixels()
+        return (own.min_pixels or self.min_pixels, own.max_pixels or self.max_pixels)
 
     @field_validator("temperature")
     @classmethod
@@ -273,6 +325,25 @@ class Image2TextRequest(RequestBase):
         if len(value) > limit:
             raise ValueError(f"{len(value)} images sent; at most {limit} are allowed")
         return value
+
+
+def _source(
+    item: str | OwnPixels,
+    kind: str,
+    param: str,
+    pixels: PixelRange,
+    video: VideoSampling | None = None,
+) -> ImageSource:
+    value = getattr(item, kind) if isinstance(item, OwnPixels) else item
+    return ImageSource(value, param, video=video, pixels=pixels)
+
+
+def video_sampling(
+    fps: float, max_frames: int, low: int | None, high: int | None, settings: Settings
+) -> VideoSampling:
+    """How a video is sampled, its frames sized within `low` and `high` pixels (by default
+    Qwen's floor and VL_MAX_PIXELS; the share of MAX_VIDEO_TOKENS may lower them further)."""
+    return VideoSampling(fps, max_frames, high or settings.vl_max_pixels, low or QWEN_MIN_PIXELS)
 
 
 QWEN_MIN_PIXELS = 4 * 28 * 28  # an image is at least 4 of Qwen2.5-VL's 28-pixel patches

@@ -21,6 +21,7 @@ from hunyuan_service.models.types import (
     Image2TextInput,
     Image2TextOutput,
     OutputGrammar,
+    PixelRange,
 )
 
 
@@ -283,7 +284,11 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
             prompt, images = self._prompt(request)
             videos = [video for message in request.messages for video in message.videos]
             self._check_video_tokens(videos)
-            bounds = tuple(sorted(self._pixel_bounds(request).items()))
+            bounds = [
+                tuple(sorted(self._pixel_bounds(request, message.pixels(i)).items()))
+                for message in request.messages
+                for i in range(len(message.images))
+            ]
             rows.append((prompt, images, videos, bounds))
         return self.images.inputs(rows)
 
@@ -316,11 +321,15 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
                 param="videos",
             )
 
-    def _pixel_bounds(self, request: Image2TextInput) -> dict[str, int]:
-        """qwen_vl_utils' resize bounds: the request's, within the server's (the API checked)."""
-        bounds = {"max_pixels": min(request.max_pixels or self._max_pixels, self._max_pixels)}
-        if request.min_pixels is not None:
-            bounds["min_pixels"] = min(request.min_pixels, bounds["max_pixels"])
+    def _pixel_bounds(
+        self, request: Image2TextInput, own: PixelRange = (None, None)
+    ) -> dict[str, int]:
+        """qwen_vl_utils' resize bounds for one image: its own, else the request's, within the
+        server's (the API checked them); where min_pixels is over max_pixels, max_pixels wins."""
+        low, high = own[0] or request.min_pixels, own[1] or request.max_pixels
+        bounds = {"max_pixels": min(high or self._max_pixels, self._max_pixels)}
+        if low is not None:
+            bounds["min_pixels"] = min(low, bounds["max_pixels"])
         return bounds
 
     def _sampling_with_grammars(

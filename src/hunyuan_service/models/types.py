@@ -61,15 +61,29 @@ class Video:
     digest: bytes  # of the file and the sampling: the key of its encoder output
 
 
+# (min_pixels, max_pixels): an image's own resize bounds; None takes the request's, then the
+# server's (Qwen's floor, VL_MAX_PIXELS).
+PixelRange = tuple[int | None, int | None]
+
+
 @dataclass(frozen=True)
 class ChatMessage:
     """One turn. `images` and `videos` are already decoded and validated; they precede the text
-    in the turn, images first."""
+    in the turn, images first. `image_pixels`, when given, holds each image's own bounds (a
+    video's frames were sized while decoding)."""
 
     role: str
     text: str
     images: tuple[Image, ...] = ()
     videos: tuple[Video, ...] = ()
+    image_pixels: tuple[PixelRange, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.image_pixels and len(self.image_pixels) != len(self.images):
+            raise ValueError("image_pixels needs one entry per image")
+
+    def pixels(self, index: int) -> PixelRange:
+        return self.image_pixels[index] if self.image_pixels else (None, None)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from hunyuan_service.models.types import Video
 
 Bounds = tuple[tuple[str, int], ...]  # qwen_vl_utils' resize bounds, as sorted items
-Row = tuple[str, "Sequence[Image]", "Sequence[Video]", Bounds]
+# A templated prompt, its images, its videos, and each image's resize bounds
+Row = tuple[str, "Sequence[Image]", "Sequence[Video]", "Sequence[Bounds]"]
 
 
 def _features(tensors: list[Any]) -> Any:
@@ -62,7 +63,7 @@ class ImageEncoder:
         self.encoded = 0  # images through the encoder, for tests and benches
 
     def inputs(self, rows: Sequence[Row]) -> Any:
-        """For rows of (templated prompt, its images, its videos, the images' resize bounds):
+        """For rows of (templated prompt, its images, its videos, each image's resize bounds):
         the tokenized prompts (left-padded), with the grids and features of the images and
         videos that fill each prompt's `<|image_pad|>` and `<|video_pad|>` markers in order
         (features under `mm_encoder_outputs`, as `generate` takes them), on the model's device."""
@@ -85,11 +86,11 @@ class ImageEncoder:
                     "messages: the image and video markers do not match what was sent",
                     param="messages",
                 )
-            images, videos = iter(row_images), iter(row_videos)
+            images, videos, sizes = iter(row_images), iter(row_videos), iter(bounds)
             text = pieces[0]
             for marker, piece in zip(kinds, pieces[2::2], strict=True):
                 if marker == image_pad:
-                    kind, (grid, feature) = "image", self._encoded(next(images), bounds)
+                    kind, (grid, feature) = "image", self._encoded(next(images), next(sizes))
                 else:
                     video = next(videos)
                     kind, (grid, feature) = "video", self._encoded_video(video)
