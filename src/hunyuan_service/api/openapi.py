@@ -10,11 +10,14 @@ running service (tests/integration/test_openapi_fuzz.py).
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
+from starlette.routing import Route
 
 from hunyuan_service.settings import Settings
 
@@ -284,6 +287,20 @@ def describe_api(app: FastAPI, settings: Settings) -> dict[str, Any]:
         routes=app.routes,
     )
     served = _routes(settings)
+    plain = {  # Starlette routes (/infer), which get_openapi skips; first, as they are served
+        route.path: {
+            method.lower(): {
+                "summary": route.name.replace("_", " ").title(),
+                "description": (inspect.getdoc(route.endpoint) or "").split("\n\n")[0],
+                "operationId": f"{route.name}_{method.lower()}",
+            }
+            for method in sorted(route.methods or ())
+            if method != "HEAD"
+        }
+        for route in app.routes
+        if isinstance(route, Route) and not isinstance(route, APIRoute) and route.include_in_schema
+    }
+    document["paths"] = {**plain, **document["paths"]}
     paths: dict[str, Any] = {}
     for path, operations in document["paths"].items():
         for method, operation in operations.items():

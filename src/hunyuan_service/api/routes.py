@@ -7,6 +7,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.routing import Match, Route
+from starlette.types import Scope
 
 from hunyuan_service.api.deps import EngineDep
 from hunyuan_service.api.image2text import prepare_image2text
@@ -15,6 +17,17 @@ from hunyuan_service.api.text2image import prepare_text2image
 from hunyuan_service.engine.lifecycle import State
 
 router = APIRouter()
+
+
+class PlainRoute(Route):
+    """A Starlette route that records itself in the scope as FastAPI's routes do, so the
+    request counters label it with its template."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child_scope = super().matches(scope)
+        if match is not Match.NONE:
+            child_scope["route"] = self
+        return match, child_scope
 
 
 async def infer(request: Request) -> Response:
