@@ -62,7 +62,7 @@ async def prepare_image2text(
         sources = [replace(s, pixels=pixels) for s in files.get("images", [])]
         video_sources = [replace(s, video=sampling) for s in files.get("videos", [])]
     else:
-        body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+        body = await read_body(request, engine)
         params = await parse_json(body, schema, engine)
         sources, video_sources = params.image_sources(), params.video_sources(settings)
     sources += video_sources

@@ -115,7 +115,7 @@ async def chat_completions(request: Request, engine: EngineDep) -> Response:
     _require(engine, "image2text", None)
     engine.check_ready()
     settings = engine.settings
-    body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+    body = await read_body(request, engine)
     params: ChatCompletionRequest = await parse_json(
         body, ChatCompletionRequest, engine, status_400=True
     )
@@ -267,7 +267,7 @@ async def images_generations(request: Request, engine: EngineDep) -> Response:
     """Generates `n` images in one job; the response carries them as b64_json."""
     _require(engine, "text2image", None)
     engine.check_ready()  # refuse at once while starting or draining, before reading the body
-    body = await read_body(request, engine.settings.max_body_bytes, engine.settings.body_timeout_s)
+    body = await read_body(request, engine)
     params: ImageGenerationRequest = await parse_json(
         body, ImageGenerationRequest, engine, status_400=True
     )

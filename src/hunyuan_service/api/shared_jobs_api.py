@@ -164,7 +164,7 @@ class SharedJobs:
         engine.check_ready()
         if not self.reachable:
             raise self._unavailable()
-        body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+        body = await read_body(request, engine)
         content_type = request.headers.get("content-type", "")
         accept = request.headers.get("accept", "")
         request_id = request_id_of(request)

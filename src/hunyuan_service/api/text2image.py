@@ -36,7 +36,7 @@ async def prepare_text2image(
     # Any non-multipart body is read as JSON: curl's `-d` sends a form content type by default.
     if is_multipart(request):
         raise UnsupportedMediaType("text2image takes a JSON body, not multipart/form-data")
-    body = await read_body(request, engine.settings.max_body_bytes, engine.settings.body_timeout_s)
+    body = await read_body(request, engine)
     params: Text2ImageRequest = await parse_json(body, schema, engine)
     stream = wants_event_stream(request, params.stream)
     fmt = params.output_format

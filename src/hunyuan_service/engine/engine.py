@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from hunyuan_service import __version__
+from hunyuan_service.engine.alarms import Alarms
 from hunyuan_service.engine.events import Event, Heartbeat, Progress, Token
 from hunyuan_service.engine.jobs import Job, JobStatus, StopReason
 from hunyuan_service.engine.lifecycle import Lifecycle, State
@@ -159,6 +160,7 @@ class Engine:
         self.model = model
         self.lifecycle = Lifecycle()
         self.scheduler: Scheduler | None = None
+        self.alarms = Alarms()  # coarse timers for every request: the body's, the wait's
         self.started_at = time.time()
         self.phase, self.phase_since = "waiting", time.monotonic()
         self.drain_deadline = float("inf")  # set when the drain begins
@@ -223,6 +225,7 @@ class Engine:
             self.lifecycle,
             max_batch_size=settings.max_batch_size,
             batch_wait_s=settings.batch_wait_ms / 1000,
+            alarms=self.alarms,
         )
         self.scheduler.start()
         self.compilations_at_ready = compilations()

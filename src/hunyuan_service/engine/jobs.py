@@ -65,6 +65,9 @@ class Job:
     history: list[Event] = field(default_factory=list)
     position: int = 0  # the last position announced: 1 = next to run, 0 once started
     timer: asyncio.TimerHandle | None = None
+    # The submitting request's own wake-up, set with `done`: awaited directly, it may be
+    # cancelled with that request without touching `done` (cheaper than `asyncio.shield`).
+    waiter: asyncio.Future[None] | None = None
     # A plain flag, not a threading.Event: one attribute write is atomic, and an Event costs a
     # lock and a condition per job.
     _stop: bool = False
@@ -136,6 +139,8 @@ class Job:
         if self.timer is not None:
             self.timer.cancel()
         self.done.set_result(None)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
         return True
 
     def forget_output(self) -> None:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from hunyuan_service.engine.alarms import Alarms
 from hunyuan_service.engine.continuous import ContinuousLoop
 from hunyuan_service.engine.jobs import Job, JobQueue, JobStatus, StopReason
 from hunyuan_service.engine.lifecycle import Lifecycle, State
@@ -55,6 +56,7 @@ class Scheduler(WorkerLoop, ContinuousLoop):
         *,
         max_batch_size: int = 1,
         batch_wait_s: float = 0.0,
+        alarms: Alarms | None = None,
     ):
         self.model = model
         # A model that cannot batch runs one job at a time whatever the setting says.
@@ -83,6 +85,7 @@ class Scheduler(WorkerLoop, ContinuousLoop):
         self.inference_seconds = Histogram()
         self.queue_wait_seconds = Histogram()
         self.batch_sizes = Histogram(BATCH_BUCKETS)
+        self.alarms = alarms or Alarms()  # the request path's coarse timers
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -273,16 +276,20 @@ class Scheduler(WorkerLoop, ContinuousLoop):
                     watchers[0].add_done_callback(client_left)
 
             delay = min(WATCH_AFTER_S, job.deadline - time.monotonic())
-            timer = loop.call_later(max(delay, 0.0), watch)
+            alarm = self.alarms.arm(max(delay, 0.0), watch)
+            # Cancelling this wait must not cancel the job's own future: the first waiter gets
+            # a future of its own, which `Job.finish` sets, and any later one a shield.
+            if job.waiter is None:
+                job.waiter = waiter = loop.create_future()
+            else:
+                waiter = asyncio.shield(job.done)
             try:
-                # Shielded: cancelling this waiter must not cancel the job's own future.
-                await asyncio.shield(job.done)
+                await waiter
             except asyncio.CancelledError:
                 self.cancel(job, StopReason.CLIENT_GONE)
                 raise
             finally:
-                if timer is not None:
-                    timer.cancel()
+                self.alarms.disarm(alarm)
                 for watcher in watchers:
                     watcher.cancel()
         if job.error is not None:
