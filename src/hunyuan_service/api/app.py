@@ -21,8 +21,8 @@ from hunyuan_service.api.jobs_routes import JobsApi, prepare_job
 from hunyuan_service.api.jobs_routes import router as jobs_router
 from hunyuan_service.api.middleware import (
     ApiKeyMiddleware,
-    BrowserGuardMiddleware,
-    RequestIdMiddleware,
+    BrowserGuard,
+    RequestMiddleware,
 )
 from hunyuan_service.api.openai_routes import router as openai_router
 from hunyuan_service.api.playground import router as playground_router
@@ -201,13 +201,13 @@ def create_app(
             api_key=settings.api_key.get_secret_value(),
             refusals=engine.client_errors,
         )
+    # Added last, so it runs first: even a refused request gets its id.
     app.add_middleware(
-        BrowserGuardMiddleware,
-        allowed_hosts=settings.allowed_hosts,
+        RequestMiddleware,
+        answered=engine.http_requests,
+        guard=BrowserGuard(settings.allowed_hosts),
         refusals=engine.client_errors,
     )
-    # Added last, so it runs first: even a refused request gets its id.
-    app.add_middleware(RequestIdMiddleware, answered=engine.http_requests)
     _install_error_handlers(app)
     openapi.install(app, settings)
 

@@ -1,4 +1,5 @@
-"""ASGI middleware: request ids on every request, and optional API keys on all but the probes."""
+"""ASGI middleware: request ids and the browser guard on every request, and optional API keys on
+all but the probes."""
 
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ async def send_error(
     await send({"type": "http.response.body", "body": body})
 
 
-class BrowserGuardMiddleware:
+class BrowserGuard:
     """Stops what a web page in a visitor's browser could make that browser send here.
 
     - A state-changing request (anything but GET, HEAD, OPTIONS) whose `Origin` is not this
@@ -91,14 +92,53 @@ class BrowserGuardMiddleware:
       which kubelet sends to the pod's IP, are exempt.
     """
 
+    def __init__(self, allowed_hosts: list[str]) -> None:
+        self.allowed_hosts = allowed_hosts
+
+    def refusal(self, scope: Scope, headers: dict[bytes, bytes]) -> ServiceError | None:
+        """The error to answer `scope` with, or None to let it through."""
+        host = headers.get(b"host", b"").decode("latin-1").lower()
+        if self.allowed_hosts and scope["path"] not in PROBE_PATHS:
+            name = host.rsplit(":", 1)[0].strip("[]") if host else ""
+            if not host_allowed(name, self.allowed_hosts):
+                return BadRequest(f"Host {host!r} is not in ALLOWED_HOSTS", code="host_not_allowed")
+        origin = headers.get(b"origin")
+        if origin is not None and scope["method"] not in SAFE_METHODS:
+            given = origin.decode("latin-1").lower()
+            # Behind a proxy that rewrites Host, the public name comes as X-Forwarded-Host; a
+            # cross-site page cannot set that header without a CORS preflight, never granted.
+            forwarded = headers.get(b"x-forwarded-host", b"").decode("latin-1").lower()
+            if given.split("://", 1)[-1] not in (host, forwarded.split(",")[0].strip()):
+                return Forbidden(
+                    f"cross-origin request refused: Origin {given!r} is not this service",
+                    code="cross_origin",
+                )
+        return None
+
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+class RequestMiddleware:
+    """Every request's first stop, in one pure-ASGI layer (each layer costs every request):
+
+    - gives it an id (the client's X-Request-ID if sane) and echoes it back;
+    - refuses what `BrowserGuard` refuses, before any routing;
+    - counts each answer in `answered` by (method, route template, status) for /metrics.
+
+    Pure ASGI rather than `@app.middleware`, which would wrap every response in extra tasks.
+    """
+
     def __init__(
         self,
         app: ASGIApp,
-        allowed_hosts: list[str],
+        answered: Counter[tuple[str, str, int]],
+        guard: BrowserGuard,
         refusals: Counter[tuple[int, str]] | None = None,
     ) -> None:
         self.app = app
-        self.allowed_hosts = allowed_hosts
+        self.answered = answered
+        self.guard = guard
         self.refusals = refusals if refusals is not None else Counter()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -106,57 +146,8 @@ class BrowserGuardMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        host = headers.get(b"host", b"").decode("latin-1").lower()
-        error: ServiceError | None = None
-        if self.allowed_hosts and scope["path"] not in PROBE_PATHS:
-            name = host.rsplit(":", 1)[0].strip("[]") if host else ""
-            if not host_allowed(name, self.allowed_hosts):
-                error = BadRequest(
-                    f"Host {host!r} is not in ALLOWED_HOSTS", code="host_not_allowed"
-                )
-        origin = headers.get(b"origin")
-        if error is None and origin is not None and scope["method"] not in SAFE_METHODS:
-            given = origin.decode("latin-1").lower()
-            # Behind a proxy that rewrites Host, the public name comes as X-Forwarded-Host; a
-            # cross-site page cannot set that header without a CORS preflight, never granted.
-            forwarded = headers.get(b"x-forwarded-host", b"").decode("latin-1").lower()
-            if given.split("://", 1)[-1] not in (host, forwarded.split(",")[0].strip()):
-                error = Forbidden(
-                    f"cross-origin request refused: Origin {given!r} is not this service",
-                    code="cross_origin",
-                )
-        if error is None:
-            await self.app(scope, receive, send)
-            return
-        self.refusals[(error.status_code, error.code)] += 1
-        await send_error(scope, send, error)
-
-
-_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-
-
-class RequestIdMiddleware:
-    """Gives every request an id (the client's X-Request-ID if sane) and echoes it back, and
-    counts each answer in `answered` by (method, route template, status) for /metrics.
-
-    Pure ASGI rather than `@app.middleware`, which would wrap every response in extra tasks.
-    """
-
-    def __init__(self, app: ASGIApp, answered: Counter[tuple[str, str, int]]) -> None:
-        self.app = app
-        self.answered = answered
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        request_id = None
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                given = value.decode("latin-1")
-                request_id = given if _SAFE_ID.match(given) else None
-                break
-        request_id = request_id or new_request_id()
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if given and _SAFE_ID.match(given) else new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
         header = (b"x-request-id", request_id.encode("latin-1"))
 
@@ -170,7 +161,12 @@ class RequestIdMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            error = self.guard.refusal(scope, headers)
+            if error is None:
+                await self.app(scope, receive, send_with_id)
+            else:
+                self.refusals[(error.status_code, error.code)] += 1
+                await send_error(scope, send_with_id, error)
         finally:
             # The route template, never the raw path: job ids must not become label values.
             route = getattr(scope.get("route"), "path", None) or "unmatched"
