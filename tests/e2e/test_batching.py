@@ -12,6 +12,7 @@ import pytest
 
 from hunyuan_service.errors import JobCancelled
 from hunyuan_service.models.base import JobContext
+from hunyuan_service.models.types import ImageEdit
 from tests.e2e.conftest import tiny_settings
 from tests.images import png_bytes
 
@@ -79,6 +80,48 @@ def test_flux_batches_only_alike_requests(flux: Any) -> None:
     assert flux.batch_key(base) != flux.batch_key(Text2ImageInput("x", 64, 128, 3))
     assert flux.batch_key(base) != flux.batch_key(Text2ImageInput("x", 64, 64, 4))
     assert flux.batch_key(Text2ImageInput("x", 64, 64, 3, count=2)) is None
+    # Edits batch with edits of their kind and strength, never with plain generations.
+    edit, inpaint = edit_inputs(3)[0], edit_inputs(3, masked=True)[0]
+    assert flux.batch_key(edit) not in (None, flux.batch_key(base), flux.batch_key(inpaint))
+    assert flux.batch_key(edit) == flux.batch_key(edit_inputs(3, seed=40)[1])
+    weaker = Text2ImageInput("x", 64, 64, 3, edit=ImageEdit(edit.edit.image, 0.5))  # type: ignore[union-attr]
+    assert flux.batch_key(edit) != flux.batch_key(weaker)
+
+
+def edit_inputs(count: int, masked: bool = False, seed: int = 10) -> list[Any]:
+    """`count` edits of 64x64 pictures, each its own image (and mask), prompt and seed."""
+    from PIL import Image
+
+    from hunyuan_service.models.types import ImageEdit, Text2ImageInput
+
+    inputs = []
+    for i in range(count):
+        image = Image.new("RGB", (64, 64), (40 * i, 200 - 40 * i, 90))
+        mask = None
+        if masked:
+            mask = Image.new("L", (64, 64), 0)
+            mask.paste(255, (8 * i, 8, 8 * i + 32, 40))  # each row repaints its own square
+        edit = ImageEdit(image, strength=0.75, mask=mask)
+        inputs.append(Text2ImageInput(f"picture {i}", 64, 64, 4, seed=seed + i, edit=edit))
+    return inputs
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["image-to-image", "inpainting"])
+def test_flux_edit_rows_equal_their_solo_edits(flux: Any, masked: bool) -> None:
+    requests = edit_inputs(3, masked)
+    assert len({flux.batch_key(r) for r in requests}) == 1
+    solo = [flux.infer(r, JobContext()) for r in requests]
+    rows = [Row(), Row(), Row()]
+    batch = flux.infer_batch(requests, [row.context() for row in rows])
+    for i, (alone, together) in enumerate(zip(solo, batch, strict=True)):
+        diff = np.abs(pixels(together) - pixels(alone)).max()
+        assert diff <= 2, f"row {i} differs from its solo edit by {diff}"
+        assert rows[i].progress == [(1, 3), (2, 3), (3, 3)]  # 0.75 of 4 steps run
+        if masked:  # every pixel outside the row's own mask is its own input's
+            keep = np.asarray(requests[i].edit.mask) == 0
+            sent = np.asarray(requests[i].edit.image, dtype=np.int16)
+            assert np.array_equal(pixels(together)[keep], sent[keep])
+    assert not np.array_equal(pixels(batch[0]), pixels(batch[1]))
 
 
 def test_qwen_rows_equal_their_solo_answers_with_their_own_limits(qwen_any: Any) -> None:

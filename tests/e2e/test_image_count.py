@@ -68,6 +68,31 @@ def test_with_room_for_rows_the_n_images_denoise_in_one_call(batched_client: Tes
         assert np.abs(decoded(item["image_base64"]) - solo).max() <= 1  # floating-point noise
 
 
+def test_n_inpainted_images_denoise_in_one_call_and_keep_the_unmasked_pixels(
+    batched_client: TestClient,
+) -> None:
+    from tests.images import data_uri, encoded
+
+    rng = np.random.default_rng(5)
+    source = Image.fromarray(rng.integers(0, 256, (80, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 80), 0)
+    mask.paste(255, (0, 0, 32, 80))  # repaint the left half
+    edit = {**BODY, "image": data_uri(encoded(source, "PNG")), "strength": 1.0,
+            "mask": data_uri(encoded(mask, "PNG"))}  # fmt: skip
+    response = batched_client.post("/infer", json={**edit, "n": 3, "stream": True})
+    events = [event for event in parse_sse(response.text) if event[0] != "comment"]
+    progress = [(data["step"], data["total"]) for name, data in events if name == "progress"]
+    assert progress == [(1, 3), (2, 3), (3, 3)]  # one pipeline call of three rows
+    images = [decoded(item["image_base64"]) for item in events[-1][1]["images"]]
+    assert len({image.tobytes() for image in images}) == 3  # each from its own seed
+    sent = np.asarray(source, dtype=np.int16)
+    for seed, image in zip((20, 21, 22), images, strict=True):
+        assert np.array_equal(image[:, 32:], sent[:, 32:])  # every unmasked pixel as sent
+        one = batched_client.post("/infer", json={**edit, "seed": seed})
+        assert one.status_code == 200, one.text
+        assert np.abs(image - decoded(one.json()["image_base64"])).max() <= 2
+
+
 def test_n_is_capped_and_several_images_never_come_back_raw(flux_client: TestClient) -> None:
     over = flux_client.post("/infer", json={**BODY, "n": 5})  # MAX_IMAGES_PER_REQUEST is 4
     assert over.status_code == 422

@@ -35,7 +35,8 @@ def test_a_later_alarm_waits_for_its_time() -> None:
         return fired, len(alarms)
 
     fired, armed = asyncio.run(scenario())
-    assert fired == [] and armed == 1  # the hour-long one is still armed and has not fired
+    assert fired == []  # the hour-long one has not fired
+    assert armed == 1  # and is still armed
 
 
 def test_a_failing_callback_does_not_stop_the_others() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import secrets
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,22 +128,28 @@ class FluxModel(TorchModel[Text2ImageInput, Text2ImageOutput]):
         guidance: float,
         generator: Any,
         on_step_end: Any,
-        edit: ImageEdit | None = None,
+        edits: Sequence[ImageEdit] = (),
     ) -> list[Any]:
         """One pipeline call: one image per prompt, each from its own generator if a list;
-        from the edit's image (and mask) when there is one."""
+        from each row's edit image (and mask) when `edits` has one per row. A batch's edits
+        share their kind and strength (batch_key)."""
         import torch
 
         rows = len(prompt) if isinstance(prompt, list) else 1
         self.shapes.note((size.width, size.height, rows))
         if self.adapters is not None:
             self.adapters.apply(size.loras)  # every row of a batch has the same, by batch_key
-        pipe, extra = self.pipe, {}
-        if edit is not None:
-            pipe = self.edit_pipes["inpaint" if edit.mask is not None else "img2img"]
-            extra = {"image": edit.image, "strength": edit.strength}
-            if edit.mask is not None:
-                extra["mask_image"] = edit.mask
+        pipe = self.pipe
+        extra: dict[str, Any] = {}
+        if edits:
+            first, one = edits[0], len(edits) == 1
+            pipe = self.edit_pipes["inpaint" if first.mask is not None else "img2img"]
+            extra = {
+                "image": first.image if one else [edit.image for edit in edits],
+                "strength": first.strength,
+            }
+            if first.mask is not None:
+                extra["mask_image"] = first.mask if one else [edit.mask for edit in edits]
         with torch.inference_mode():
             embeds, pooled = self._embeddings(prompt, size.loras)
             result = pipe(
@@ -216,9 +222,9 @@ class FluxModel(TorchModel[Text2ImageInput, Text2ImageOutput]):
         steps, guidance = self._settings_of(request)
         edit = request.edit
         runs = steps if edit is None else edit_steps(steps, edit.strength)  # steps that run
-        # `n` images denoise together, MAX_BATCH_SIZE rows per pipeline call (an edit's one
-        # image and mask are one row each); image i uses seed + i either way.
-        rows = 1 if edit is not None else max(1, min(request.count, self.settings.max_batch_size))
+        # `n` images denoise together, MAX_BATCH_SIZE rows per pipeline call (an edit's image
+        # and mask repeated in each row); image i uses seed + i either way.
+        rows = max(1, min(request.count, self.settings.max_batch_size))
         calls = [range(i, min(i + rows, request.count)) for i in range(0, request.count, rows)]
         total = runs * len(calls)
         images = []
@@ -240,7 +246,8 @@ class FluxModel(TorchModel[Text2ImageInput, Text2ImageOutput]):
             generator: Any = generators[0]
             if len(call) > 1:
                 prompt, generator = [request.prompt] * len(call), generators
-            made = self._denoise(prompt, request, steps, guidance, generator, on_step_end, edit)
+            edits = () if edit is None else (edit,) * len(call)
+            made = self._denoise(prompt, request, steps, guidance, generator, on_step_end, edits)
             if edit is not None and edit.mask is not None:
                 made = [composite(image, edit.image, edit.mask) for image in made]
             images += made
@@ -251,12 +258,15 @@ class FluxModel(TorchModel[Text2ImageInput, Text2ImageOutput]):
     supports_batching = True
 
     def batch_key(self, request: Text2ImageInput) -> Hashable | None:
-        """Jobs of the same size, steps, guidance and LoRA adapters denoise together; `n > 1`
-        and edits run alone."""
-        if request.count != 1 or request.edit is not None:
+        """Jobs of the same size, steps, guidance and LoRA adapters denoise together, an edit
+        with edits of its kind (image-to-image or inpainting) and strength; `n > 1` runs alone
+        (its own images make its rows)."""
+        if request.count != 1:
             return None
         steps, guidance = self._settings_of(request)
-        return (request.width, request.height, steps, guidance, request.loras)
+        edit = request.edit
+        kind = None if edit is None else (edit.mask is not None, edit.strength)
+        return (request.width, request.height, steps, guidance, request.loras, kind)
 
     def infer_batch(
         self, requests: list[Text2ImageInput], contexts: list[JobContext]
@@ -275,18 +285,26 @@ class FluxModel(TorchModel[Text2ImageInput, Text2ImageOutput]):
         first = requests[0]
         steps, guidance = self._settings_of(first)
         seeds = [r.seed if r.seed is not None else secrets.randbits(63) for r in requests]
+        # All rows edit, or none, with one strength (batch_key)
+        edits = [r.edit for r in requests if r.edit is not None]
+        runs = edit_steps(steps, edits[0].strength) if edits else steps
 
         def on_step_end(_pipe: Any, step: int, _timestep: Any, kwargs: dict) -> dict:
             live = [ctx for ctx in contexts if not ctx.should_stop()]
             for ctx in live:
-                ctx.on_progress(step + 1, steps)
+                ctx.on_progress(step + 1, runs)
             if not live:
                 raise JobCancelled("every row of the batch stopped")
             return kwargs
 
         generators = [torch.Generator("cpu").manual_seed(seed % 2**63) for seed in seeds]
         prompts = [r.prompt for r in requests]
-        images = self._denoise(prompts, first, steps, guidance, generators, on_step_end)
+        images = self._denoise(prompts, first, steps, guidance, generators, on_step_end, edits)
+        if edits and edits[0].mask is not None:
+            images = [
+                composite(image, edit.image, edit.mask)
+                for image, edit in zip(images, edits, strict=True)
+            ]
         outputs: list[Text2ImageOutput | BaseException] = []
         for ctx, seed, image in zip(contexts, seeds, images, strict=True):
             if ctx.should_stop():
