@@ -7,6 +7,10 @@ pinned to core 0, while wrk loads it from core 1:
 - reference: the reference design (Queue(maxsize=1) + to_thread + Future) with an instant model;
 - service: this service (image2text route, queue, worker, Future) with an instant model.
 
+Each row gives requests per second against bare, latency percentiles, and the server's own CPU
+time per request (all its threads, read from /proc around each round), which is steadier than
+throughput on a shared VM.
+
     apt-get install wrk   # once
     uv run python bench/overhead.py                    # about 1.5 minutes
     uv run python bench/overhead.py --connections 32 --seconds 5 --rounds 5
@@ -154,8 +158,12 @@ def measure_all(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         for _, url in servers.values():
             run_wrk(url, args.connections, 2)  # warm-up
         for _ in range(args.rounds):
-            for config, (_, url) in servers.items():
-                rounds[config].append(run_wrk(url, args.connections, args.seconds))
+            for config, (child, url) in servers.items():
+                before = cpu_seconds(child.pid)
+                result = run_wrk(url, args.connections, args.seconds)
+                served = result["requests_per_s"] * args.seconds
+                result["cpu_us"] = 1e6 * (cpu_seconds(child.pid) - before) / max(served, 1)
+                rounds[config].append(result)
     finally:
         for child, _ in servers.values():
             child.terminate()
@@ -164,6 +172,13 @@ def measure_all(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         config: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
         for config, runs in rounds.items()
     }
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, every thread) a process has used, from /proc."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
@@ -186,14 +201,14 @@ def main() -> None:
     )
     print(
         f"{'server':10s} {'req/s':>9s} {'x bare':>7s} {'p50 ms':>8s} {'p99 ms':>8s} "
-        f"{'p99 x bare':>10s} {'non-2xx':>8s}"
+        f"{'p99 x bare':>10s} {'non-2xx':>8s} {'CPU us/req':>10s}"
     )
     for config, row in results.items():
         print(
             f"{config:10s} {row['requests_per_s']:9.0f} "
             f"{row['requests_per_s'] / bare['requests_per_s']:7.2f} {row['p50_ms']:8.2f} "
             f"{row['p99_ms']:8.2f} {row['p99_ms'] / bare['p99_ms']:10.2f} "
-            f"{row['non_2xx']:8.0f}"
+            f"{row['non_2xx']:8.0f} {row['cpu_us']:10.0f}"
         )
     if args.json:
         with open(args.json, "w") as handle:
