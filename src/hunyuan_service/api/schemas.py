@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from hunyuan_service.media import ImageSource
 from hunyuan_service.models.types import PixelRange
@@ -239,10 +248,31 @@ class VideoItem(OwnPixels):
     video: str
 
 
+# The branches of a text-or-object union, named in error locations only; `describe_validation_
+# errors` drops them, so a bad item reads `images.0.max_pixels`, not the name of a branch.
+TEXT_BRANCH, OBJECT_BRANCH = "<text>", "<object>"
+
+
+def _text_or_object(value: Any) -> str:
+    return OBJECT_BRANCH if isinstance(value, (dict, BaseModel)) else TEXT_BRANCH
+
+
+# A string, or an object with its own resize bounds: validated as the one the JSON value is, so
+# a bad item reports its own problem, not one for each form it is not.
+ImageValue = Annotated[
+    Annotated[str, Tag(TEXT_BRANCH)] | Annotated[ImageItem, Tag(OBJECT_BRANCH)],
+    Discriminator(_text_or_object),
+]
+VideoValue = Annotated[
+    Annotated[str, Tag(TEXT_BRANCH)] | Annotated[VideoItem, Tag(OBJECT_BRANCH)],
+    Discriminator(_text_or_object),
+]
+
+
 class Image2TextRequest(RequestBase):
     """The reference body `{"images": [...], "prompt"}` plus generation parameters."""
 
-    images: list[str | ImageItem] = Field(
+    images: list[ImageValue] = Field(
         default_factory=list,
         max_length=MAX_LIST_ITEMS,
         description="Images as base64, a data URI, or a URL or path the operator allows; an "
@@ -257,7 +287,7 @@ class Image2TextRequest(RequestBase):
     response_format: ResponseFormat | None = None
     min_pixels: int | None = Field(None, ge=1)
     max_pixels: int | None = Field(None, ge=1)
-    videos: list[str | VideoItem] = Field(
+    videos: list[VideoValue] = Field(
         default_factory=list,
         max_length=MAX_LIST_ITEMS,
         description="Videos (MP4, WebM or animated GIF) as base64, a data URI, or a URL or path "
@@ -320,7 +350,7 @@ class Image2TextRequest(RequestBase):
 
     @field_validator("images")
     @classmethod
-    def _image_count(cls, value: list[str], info: ValidationInfo) -> list[str]:
+    def _image_count(cls, value: list[Any], info: ValidationInfo) -> list[Any]:
         limit = _limits(info).max_input_images
         if len(value) > limit:
             raise ValueError(f"{len(value)} images sent; at most {limit} are allowed")
@@ -448,6 +478,9 @@ class Text2ImageResponse(BaseModel):
 MAX_LISTED_ERRORS = 5  # an error message names at most this many problems, then counts the rest
 
 
+FIELD_PATH = re.compile(r"^[A-Za-z_]\w*(\[\d+\]|\.\w+)*$")  # tools, images[1].max_pixels
+
+
 def describe_validation_errors(errors: list[Any]) -> tuple[str, str | None]:
     """One readable message naming the first few bad fields, plus the first one for `param`.
 
@@ -456,10 +489,11 @@ def describe_validation_errors(errors: list[Any]) -> tuple[str, str | None]:
     """
     parts, first = [], None
     for item in errors[:MAX_LISTED_ERRORS]:
-        loc = ".".join(str(p) for p in item.get("loc", ()) if p != "body") or "body"
+        skipped = ("body", TEXT_BRANCH, OBJECT_BRANCH)
+        loc = ".".join(str(p) for p in item.get("loc", ()) if p not in skipped) or "body"
         message = str(item.get("msg", "invalid")).removeprefix("Value error, ")
         name, sep, rest = message.partition(": ")
-        if loc == "body" and sep and name.replace("_", "").isalnum():
+        if loc == "body" and sep and FIELD_PATH.match(name):
             # A whole-body check that names its field, e.g. "tools: tool calling is not supported".
             loc, message = name, rest
         first = first or loc
