@@ -18,6 +18,7 @@ from hunyuan_service.api.schemas import (
     check_side,
     check_steps,
     check_temperature,
+    item_pixels,
     refuse_huge_objects,
     video_sampling,
 )
@@ -131,7 +132,7 @@ class ChatCompletionRequest(BaseModel):
     def _pixels(self, part: ContentPart) -> PixelRange:
         """A part's resize bounds: its own where it sets them, else the request's."""
         bounds = self.mm_processor_kwargs or PixelBounds()
-        return (part.min_pixels or bounds.min_pixels, part.max_pixels or bounds.max_pixels)
+        return item_pixels(part, bounds.min_pixels, bounds.max_pixels)
 
     @field_validator("n")
     @classmethod

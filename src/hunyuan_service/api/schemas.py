@@ -327,8 +327,7 @@ class Image2TextRequest(RequestBase):
 
     def pixels(self, item: str | OwnPixels | None = None) -> PixelRange:
         """An item's resize bounds: its own where it sets them, else the request's."""
-        own = item if isinstance(item, OwnPixels) else OwnPixels()
-        return (own.min_pixels or self.min_pixels, own.max_pixels or self.max_pixels)
+        return item_pixels(item, self.min_pixels, self.max_pixels)
 
     @field_validator("temperature")
     @classmethod
@@ -355,6 +354,12 @@ class Image2TextRequest(RequestBase):
         if len(value) > limit:
             raise ValueError(f"{len(value)} images sent; at most {limit} are allowed")
         return value
+
+
+def item_pixels(item: object, low: int | None, high: int | None) -> PixelRange:
+    """An image's or video's resize bounds: its own `min_pixels` and `max_pixels` where it
+    sets them (an `OwnPixels` item, a chat content part), else `low` and `high`."""
+    return (getattr(item, "min_pixels", None) or low, getattr(item, "max_pixels", None) or high)
 
 
 def _source(
