@@ -348,10 +348,10 @@ def test_each_image_may_carry_its_own_pixel_bounds(vl_client: TestClient) -> Non
         ([{"image": "x", "max_pixels": 100}], "images[0].max_pixels"),
         (["x", {"image": "x", "min_pixels": 10**9}], "images[1].min_pixels"),
         ([{"image": "x", "min_pixels": 100_000, "max_pixels": 50_000}], "images[0].min_pixels"),
-        ([{"image": "x", "size": 3}], "images.0.size"),  # an unknown key
-        ([{"max_pixels": 5000}], "images.0.image"),  # no image in the item
-        ([{"image": "x", "max_pixels": "big"}], "images.0.max_pixels"),
-        (["x", 5], "images.1"),  # neither a string nor an object
+        ([{"image": "x", "size": 3}], "images[0].size"),  # an unknown key
+        ([{"max_pixels": 5000}], "images[0].image"),  # no image in the item
+        ([{"image": "x", "max_pixels": "big"}], "images[0].max_pixels"),
+        (["x", 5], "images[1]"),  # neither a string nor an object
     ],
 )
 def test_bad_image_items_are_422s_naming_the_item(

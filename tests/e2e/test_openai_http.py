@@ -54,7 +54,7 @@ def test_stop_sequence_cuts_streamed_and_plain_text_alike(vl_client: TestClient)
     [
         ({"messages": [{"role": "user", "content": "x"}]}, "model"),
         ({"model": "tiny", "messages": []}, "messages"),
-        ({"model": "tiny", "messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+        ({"model": "tiny", "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
         (
             {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 100000},
             "max_tokens",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -248,8 +249,8 @@ class VideoItem(OwnPixels):
     video: str
 
 
-# The branches of a text-or-object union, named in error locations only; `describe_validation_
-# errors` drops them, so a bad item reads `images.0.max_pixels`, not the name of a branch.
+# The branches of a text-or-object union, named in error locations only; `field_path` drops
+# them, so a bad item reads `images[0].max_pixels`, not the name of a branch.
 TEXT_BRANCH, OBJECT_BRANCH = "<text>", "<object>"
 
 
@@ -486,6 +487,19 @@ MAX_LISTED_ERRORS = 5  # an error message names at most this many problems, then
 FIELD_PATH = re.compile(r"^[A-Za-z_]\w*(\[\d+\]|\.\w+)*$")  # tools, images[1].max_pixels
 
 
+def field_path(loc: Sequence[str | int]) -> str:
+    """A pydantic error location as the service names fields everywhere else:
+    `images[1].max_pixels`, as the media and whole-body checks write it; `body` and the
+    text-or-object union's branch names are left out."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part not in ("body", TEXT_BRANCH, OBJECT_BRANCH):
+            path += f".{part}" if path else str(part)
+    return path
+
+
 def describe_validation_errors(errors: list[Any]) -> tuple[str, str | None]:
     """One readable message naming the first few bad fields, plus the first one for `param`.
 
@@ -494,8 +508,7 @@ def describe_validation_errors(errors: list[Any]) -> tuple[str, str | None]:
     """
     parts, first = [], None
     for item in errors[:MAX_LISTED_ERRORS]:
-        skipped = ("body", TEXT_BRANCH, OBJECT_BRANCH)
-        loc = ".".join(str(p) for p in item.get("loc", ()) if p not in skipped) or "body"
+        loc = field_path(item.get("loc", ())) or "body"
         message = str(item.get("msg", "invalid")).removeprefix("Value error, ")
         name, sep, rest = message.partition(": ")
         if loc == "body" and sep and FIELD_PATH.match(name):
