@@ -311,20 +311,23 @@ class Image2TextRequest(RequestBase):
         return self
 
     def image_sources(self) -> list[ImageSource]:
-        """Each image to fetch and decode, with the bounds it is resized within."""
+        """Each image to fetch and decode, with the bounds the model resizes it within."""
         return [
-            _source(item, "image", f"images[{i}]", self.pixels(item))
+            ImageSource(_value(item, "image"), f"images[{i}]", pixels=self.pixels(item))
             for i, item in enumerate(self.images)
         ]
 
     def video_sources(self, settings: Settings) -> list[ImageSource]:
-        """Each video to fetch and decode, with how it is sampled and its frames sized."""
-        sources = []
-        for i, item in enumerate(self.videos):
-            low, high = self.pixels(item)
-            sampling = video_sampling(self.fps, self.max_frames, low, high, settings)
-            sources.append(_source(item, "video", f"videos[{i}]", (low, high), sampling))
-        return sources
+        """Each video to fetch and decode, with how it is sampled and its frames sized (while
+        decoding, so the bounds travel in its sampling)."""
+        return [
+            ImageSource(
+                _value(item, "video"),
+                f"videos[{i}]",
+                video=video_sampling(self.fps, self.max_frames, *self.pixels(item), settings),
+            )
+            for i, item in enumerate(self.videos)
+        ]
 
     def pixels(self, item: str | OwnPixels | None = None) -> PixelRange:
         """An item's resize bounds: its own where it sets them, else the request's."""
@@ -363,15 +366,9 @@ def item_pixels(item: object, low: int | None, high: int | None) -> PixelRange:
     return (getattr(item, "min_pixels", None) or low, getattr(item, "max_pixels", None) or high)
 
 
-def _source(
-    item: str | OwnPixels,
-    kind: str,
-    param: str,
-    pixels: PixelRange,
-    video: VideoSampling | None = None,
-) -> ImageSource:
-    value = getattr(item, kind) if isinstance(item, OwnPixels) else item
-    return ImageSource(value, param, video=video, pixels=pixels)
+def _value(item: str | OwnPixels, kind: str) -> str:
+    """The image or video itself: the string, or an item's `image` / `video`."""
+    return str(getattr(item, kind)) if isinstance(item, OwnPixels) else item
 
 
 def video_sampling(
