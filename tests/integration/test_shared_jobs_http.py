@@ -35,11 +35,12 @@ PREFIX = "test:"
 
 class GatedModel(FakeImageModel):
     """Every job waits at `gate` (cancellable meanwhile); prompts are logged as jobs start, in
-    one list that all replicas of a test share."""
+    one list that all replicas of a test share (`started`) and in this replica's own (`ran`)."""
 
     def __init__(self, started: list[str], lock: threading.Lock, steps: int = 3) -> None:
         super().__init__(steps=steps, step_s=0.001)
         self.started, self.lock = started, lock
+        self.ran: list[str] = []
         self.cancelled: list[str] = []
         self.gate.clear()
 
@@ -47,6 +48,7 @@ class GatedModel(FakeImageModel):
         label = request.prompt if hasattr(request, "prompt") else request.messages[-1].text
         with self.lock:
             self.started.append(label)
+            self.ran.append(label)
         while not self.gate.wait(0.005):
             try:
                 ctx.raise_if_stopped()
@@ -161,7 +163,7 @@ def test_delete_on_any_replica_stops_the_job_where_it_runs(fleet: Fleet) -> None
     job_id = submit(urls[0], {"prompt": "long", **SMALL}).json()["id"]
     wait_until(lambda: fleet.started == ["long"], timeout=30)
     assert wait_for(urls[1], job_id, "running")["status"] == "running"
-    runner = next(i for i, model in enumerate(fleet.models) if model.started)
+    runner = next(i for i, model in enumerate(fleet.models) if model.ran)
     other = urls[1 - runner]
     cancelled = httpx.delete(f"{other}/v1/jobs/{job_id}", timeout=30)
     assert cancelled.status_code == 200
@@ -351,7 +353,7 @@ def test_an_uploaded_image_job_runs_on_another_replica(fleet: Fleet) -> None:
     runner = fleet.add(model_type="image2text")
     blocker = submit(busy, {"prompt": "hold"}).json()["id"]
     wait_until(lambda: fleet.started == ["hold"], timeout=30)
-    holder = 0 if fleet.models[0].started else 1
+    holder = 0 if fleet.models[0].ran else 1
     picture = io.BytesIO()
     Image.new("RGB", (96, 80), (200, 10, 10)).save(picture, format="PNG")
     accepted = httpx.post(
