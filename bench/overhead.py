@@ -5,15 +5,18 @@ pinned to core 0, while wrk loads it from core 1:
 
 - bare: a FastAPI handler that returns the body directly (the ceiling);
 - reference: the reference design (Queue(maxsize=1) + to_thread + Future) with an instant model;
-- service: this service (image2text route, queue, worker, Future) with an instant model.
+- service: this service (image2text route, queue, worker, Future) with an instant model, served
+  as the `hunyuan-service` command serves it (its header-deadline protocol, LIMIT_CONCURRENCY).
 
 Each row gives requests per second against bare, latency percentiles, and the server's own CPU
 time per request (all its threads, read from /proc around each round), which is steadier than
-throughput on a shared VM.
+throughput on a shared VM, with its lowest and highest round: differences inside that spread
+are noise.
 
     apt-get install wrk   # once
     uv run python bench/overhead.py                    # about 1.5 minutes
     uv run python bench/overhead.py --connections 32 --seconds 5 --rounds 5
+    uv run python bench/overhead.py --configs reference,service --rounds 10 --seconds 4
 """
 
 import argparse
@@ -69,6 +72,7 @@ def serve(config: str, port: int) -> None:
     from fastapi import FastAPI
 
     logging.disable(logging.WARNING)
+    extra: dict[str, Any] = {}
     if config == "bare":
         app = FastAPI()
 
@@ -89,7 +93,12 @@ def serve(config: str, port: int) -> None:
 
         model = instant_model()
         app = create_app(model.settings, model=model)
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="error", access_log=False)
+        guard = app.state.header_guard  # served as `hunyuan-service` serves it (__main__.py)
+        extra = {
+            "limit_concurrency": model.settings.limit_concurrency,
+            "http": guard.protocol_class() if guard.enabled else "h11",
+        }
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="error", access_log=False, **extra)
 
 
 def run_wrk(url: str, connections: int, seconds: float) -> dict[str, float]:
@@ -152,8 +161,8 @@ def start(config: str) -> tuple[subprocess.Popen, str]:
 
 def measure_all(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """Starts every server, then interleaves rounds so that slow drifts hit all of them alike."""
-    servers = {config: start(config) for config in CONFIGS}
-    rounds: dict[str, list[dict[str, float]]] = {config: [] for config in CONFIGS}
+    servers = {config: start(config) for config in args.configs}
+    rounds: dict[str, list[dict[str, float]]] = {config: [] for config in args.configs}
     try:
         for _, url in servers.values():
             run_wrk(url, args.connections, 2)  # warm-up
@@ -168,10 +177,14 @@ def measure_all(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         for child, _ in servers.values():
             child.terminate()
             child.wait(timeout=30)
-    return {
+    results = {
         config: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
         for config, runs in rounds.items()
     }
+    for config, runs in rounds.items():  # how far the rounds spread: the noise to read against
+        results[config]["cpu_us_min"] = min(r["cpu_us"] for r in runs)
+        results[config]["cpu_us_max"] = max(r["cpu_us"] for r in runs)
+    return results
 
 
 def cpu_seconds(pid: int) -> float:
@@ -188,27 +201,36 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved runs; medians shown")
+    parser.add_argument(
+        "--configs",
+        type=lambda text: [name for name in text.split(",") if name],
+        default=list(CONFIGS),
+        help="comma-separated servers to compare (default: all); without bare, no x bare column",
+    )
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
+    if unknown := set(args.configs) - set(CONFIGS):
+        parser.error(f"unknown configs {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
     if args.serve:
         serve(args.serve, args.port)
         return
     results = measure_all(args)
-    bare = results["bare"]
+    bare = results.get("bare")
     print(
         f"wrk: {args.connections} connections, {args.rounds} interleaved rounds of "
         f"{args.seconds:g} s (medians); servers on core 0, wrk on core 1; ~16 KB JSON bodies"
     )
     print(
         f"{'server':10s} {'req/s':>9s} {'x bare':>7s} {'p50 ms':>8s} {'p99 ms':>8s} "
-        f"{'p99 x bare':>10s} {'non-2xx':>8s} {'CPU us/req':>10s}"
+        f"{'p99 x bare':>10s} {'non-2xx':>8s} {'CPU us/req':>10s} {'(rounds)':>10s}"
     )
     for config, row in results.items():
+        throughput = f"{row['requests_per_s'] / bare['requests_per_s']:7.2f}" if bare else "      -"
+        tail = f"{row['p99_ms'] / bare['p99_ms']:10.2f}" if bare else "         -"
         print(
-            f"{config:10s} {row['requests_per_s']:9.0f} "
-            f"{row['requests_per_s'] / bare['requests_per_s']:7.2f} {row['p50_ms']:8.2f} "
-            f"{row['p99_ms']:8.2f} {row['p99_ms'] / bare['p99_ms']:10.2f} "
-            f"{row['non_2xx']:8.0f} {row['cpu_us']:10.0f}"
+            f"{config:10s} {row['requests_per_s']:9.0f} {throughput} {row['p50_ms']:8.2f} "
+            f"{row['p99_ms']:8.2f} {tail} {row['non_2xx']:8.0f} {row['cpu_us']:10.0f} "
+            f"{row['cpu_us_min']:5.0f}-{row['cpu_us_max']:<4.0f}"
         )
     if args.json:
         with open(args.json, "w") as handle:
