@@ -43,6 +43,15 @@ def concurrency_section(name: str, shape: Any, plan: Any, report: Any) -> None:
 
     if 1 in rates:
         bandwidth_row("", rates[1])
+    if plan.left() > 90:
+        # DECODE_AHEAD: each step queued before the host reads the last one's tokens.
+        other, ahead, ahead_texts = _variant(
+            model, processor, plan, report, f"{name}, DECODE_AHEAD", (1, 8, 32), decode_ahead=True
+        )
+        other.decoder = None
+        _compare(report, name, "DECODE_AHEAD vs CUDA graphs", ahead, rates, ahead_texts, texts)
+        if 1 in ahead:
+            bandwidth_row("DECODE_AHEAD, ", ahead[1])
     if plan.device == "cuda" and plan.left() > 150:
         # COMPILE=full: the step compiled (its small kernels fused), then captured.
         other, compiled, compiled_texts = _variant(

@@ -86,7 +86,8 @@ class Settings(BaseSettings):
     )
     decode_ahead: bool = Field(
         False,
-        description="image2text: queue each decode step before reading the last one's tokens",
+        description="image2text: queue each decode step before reading the last one's tokens "
+        "(one job at a time, static batches and the continuous decoder)",
     )
     warmup: Annotated[list[str], NoDecode] = Field(
         [], description="sizes run before /ready, e.g. 1024x1024,768x1344"

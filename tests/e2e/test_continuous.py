@@ -17,6 +17,7 @@ from hunyuan_service.engine.events import Succeeded, Token
 from hunyuan_service.engine.jobs import JobStatus, StopReason
 from hunyuan_service.errors import DeadlineExceeded, InvalidInput, JobCancelled
 from hunyuan_service.models.base import JobContext
+from hunyuan_service.models.decoding.rows import Row
 from hunyuan_service.models.types import ChatMessage, Image2TextInput
 from tests.continuous_feed import ListFeed, run_together
 from tests.e2e.conftest import tiny_settings
@@ -38,12 +39,23 @@ def continuous(tiny_cache: Path) -> Any:
     return model
 
 
-@pytest.mark.parametrize(("chunk", "padded"), [(512, False), (16, False), (512, True)])
+@pytest.mark.parametrize(
+    ("chunk", "padded", "ahead"),
+    [
+        (512, False, False),
+        (16, False, False),
+        (512, True, False),
+        (512, False, True),
+        (16, True, True),
+    ],
+)
 def test_every_row_equals_its_solo_answer(
-    continuous: Any, chunk: int, padded: bool, monkeypatch: pytest.MonkeyPatch
+    continuous: Any, chunk: int, padded: bool, ahead: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # With 16, every prompt (55 to 75 tokens, an image's among them) runs in several chunks.
     monkeypatch.setattr(continuous.decoder, "chunk_tokens", chunk)
+    # DECODE_AHEAD: each step's tokens are fed to the next step unread, and read a step later.
+    monkeypatch.setattr(continuous.decoder, "ahead", ahead)
     # Padded: every step at the shapes CUDA graphs capture (rows and width in buckets, the
     # padding rows on the scratch position), run eagerly here.
     monkeypatch.setattr(continuous.decoder, "padded", None)
@@ -127,15 +139,22 @@ def test_every_row_equals_its_solo_answer(
         assert steps.padded_rows > 0  # some steps ran fewer rows than their bucket
 
 
-def test_a_row_that_stops_leaves_while_its_neighbours_finish(continuous: Any) -> None:
+@pytest.mark.parametrize("pieces", [1, 3])
+@pytest.mark.parametrize("ahead", [False, True])
+def test_a_row_that_stops_leaves_while_its_neighbours_finish(
+    continuous: Any, ahead: bool, pieces: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(continuous.decoder, "ahead", ahead)
     requests = {f"r{i}": ask(f"question {i}", 8) for i in range(3)}
     solo = {key: continuous.infer(request, JobContext()) for key, request in requests.items()}
     assert solo["r1"].completion_tokens == 8  # alone, r1 would run to its limit
     streamed: dict[str, list[str]] = {key: [] for key in requests}
     contexts = {key: JobContext(on_token=streamed[key].append) for key in requests}
-    # r1 stops (its client left, or its deadline passed) once r0 has streamed some text.
+    # r1 stops (its client left, or its deadline passed) once r0 has streamed some text: its
+    # first token's, streamed when it joined (before any step), or its third piece, streamed
+    # within a step just before r1's own token is taken.
     contexts["r1"] = JobContext(
-        should_stop=lambda: bool(streamed["r0"]),
+        should_stop=lambda: len(streamed["r0"]) >= pieces,
         on_token=streamed["r1"].append,
         stop_reason=lambda: "deadline",
     )
@@ -146,6 +165,62 @@ def test_a_row_that_stops_leaves_while_its_neighbours_finish(continuous: Any) ->
     assert [feed.outcomes["r0"], feed.outcomes["r2"]] == [solo["r0"], solo["r2"]]
     assert len("".join(streamed["r1"])) < len(solo["r1"].text)
     assert continuous.decoder.pool.free_positions == continuous.decoder.pool.capacity
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_decode_ahead_reads_each_steps_tokens_only_after_queuing_the_next_step(
+    continuous: Any, ahead: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decoder = continuous.decoder
+    monkeypatch.setattr(decoder, "ahead", ahead)
+    monkeypatch.setattr(decoder, "padded", None)
+    full = continuous.infer(ask("go", 12), JobContext()).text
+    requests = {
+        "length": ask("question 1", 8),  # runs to its limit
+        "end": ask("Hi", 12),  # the tiny model's end of text comes at its 8th token
+        "stop": ask("go", 12, stop=(full[3:5],)),
+    }
+    runs: dict[str, list[str]] = {}
+    outcomes: dict[str, Any] = {}
+    forward, take = decoder._forward, Row.take
+    for key, request in requests.items():
+        events: list[str] = []
+        runs[key] = events
+
+        def logged_forward(*args: Any, log: list[str] = events, **kwargs: Any) -> Any:
+            log.append("step")
+            return forward(*args, **kwargs)
+
+        def logged_take(row: Any, *args: Any, log: list[str] = events) -> None:
+            log.append("token")  # the host has the token: it streams and checks stops
+            take(row, *args)
+
+        monkeypatch.setattr(decoder, "_forward", logged_forward)
+        monkeypatch.setattr(Row, "take", logged_take)
+        outcomes[key] = run_together(continuous, {key: request}).outcomes[key]
+    monkeypatch.setattr(Row, "take", take)
+    for key in ("length", "end"):
+        assert outcomes[key] == continuous.infer(requests[key], JobContext()), key
+    assert outcomes["stop"].text == full[: full.index(full[3:5])]
+    assert outcomes["length"].finish_reason == "length"
+    assert outcomes["end"].finish_reason == "stop"
+    assert outcomes["end"].completion_tokens < 12
+    length = runs["length"]
+    assert length.count("token") == 8  # the first comes from the prefill, before any step
+    assert length.count("step") == 7  # the last token, known to be the last, feeds no step
+    # Steps queued before the host had the k-th token: k - 1 in order, k ahead (the step that
+    # feeds it was queued unread); the last needs no step.
+    queued = [length[:at].count("step") for at, event in enumerate(length) if event == "token"]
+    if ahead:
+        assert queued == [0, *range(2, 8), 7]
+    else:
+        assert queued == list(range(8))
+    # An end of text or a stop string is seen a step late ahead: one step runs for nothing.
+    for key in ("end", "stop"):
+        tokens = outcomes[key].completion_tokens
+        assert runs[key].count("token") == tokens, key
+        assert runs[key].count("step") == tokens - 1 + ahead, key
+    assert decoder.pool.free_positions == decoder.pool.capacity
 
 
 def test_a_request_larger_than_the_kv_cache_is_refused_naming_the_setting(

@@ -64,6 +64,12 @@ def test_gpu_bench_runs_on_cpu_with_the_tiny_models(tmp_path: Path) -> None:
         assert "the first wave of this size took" in row["note"]
     assert "of a measured cpu copy" in waves["batch 1 as a share of memory bandwidth"]["note"]
     assert waves["whole service over HTTP, 8 clients"]["tok_per_s"] > 0
+    # DECODE_AHEAD's waves keep every answer (fp32 on the CPU) and report their ratio.
+    concurrency = {v: r for (s, v), r in rows.items() if s == "Qwen2.5-VL-7B"}
+    for clients in (1, 8, 32):
+        row = concurrency[f"DECODE_AHEAD vs CUDA graphs, {clients} clients"]
+        assert f"{clients} of {clients} answers identical" in row["note"]
+        assert row["vs_baseline"] > 0
 
     # --profile: one profiled call per service variant, summarised in a row and a file
     services = [(s, v) for (s, v) in rows if v.startswith("service, ") and "[" not in v]

@@ -18,7 +18,10 @@ if not torch.cuda.is_available():
 pytestmark = pytest.mark.gpu
 
 
-def test_graphs_replay_every_step_with_the_eager_steps_tokens(tiny_cache: Path) -> None:
+@pytest.mark.parametrize("ahead", [False, True])
+def test_graphs_replay_every_step_with_the_eager_steps_tokens(
+    tiny_cache: Path, ahead: bool
+) -> None:
     from hunyuan_service.models.qwen_vl import QwenVLModel
     from hunyuan_service.models.types import ChatMessage, Image2TextInput
     from hunyuan_service.settings import Settings
@@ -32,6 +35,7 @@ def test_graphs_replay_every_step_with_the_eager_steps_tokens(tiny_cache: Path) 
         device="cuda",
         dtype="float32",
         max_batch_size=4,
+        decode_ahead=ahead,  # tokens fed to the next graph replay unread, read a step later
     )
     model = QwenVLModel(settings)
     model.load()
@@ -53,6 +57,7 @@ def test_graphs_replay_every_step_with_the_eager_steps_tokens(tiny_cache: Path) 
     assert graphs.padded_steps == 0
     assert graphs.eager_steps == 0
     model.decoder.pad_steps(4, capture=False)  # the same shapes, eagerly
+    model.decoder.ahead = False
     eager = run_together(model, requests).outcomes
     assert model.decoder.padded.padded_steps > 0
     for key in requests:

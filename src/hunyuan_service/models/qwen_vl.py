@@ -89,6 +89,7 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
                 self._row_grammar,
                 capacity=kv_cache_tokens(self.settings),
                 chunk_tokens=self.settings.prefill_chunk_tokens,
+                ahead=self.settings.decode_ahead,
             )
             speed["kv_cache_tokens"] = self.decoder.pool.capacity
             graphs = self.settings.cuda_graphs and self.model.device.type == "cuda"

@@ -11,7 +11,8 @@
   is a decoding row;
 - `step()` decodes one token for every row in one forward pass over the pool and returns the
   rows that ended (by their end of text, a stop string, `max_new_tokens`, or their job
-  stopping);
+  stopping); with `ahead` (DECODE_AHEAD) it queues the pass before the host reads the tokens of
+  the pass before it, so the host's work for one step overlaps the device's next step;
 - `free(row)` gives a row's range back.
 
 The decode step is this module's own forward over the text model's layers and weights: it reads
@@ -128,6 +129,50 @@ class Prefill:
         return self.prepared.ctx
 
 
+class LateTokens:
+    """Copies a step's chosen tokens to the host without waiting, to be read a step later.
+
+    On CUDA the host buffer is pinned, so the copy is asynchronous and queued right after the
+    tokens, before the next step's pass; an event marks it, so reading waits for the copy only,
+    not for the pass queued behind it. One buffer serves: each step reads the last step's
+    tokens before it copies its own. On the CPU the copy is done at once."""
+
+    def __init__(self, device: Any) -> None:
+        self.cuda = getattr(device, "type", str(device)) == "cuda"
+        self.buffer: Any = None
+        self.event: Any = None
+
+    def send(self, tokens: Any) -> int:
+        import torch
+
+        count = int(tokens.shape[0])
+        if self.buffer is None or self.buffer.shape[0] < count:
+            self.buffer = torch.zeros(max(count, 64), dtype=torch.long, pin_memory=self.cuda)
+            self.event = torch.cuda.Event() if self.cuda else None
+        self.buffer[:count].copy_(tokens, non_blocking=True)
+        if self.event is not None:
+            self.event.record()
+        return count
+
+    def read(self, count: int) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return list(self.buffer[:count].tolist())
+
+
+class Pending:
+    """The tokens a step chose, on the device and on their way to the host."""
+
+    def __init__(self, rows: list[Row], choices: Any, late: LateTokens) -> None:
+        self.rows = rows
+        self.choices = choices
+        self.late = late
+        self.count = late.send(choices)
+
+    def read(self) -> list[int]:
+        return self.late.read(self.count)
+
+
 class DecodeBatch:
     """The rows decoding together on one model, and the KV pool they share.
 
@@ -139,6 +184,8 @@ class DecodeBatch:
         grammar_mask: makes a row's `GrammarMask` for an `OutputGrammar` (None: no grammar).
         capacity: KV positions in all (KV_CACHE_TOKENS).
         chunk_tokens: prompt tokens a joining request runs between two steps (0: all at once).
+        ahead: feed each row's chosen token to the next step on the device and read it one
+            step later (DECODE_AHEAD).
     """
 
     def __init__(
@@ -149,6 +196,7 @@ class DecodeBatch:
         grammar_mask: Any,
         capacity: int,
         chunk_tokens: int = 0,
+        ahead: bool = False,
     ) -> None:
         config = model.config.text_config
         if any(kind != "full_attention" for kind in getattr(config, "layer_types", [])):
@@ -174,6 +222,9 @@ class DecodeBatch:
         self.chunk_tokens = chunk_tokens
         self.padded: Any = None  # a PaddedStep once `pad_steps` ran; else exact shapes, eager
         self.bits: Any = None  # arange(32) on the device, for grammar bitmasks
+        self.ahead = ahead
+        self.pending: Pending | None = None  # with `ahead`: the last step's tokens, unread
+        self.late = LateTokens(self.device)
 
     # -- joining ---------------------------------------------------------------------------------
 
@@ -367,13 +418,15 @@ class DecodeBatch:
         """One token for every row; returns the rows that ended (the caller frees them)."""
         import torch
 
+        if self.ahead:
+            return self._step_ahead()
         rows = self.rows
         with torch.inference_mode():
             logits = self._logits(rows)  # queued on the device; nothing read yet
             # Grammar masks are computed on the CPU meanwhile (the tokens they follow are known).
             for row in rows:
                 row.sampler.prepare(row.generated[-1])
-            greedy = self._greedy(rows, logits)
+            greedy = self._greedy(rows, logits).tolist()
         ended = []
         for index, row in enumerate(rows):
             row.cached += 1
@@ -389,9 +442,90 @@ class DecodeBatch:
                 ended.append(row)
         return ended
 
-    def _greedy(self, rows: list[Row], logits: Any) -> list[int]:
-        """Every row's argmax, the greedy rows with a grammar masked first (all in one go), in
-        one read from the device rather than one per row."""
+    def _step_ahead(self) -> list[Row]:
+        """`step` with DECODE_AHEAD: this step's pass is queued with the tokens the last step
+        chose still on the device; only then does the host read those tokens (a copy started
+        when they were chosen, done by now or nearly) and do each row's work for them: stream,
+        stop strings, grammar masks. The tokens this step chooses stay on the device until the
+        next step.
+
+        Every row gets the tokens it gets without `ahead`. A row that ended on the token read
+        here (end of text, stop string) took part in this step's pass for nothing, in its own
+        range; a row whose unread token is its last by `max_new_tokens` is left out of it."""
+        import torch
+
+        pending, self.pending = self.pending, None
+        waiting = {} if pending is None else {row: i for i, row in enumerate(pending.rows)}
+        rows = [
+            row
+            for row in self.rows
+            if not (row in waiting and len(row.generated) + 1 >= row.request.max_new_tokens)
+        ]
+        with torch.inference_mode():
+            logits = None
+            if rows:
+                tokens = None if pending is None else self._fed(rows, waiting, pending.choices)
+                logits = self._logits(rows, tokens)
+                for row in rows:
+                    row.cached += 1
+            ended = self._settle(pending)
+            left = set(ended)  # each row leaves once
+            going = []
+            for row in rows:
+                if row in left:
+                    continue
+                if row.ctx.should_stop():
+                    ended.append(row)
+                    continue
+                row.sampler.prepare(row.generated[-1])
+                going.append(row)
+            if going:
+                self.pending = Pending(rows, self._choices(rows, going, logits), self.late)
+        return ended
+
+    def _fed(self, rows: list[Row], waiting: dict[Row, int], choices: Any) -> Any:
+        """The token each row feeds, on the device [rows]: the one the last step chose for it,
+        unread (`choices`, at `waiting`'s index), or its last known one (it joined since)."""
+        import torch
+
+        count = len(choices)
+        known = [0 if row in waiting else row.generated[-1] for row in rows]
+        index = [waiting.get(row, count + number) for number, row in enumerate(rows)]
+        host = torch.tensor(known + index).to(self.device, non_blocking=True)
+        return torch.cat([choices, host[: len(rows)]])[host[len(rows) :]]
+
+    def _settle(self, pending: Pending | None) -> list[Row]:
+        """Reads the tokens the last step chose and gives each row still decoding its own;
+        returns the rows that ended, or stopped, with it."""
+        if pending is None:
+            return []
+        tokens = pending.read()
+        live = set(self.rows)
+        ended = []
+        for row, token in zip(pending.rows, tokens, strict=True):
+            if row not in live or row.ended is not None:
+                continue  # it left, or it ended before this token
+            if row.ctx.should_stop():
+                ended.append(row)
+                continue
+            row.take(token, self.decode)
+            if row.ended is not None:
+                ended.append(row)
+        return ended
+
+    def _choices(self, rows: list[Row], going: list[Row], logits: Any) -> Any:
+        """Each row's next token [rows] on the device, nothing read: greedy rows in one go, the
+        others (sampled, penalised) one by one; a row not `going` gets its argmax, never used."""
+        choices = self._greedy(rows, logits)
+        going_rows = set(going)
+        for index, row in enumerate(rows):
+            if row in going_rows and not (row.sampler.plain_greedy or row.sampler.masked_greedy):
+                choices[index : index + 1] = self._pick(row, logits[index : index + 1])
+        return choices
+
+    def _greedy(self, rows: list[Row], logits: Any) -> Any:
+        """Every row's argmax [rows] on the device, the greedy rows with a grammar masked first
+        (all in one go), so the host reads them all at once rather than one per row."""
         import torch
 
         from hunyuan_service.models.grammar import mask_scores
@@ -407,10 +541,10 @@ class DecodeBatch:
             bitmask = torch.cat([grammar.bitmask for grammar in grammars])
             if self.bits is None:
                 self.bits = torch.arange(32, dtype=torch.int32, device=logits.device)
-            at = torch.tensor(masked, device=logits.device)
+            at = torch.tensor(masked).to(logits.device, non_blocking=True)
             scores = mask_scores(logits[at], bitmask, grammars[0].vocab, self.bits)
             choices[at] = scores.argmax(dim=-1)
-        return list(choices.tolist())
+        return choices
 
     def stopped(self) -> list[Row]:
         """Rows whose job stopped (cancelled, deadline, shutdown) since the last step."""
@@ -419,6 +553,8 @@ class DecodeBatch:
     def free(self, row: Row) -> None:
         self.rows.remove(row)
         self.pool.release(row.start, row.reserved)
+        if not self.rows:
+            self.pending = None
 
     def pad_steps(self, max_rows: int, capture: bool, compiled: bool = False) -> None:
         """Runs every later step at bucketed shapes: as CUDA graphs captured now when `capture`
@@ -450,8 +586,9 @@ class DecodeBatch:
         )
         self.padded.prepare()
 
-    def _logits(self, rows: list[Row]) -> Any:
-        """Float logits [rows, vocab] for each row's next token, queued on the device."""
+    def _logits(self, rows: list[Row], tokens: Any = None) -> Any:
+        """Float logits [rows, vocab] for each row's next token, queued on the device; `tokens`
+        [rows] on the device, when given, are the tokens fed in place of each row's last."""
         import torch
 
         values = [
@@ -463,8 +600,11 @@ class DecodeBatch:
         ]
         width = max(row.cached for row in rows) + 1
         if self.padded is not None:
-            return self.padded.run(values, width)
-        return self._forward(torch.tensor(values, device=self.device), width).float()
+            return self.padded.run(values, width, tokens)
+        inputs = torch.tensor(values).to(self.device, non_blocking=True)
+        if tokens is not None:
+            inputs[0] = tokens  # graphs.TOKEN
+        return self._forward(inputs, width).float()
 
     def _forward(self, inputs: Any, width: int, layer_step: Any = None) -> Any:
         """Logits [rows, vocab] for each row's next token at its own position.
@@ -496,13 +636,18 @@ class DecodeBatch:
         return self.model.lm_head(hidden[:, -1, :])
 
     def _choose(self, row: Row, logits: Any) -> int:
+        return int(self._pick(row, logits))
+
+    def _pick(self, row: Row, logits: Any) -> Any:
+        """The row's next token from `logits` [1, vocab], as a tensor [1] on the device."""
         import torch
 
         # Only the repetition penalty reads the row's history; warpers ignore it.
         ids = None
         if row.sampler.processors:
-            ids = torch.tensor([row.prompt_ids + row.generated], device=logits.device)
-        return row.sampler.choose(ids, logits)
+            history = torch.tensor([row.prompt_ids + row.generated])
+            ids = history.to(logits.device, non_blocking=True)
+        return row.sampler.pick(ids, logits)
 
     def decode(self, tokens: list[int]) -> str:
         return str(

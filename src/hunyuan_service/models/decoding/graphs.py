@@ -136,8 +136,7 @@ class PaddedStep:
             # tell them apart and compile again at the first real step.
             with torch.inference_mode():
                 for rows, width in self.buckets():
-                    inputs = torch.tensor(self.inputs[rows].tolist(), device=self.device)
-                    self.forward(inputs, width)
+                    self.forward(self._inputs(self.inputs[rows].tolist(), None, 0), width)
             logger.info(
                 "compiled the decode step for %d buckets in %.1f s",
                 len(self.buckets()),
@@ -170,26 +169,40 @@ class PaddedStep:
             time.monotonic() - started,
         )
 
-    def run(self, values: list[list[int]], width: int) -> Any:
-        """Logits [rows, vocab] (float32, this step's own copy) for the real rows."""
+    def run(self, values: list[list[int]], width: int, tokens: Any = None) -> Any:
+        """Logits [rows, vocab] (float32, this step's own copy) for the real rows; `tokens`
+        [rows] on the device, when given, replace the TOKEN inputs (DECODE_AHEAD's unread
+        tokens)."""
         import torch
 
         count = len(values[TOKEN])
         shape = self.bucket(count, width)
         if shape is None:
             self.eager_steps += 1
-            return self.eager(torch.tensor(values, device=self.device), width).float()
+            return self.eager(self._inputs(values, tokens, count), width).float()
         rows, padded_width = shape
         padded = self.padded(values, rows)
         self.padded_rows += rows - count
         captured = self.graphs.get(shape)
         if captured is None:
             self.padded_steps += 1
-            logits = self.forward(torch.tensor(padded, device=self.device), padded_width)
+            logits = self.forward(self._inputs(padded, tokens, count), padded_width)
             return logits[:count].float()
         graph, logits = captured
-        self.inputs[rows].copy_(torch.tensor(padded), non_blocking=False)
+        inputs = self.inputs[rows]
+        # From pageable memory, so the source is staged at once; nothing waits for the device.
+        inputs.copy_(torch.tensor(padded), non_blocking=True)
+        if tokens is not None:
+            inputs[TOKEN, :count] = tokens
         graph.replay()
         self.replays += 1
         # A copy: the graph's own output memory is reused by the next replay of any bucket.
         return logits[:count].to(torch.float32, copy=True)
+
+    def _inputs(self, values: list[list[int]], tokens: Any, count: int) -> Any:
+        import torch
+
+        inputs = torch.tensor(values).to(self.device, non_blocking=True)
+        if tokens is not None:
+            inputs[TOKEN, :count] = tokens
+        return inputs

@@ -66,6 +66,10 @@ class RowSampler:
     def choose(self, ids: Any, logits: Any) -> int:
         """The next token from float32 `logits` [1, vocab], given the row's `ids` [1, n];
         `prepare` has run for this token."""
+        return int(self.pick(ids, logits))
+
+    def pick(self, ids: Any, logits: Any) -> Any:
+        """`choose`'s token as a tensor [1] on the logits' device, not read by the host."""
         import torch
 
         scores = logits
@@ -76,9 +80,9 @@ class RowSampler:
         for warper in self.warpers:
             scores = warper(ids, scores)
         if not self.sampled:
-            return int(torch.argmax(scores, dim=-1))
+            return torch.argmax(scores, dim=-1)
         probabilities = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probabilities, 1, generator=self.generator))
+        return torch.multinomial(probabilities, 1, generator=self.generator)[:, 0]
 
 
 class TextStream:
