@@ -43,15 +43,32 @@ def concurrency_section(name: str, shape: Any, plan: Any, report: Any) -> None:
 
     if 1 in rates:
         bandwidth_row("", rates[1])
+
+    def constrained(served: Any, unconstrained: dict[int, float], label: str) -> None:
+        """The same waves held to a JSON schema that stays open for all their tokens."""
+        from hunyuan_service.models.grammar import compile_response_format
+
+        if plan.left() < 60:
+            return
+        grammar = compile_response_format("json_schema", bench.RECORDS_SCHEMA, "records")
+        waves = _engine_waves(
+            served.settings, served, plan.new_tokens, plan, report,
+            f"{name}, {label}JSON-schema constraint", (1, 8), grammar,
+        )  # fmt: skip
+        held, _texts = asyncio.run(waves)
+        _compare(report, name, f"{label}JSON-schema constraint vs without", held, unconstrained)
+
+    constrained(served, rates, "")
     if plan.left() > 90:
         # DECODE_AHEAD: each step queued before the host reads the last one's tokens.
         other, ahead, ahead_texts = _variant(
             model, processor, plan, report, f"{name}, DECODE_AHEAD", (1, 8, 32), decode_ahead=True
         )
-        other.decoder = None
         _compare(report, name, "DECODE_AHEAD vs CUDA graphs", ahead, rates, ahead_texts, texts)
         if 1 in ahead:
             bandwidth_row("DECODE_AHEAD, ", ahead[1])
+        constrained(other, ahead, "DECODE_AHEAD, ")
+        other.decoder = None
     if plan.device == "cuda" and plan.left() > 150:
         # COMPILE=full: the step compiled (its small kernels fused), then captured.
         other, compiled, compiled_texts = _variant(
@@ -156,9 +173,17 @@ def _compilations() -> int:
 
 
 async def _engine_waves(
-    settings: Any, served: Any, n: int, plan: Any, report: Any, name: str, sizes: tuple[int, ...]
+    settings: Any,
+    served: Any,
+    n: int,
+    plan: Any,
+    report: Any,
+    name: str,
+    sizes: tuple[int, ...],
+    grammar: Any = None,
 ) -> tuple[dict[int, float], dict[int, dict[int, str]]]:
-    """Two waves of each size; the rates and answers of the second."""
+    """Two waves of each size (each request held to `grammar`, if given); the rates and answers
+    of the second."""
     from hunyuan_service.engine.engine import Engine
 
     engine = Engine(settings, served)
@@ -172,8 +197,8 @@ async def _engine_waves(
             if plan.left() < 40:
                 report.add(section=name, variant=f"engine, {clients} clients", note="skipped")
                 continue
-            first = await _wave(engine, clients, n)
-            later = await _wave(engine, clients, n)
+            first = await _wave(engine, clients, n, grammar)
+            later = await _wave(engine, clients, n, grammar)
             rates[clients] = clients * (n - 1) / later["decode_s"]
             texts[clients] = later["texts"]
             tpot = later["tpot_s"]
@@ -194,7 +219,7 @@ async def _engine_waves(
     return rates, texts
 
 
-async def _wave(engine: Any, clients: int, n: int) -> dict[str, Any]:
+async def _wave(engine: Any, clients: int, n: int, grammar: Any = None) -> dict[str, Any]:
     """`clients` requests at once; the decode rate counts from the last first token to the end."""
     from hunyuan_service.engine.events import Token
     from hunyuan_service.models.types import ChatMessage, Image2TextInput
@@ -205,7 +230,8 @@ async def _wave(engine: Any, clients: int, n: int) -> dict[str, Any]:
     texts: dict[int, str] = {}
 
     async def one(index: int) -> None:
-        request = Image2TextInput((ChatMessage("user", f"Describe scene {index}."),), n)
+        message = ChatMessage("user", f"Describe scene {index}.")
+        request = Image2TextInput((message,), n, grammar=grammar)
         handle = engine.submit(request, f"c{index}", observed=True)
         async for _number, event in handle.events():
             if isinstance(event, Token):

@@ -70,6 +70,11 @@ def test_gpu_bench_runs_on_cpu_with_the_tiny_models(tmp_path: Path) -> None:
         row = concurrency[f"DECODE_AHEAD vs CUDA graphs, {clients} clients"]
         assert f"{clients} of {clients} answers identical" in row["note"]
         assert row["vs_baseline"] > 0
+    # The waves held to a JSON schema, against the same waves without it, both ways.
+    for label in ("", "DECODE_AHEAD, "):
+        for clients in (1, 8):
+            row = concurrency[f"{label}JSON-schema constraint vs without, {clients} clients"]
+            assert row["vs_baseline"] > 0
 
     # --profile: one profiled call per service variant, summarised in a row and a file
     services = [(s, v) for (s, v) in rows if v.startswith("service, ") and "[" not in v]
