@@ -59,9 +59,9 @@ class StepAheadStopCheck:
     later. The contract of transformers' `DeferredStopCheck`: `is_supported`, a call per step
     that says whether to stop, and `finish`, which says how many steps to undo.
 
-    Two slots alternate: step k copies into one while the copy of step k-1, in the other, is
-    waited for (by then it is done or nearly) and read. On CUDA the slots are pinned, so the
-    copies are asynchronous, and an event marks each one; on the CPU copies are synchronous.
+    Each step's flag and tokens go to the host together (`LateCopy`, two slots): step k copies
+    into one while the copy of step k-1, in the other, is waited for (by then it is done or
+    nearly) and read.
     """
 
     @staticmethod
@@ -79,45 +79,69 @@ class StepAheadStopCheck:
         cache_is_returned: bool,
         streamer: Any = None,
     ) -> None:
-        import torch
-
         self.max_length, self.streamer = max_length, streamer
-        cuda = input_ids.device.type == "cuda"
-        rows = input_ids.shape[0]
-        self.slots = [
-            (
-                torch.zeros((), dtype=torch.bool, pin_memory=cuda),
-                torch.zeros(rows, dtype=torch.long, pin_memory=cuda),
-                torch.cuda.Event() if cuda else None,
-            )
-            for _ in range(2)
-        ]
-        self.steps = 0
+        self.late = LateCopy(input_ids.device, slots=2)  # step k copies while k-1 is read
+        self.last: Any = None  # the latest step's copy, unread
         self.stop_seen = False  # a step's flag said every row had finished
 
     def __call__(self, unfinished_sequences: Any, tokens: Any, length: int) -> bool:
-        flag, held, copied = self.slots[self.steps % 2]
-        flag.copy_(unfinished_sequences.max() == 0, non_blocking=True)
-        held.copy_(tokens, non_blocking=True)
-        if copied is not None:
-            copied.record()
-        self.steps += 1
-        if self.steps > 1:
-            flag, held, copied = self.slots[self.steps % 2]  # the step before this one
-            if copied is not None:
-                copied.synchronize()
+        import torch
+
+        flag = (unfinished_sequences.max() == 0).reshape(1).to(tokens.dtype)
+        previous, self.last = self.last, self.late.send(torch.cat([flag, tokens.reshape(-1)]))
+        if previous is not None:
+            held = self.late.read(previous)  # the step before this one: done, or nearly
             if self.streamer is not None:
-                self.streamer.put(held.clone())
-            self.stop_seen = bool(flag)
+                self.streamer.put(held[1:].clone())
+            self.stop_seen = bool(held[0])
         return self.stop_seen or (self.max_length is not None and length >= self.max_length)
 
     def finish(self) -> int:
         """1 when the last step ran after every row had stopped: generate drops its tokens."""
         if self.stop_seen:
             return 1
-        if self.steps > 0 and self.streamer is not None:  # the last step's tokens, not yet sent
-            _, held, copied = self.slots[(self.steps - 1) % 2]
-            if copied is not None:
-                copied.synchronize()
-            self.streamer.put(held.clone())
+        if self.last is not None and self.streamer is not None:  # the last step's tokens
+            self.streamer.put(self.late.read(self.last)[1:].clone())
         return 0
+
+
+class LateCopy:
+    """Copies 1-D device tensors into host memory without waiting, to be read later.
+
+    On CUDA each slot is a pinned buffer with an event: the copy is queued on the stream ahead of
+    whatever is queued after it, and reading waits for that copy only, not for the work behind
+    it. On the CPU the copy is done at once. `slots` copies may be unread at once; a slot is
+    written again by the `slots`-th send after it, which must come after its read.
+    """
+
+    def __init__(self, device: Any, slots: int = 1) -> None:
+        import torch
+
+        self.cuda = torch.device(device).type == "cuda"
+        self.slots: list[tuple[Any, Any]] = [(None, None)] * slots
+        self.sent = 0
+
+    def send(self, tensor: Any) -> tuple[int, int]:
+        """Starts copying `tensor`; returns what `read` takes."""
+        import torch
+
+        slot = self.sent % len(self.slots)
+        self.sent += 1
+        buffer, event = self.slots[slot]
+        count = int(tensor.shape[0])
+        if buffer is None or buffer.shape[0] < count or buffer.dtype != tensor.dtype:
+            buffer = torch.empty(max(count, 64), dtype=tensor.dtype, pin_memory=self.cuda)
+            event = torch.cuda.Event() if self.cuda else None
+            self.slots[slot] = (buffer, event)
+        buffer[:count].copy_(tensor, non_blocking=True)
+        if event is not None:
+            event.record()
+        return slot, count
+
+    def read(self, sent: tuple[int, int]) -> Any:
+        """The copied values on the host (until the slot is written again)."""
+        slot, count = sent
+        buffer, event = self.slots[slot]
+        if event is not None:
+            event.synchronize()
+        return buffer[:count]

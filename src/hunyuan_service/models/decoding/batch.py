@@ -27,6 +27,7 @@ from typing import Any
 
 from hunyuan_service.errors import InvalidInput
 from hunyuan_service.models.base import JobContext
+from hunyuan_service.models.decode_ahead import LateCopy
 from hunyuan_service.models.decoding.kv_pool import KVPool
 from hunyuan_service.models.decoding.rows import Row, RowSampler, TextStream
 from hunyuan_service.models.types import Image2TextInput
@@ -129,48 +130,13 @@ class Prefill:
         return self.prepared.ctx
 
 
-class LateTokens:
-    """Copies a step's chosen tokens to the host without waiting, to be read a step later.
-
-    On CUDA the host buffer is pinned, so the copy is asynchronous and queued right after the
-    tokens, before the next step's pass; an event marks it, so reading waits for the copy only,
-    not for the pass queued behind it. One buffer serves: each step reads the last step's
-    tokens before it copies its own. On the CPU the copy is done at once."""
-
-    def __init__(self, device: Any) -> None:
-        self.cuda = getattr(device, "type", str(device)) == "cuda"
-        self.buffer: Any = None
-        self.event: Any = None
-
-    def send(self, tokens: Any) -> int:
-        import torch
-
-        count = int(tokens.shape[0])
-        if self.buffer is None or self.buffer.shape[0] < count:
-            self.buffer = torch.zeros(max(count, 64), dtype=torch.long, pin_memory=self.cuda)
-            self.event = torch.cuda.Event() if self.cuda else None
-        self.buffer[:count].copy_(tokens, non_blocking=True)
-        if self.event is not None:
-            self.event.record()
-        return count
-
-    def read(self, count: int) -> list[int]:
-        if self.event is not None:
-            self.event.synchronize()
-        return list(self.buffer[:count].tolist())
-
-
+@dataclass(eq=False)
 class Pending:
-    """The tokens a step chose, on the device and on their way to the host."""
+    """The tokens a step chose [rows], on the device and on their way to the host (DECODE_AHEAD)."""
 
-    def __init__(self, rows: list[Row], choices: Any, late: LateTokens) -> None:
-        self.rows = rows
-        self.choices = choices
-        self.late = late
-        self.count = late.send(choices)
-
-    def read(self) -> list[int]:
-        return self.late.read(self.count)
+    rows: list[Row]
+    choices: Any
+    copy: tuple[int, int]  # `LateCopy.send`'s
 
 
 class DecodeBatch:
@@ -224,7 +190,7 @@ class DecodeBatch:
         self.bits: Any = None  # arange(32) on the device, for grammar bitmasks
         self.ahead = ahead
         self.pending: Pending | None = None  # with `ahead`: the last step's tokens, unread
-        self.late = LateTokens(self.device)
+        self.late = LateCopy(self.device)  # each step reads the last one's copy, then sends
 
     # -- joining ---------------------------------------------------------------------------------
 
@@ -480,7 +446,8 @@ class DecodeBatch:
                 row.sampler.prepare(row.generated[-1])
                 going.append(row)
             if going:
-                self.pending = Pending(rows, self._choices(rows, going, logits), self.late)
+                choices = self._choices(rows, going, logits)
+                self.pending = Pending(rows, choices, self.late.send(choices))
         return ended
 
     def _fed(self, rows: list[Row], waiting: dict[Row, int], choices: Any) -> Any:
@@ -499,7 +466,7 @@ class DecodeBatch:
         returns the rows that ended, or stopped, with it."""
         if pending is None:
             return []
-        tokens = pending.read()
+        tokens = self.late.read(pending.copy).tolist()
         live = set(self.rows)
         ended = []
         for row, token in zip(pending.rows, tokens, strict=True):
