@@ -21,6 +21,7 @@ from hunyuan_service.models.decoding.rows import Row
 from hunyuan_service.models.types import ChatMessage, Image2TextInput
 from tests.continuous_feed import ListFeed, run_together
 from tests.e2e.conftest import tiny_settings
+from tests.host_reads import HostReads
 from tests.images import png_bytes
 
 
@@ -221,6 +222,48 @@ def test_decode_ahead_reads_each_steps_tokens_only_after_queuing_the_next_step(
         assert runs[key].count("token") == tokens, key
         assert runs[key].count("step") == tokens - 1 + ahead, key
     assert decoder.pool.free_positions == decoder.pool.capacity
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_decode_ahead_steps_read_nothing_from_the_device_but_the_last_steps_copy(
+    continuous: Any, ahead: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each read of a tensor's value inside a step, by the function that reads it: on a GPU each
+    waits for the device, unless it reads a copy already made (DECODE_AHEAD's)."""
+    from hunyuan_service.models.grammar import compile_response_format
+
+    decoder = continuous.decoder
+    monkeypatch.setattr(decoder, "ahead", ahead)
+    monkeypatch.setattr(decoder, "padded", None)
+    counted = HostReads(within="step")
+    steps = []
+    step = decoder.step
+
+    def counted_step() -> Any:
+        steps.append(len(decoder.rows))
+        with counted:
+            return step()
+
+    monkeypatch.setattr(decoder, "step", counted_step)
+    schema = {"type": "array", "items": {"enum": ["cat", "dog"]}, "minItems": 1, "maxItems": 3}
+    pets = compile_response_format("json_schema", schema, "pets")
+    requests = {  # a row of every kind
+        "greedy": ask("Hi", 12),
+        "penalty": ask("Say it again and again", 9, repetition_penalty=1.3),
+        "seeded": ask("Surprise me", 10, temperature=0.9, top_p=0.95, seed=11),
+        "grammar": ask("Pets?", 40, grammar=pets),
+        "grammar, sampled": ask("Pets?", 40, temperature=1.0, seed=3, grammar=pets),
+    }
+    outcomes = run_together(continuous, requests).outcomes
+    assert all(not isinstance(outcome, Exception) for outcome in outcomes.values())
+    sites = counted.sites
+    if ahead:
+        # One read a step: the tokens the step before chose, copied to the host back then.
+        assert set(sites) == {("batch.py", "_settle")}
+        assert sites[("batch.py", "_settle")] <= len(steps)
+    else:
+        assert sites[("batch.py", "step")] == len(steps)  # every greedy row's token at once
+        assert sites[("batch.py", "_choose")] > 0  # and each sampled or penalised row's
 
 
 def test_a_request_larger_than_the_kv_cache_is_refused_naming_the_setting(

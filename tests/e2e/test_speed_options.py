@@ -3,7 +3,6 @@ report progress, stream, cancel within a step, and serve sizes outside the warm-
 
 from __future__ import annotations
 
-import collections
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from hunyuan_service.errors import JobCancelled, ModelLoadError
 from hunyuan_service.models.base import JobContext
 from tests.e2e.conftest import tiny_settings
 from tests.e2e.test_interruption import StopAfter
+from tests.host_reads import HostReads
 from tests.images import png_bytes
 
 
@@ -210,31 +210,10 @@ def host_reads_per_token(model: Any) -> dict[tuple[str, str], float]:
 
     Each length runs once uncounted first, so one-time reads (the image's encoder before the
     vision cache keeps it, a lazy initialisation) fall outside the difference."""
-    import traceback
-
-    import torch
-    from torch.overrides import TorchFunctionMode
-
-    reads = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__}
-    reads |= {torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.numpy}
-
-    class Count(TorchFunctionMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.sites: collections.Counter[tuple[str, str]] = collections.Counter()
-
-        def __torch_function__(
-            self, func: Any, types: Any, args: Any = (), kwargs: Any = None
-        ) -> Any:
-            if func in reads:
-                caller = traceback.extract_stack(limit=2)[0]
-                self.sites[(Path(caller.filename).name, caller.name)] += 1
-            return func(*args, **(kwargs or {}))
-
     counted = {}
     for tokens in (8, 40):
         assert ask(model, JobContext(), max_new_tokens=tokens).completion_tokens == tokens
-        with Count() as count:
+        with HostReads() as count:
             assert ask(model, JobContext(), max_new_tokens=tokens).completion_tokens == tokens
         counted[tokens] = count.sites
     sites = set(counted[8]) | set(counted[40])
