@@ -421,6 +421,28 @@ def test_static_batches_stay_available(tiny_cache: Path) -> None:
     assert model.decoder is None
 
 
+def test_the_decode_ahead_setting_reaches_the_continuous_decoder(tiny_cache: Path) -> None:
+    from hunyuan_service.models.qwen_vl import QwenVLModel
+
+    settings = tiny_settings("image2text", tiny_cache, max_batch_size=4, decode_ahead=True)
+    model = QwenVLModel(settings)
+    model.load()
+    assert model.decoder.ahead is True
+    assert model.info.extra["decode_ahead"] is True
+    requests = {"a": ask("Hi", 12), "b": ask("question 1", 8)}
+    solo = {key: model.infer(request, JobContext()) for key, request in requests.items()}
+    steps = []
+    step = model.decoder._step_ahead
+
+    def counted() -> Any:
+        steps.append(len(model.decoder.rows))
+        return step()
+
+    model.decoder._step_ahead = counted
+    assert run_together(model, requests).outcomes == solo
+    assert max(steps) == 2  # both decoded together, each step queued ahead of its read
+
+
 def test_succeeded_events_end_every_stream(tiny_cache: Path) -> None:
     async def scenario() -> None:
         engine = await started_engine(tiny_cache)
