@@ -384,6 +384,35 @@ def flux_section(name: str, shape: FluxShape, plan: Plan, report: Report) -> Non
             ("service, full compile", {"compile": "full", "fuse_qkv": True}, 240),
             ("service, model offload", {"offload": "model"}, 90),
         ]
+        # Issue 22's step experiments (docs/performance.md), each against the lossless set.
+        lossless = {"fuse_qkv": True, "channels_last": True}
+        variants += [
+            (
+                "service, lossless + max-autotune",
+                {**lossless, "compile": "regional", "compile_mode": "max-autotune-no-cudagraphs"},
+                400,
+            ),
+            (
+                "service, lossless + compiled VAE decoder",
+                {**lossless, "compile": "regional", "compile_vae": True},
+                150,
+            ),
+            (
+                "service, lossless, full compile + CUDA graphs",
+                {**lossless, "compile": "full", "compile_mode": "reduce-overhead"},
+                300,
+            ),
+            (
+                "service, lossless, full compile, max-autotune + CUDA graphs, compiled VAE",
+                {
+                    **lossless,
+                    "compile": "full",
+                    "compile_vae": True,
+                    "compile_mode": "max-autotune",
+                },
+                600,
+            ),
+        ]
         if plan.device == "cpu":
             variants = [v for v in variants if "cuDNN" not in v[0] and "offload" not in v[0]]
     best: tuple[float, dict[str, Any]] = (baseline_s, {})

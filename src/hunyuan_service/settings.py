@@ -56,6 +56,17 @@ class Settings(BaseSettings):
         "transformer; image2text static cache and compiled decode step, and the continuous "
         "decoder's step, compiled at load)",
     )
+    compile_mode: Literal[
+        "default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"
+    ] = Field(
+        "default",
+        description="text2image: torch.compile's mode for COMPILE and COMPILE_VAE: "
+        "max-autotune tries more matmul kernels at load; reduce-overhead and max-autotune also "
+        "replay CUDA graphs",
+    )
+    compile_vae: bool = Field(
+        False, description="text2image: compile the VAE decoder too (fullgraph, COMPILE_MODE)"
+    )
     quantize: Literal["none", "fp8", "int8"] = Field(
         "none", description="torchao quantization: fp8 (CUDA, capability 8.9+) or int8; lossy"
     )
@@ -492,6 +503,8 @@ def _check_speed_options(settings: Settings) -> None:
             "FUSE_QKV": settings.fuse_qkv,
             "CHANNELS_LAST": settings.channels_last,
             "STEP_CACHE_THRESHOLD": settings.step_cache_threshold > 0,
+            f"COMPILE_MODE={settings.compile_mode}": settings.compile_mode != "default",
+            "COMPILE_VAE": settings.compile_vae,
         }
         chosen = [name for name, on in text2image_only.items() if on]
         if chosen:
@@ -503,6 +516,18 @@ def _check_speed_options(settings: Settings) -> None:
         raise ValueError(
             "OFFLOAD with COMPILE=full: offload hooks break a whole-model graph; "
             "use COMPILE=regional"
+        )
+    if settings.offload != "none" and settings.compile_vae:
+        raise ValueError("OFFLOAD with COMPILE_VAE: offload hooks move the VAE; drop one")
+    if (
+        settings.model_type == "text2image"
+        and settings.compile_mode != "default"
+        and settings.compile == "off"
+        and not settings.compile_vae
+    ):
+        raise ValueError(
+            f"COMPILE_MODE={settings.compile_mode} compiles nothing by itself: "
+            "set COMPILE=regional or full, or COMPILE_VAE=true"
         )
     if settings.attention_backend.endswith("_hub"):
         raise ValueError(

@@ -65,6 +65,38 @@ def test_lossless_flux_options_keep_the_eager_image(
     assert all(model.info.extra[name] is True for name in options)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"compile_vae": True},
+        {"compile": "regional", "compile_mode": "reduce-overhead", "compile_vae": True},
+    ],
+)
+def test_compile_mode_and_the_compiled_vae_keep_the_eager_image(
+    tiny_cache: Path, eager_image: Any, options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    compiled: list[tuple[str, dict[str, Any]]] = []  # (module class, torch.compile's options)
+    compile_module = torch.nn.Module.compile
+
+    def recorded(module: Any, *args: Any, **kwargs: Any) -> None:
+        compiled.append((type(module).__name__, kwargs))
+        compile_module(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", recorded)
+    model = load_flux(tiny_cache, warmup=["64x64"], **options)
+    assert np.abs(draw(model) - eager_image).max() <= 1
+    mode = options.get("compile_mode")
+    expected = {"fullgraph": True} | ({"mode": mode} if mode else {})
+    assert ("Decoder", expected) in compiled  # the VAE's decoder
+    if "compile" in options:
+        blocks = {name for name, kwargs in compiled if kwargs == expected} - {"Decoder"}
+        assert blocks == {"FluxTransformerBlock", "FluxSingleTransformerBlock"}
+    assert model.info.extra["compile_vae"] is True
+    assert model.info.extra["compile_mode"] == options.get("compile_mode", "default")
+
+
 def test_int8_weight_only_stays_close_to_eager(tiny_cache: Path, eager_image: Any) -> None:
     model = load_flux(tiny_cache, quantize="int8")
     image = draw(model)

@@ -118,6 +118,7 @@ def test_speed_options_default_to_the_lossless_eager_path() -> None:
         0,
     )
     assert settings.decode_ahead is False
+    assert (settings.compile_mode, settings.compile_vae) == ("default", False)
     assert settings.warmup_sizes == []
 
 
@@ -139,6 +140,14 @@ def test_warmup_sizes_are_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"ATTENTION_BACKEND": "flash_hub"}, "ATTENTION_BACKEND=flash_hub: hub kernels"),
         ({"STEP_CACHE_THRESHOLD": "2"}, "STEP_CACHE_THRESHOLD: "),
         ({"DECODE_AHEAD": "true"}, "DECODE_AHEAD: image2text only"),
+        ({"COMPILE_MODE": "fastest"}, "COMPILE_MODE: "),
+        ({"COMPILE_MODE": "max-autotune"}, "COMPILE_MODE=max-autotune compiles nothing"),
+        (
+            {"MODEL_TYPE": "image2text", "COMPILE": "full", "COMPILE_MODE": "max-autotune"},
+            "COMPILE_MODE=max-autotune: text2image only",
+        ),
+        ({"MODEL_TYPE": "image2text", "COMPILE_VAE": "true"}, "COMPILE_VAE: text2image only"),
+        ({"OFFLOAD": "model", "COMPILE_VAE": "true"}, "OFFLOAD with COMPILE_VAE"),
     ],
 )
 def test_impossible_speed_options_are_refused(

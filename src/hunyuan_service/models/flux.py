@@ -43,7 +43,7 @@ class FluxModel(TorchModel[Text2ImageInput, Text2ImageOutput]):
         super().__init__(settings)
         self.pipe: Any = None
         self.defaults = SCHNELL_DEFAULTS
-        self.shapes = CompiledShapes(settings.compile != "off")
+        self.shapes = CompiledShapes(settings.compile != "off" or settings.compile_vae)
         self.adapters: Adapters | None = None
         self.prompt_cache = TensorCache(settings.prompt_cache_bytes)
         self.edit_pipes: dict[str, Any] = {}  # image-to-image and inpainting, sharing `pipe`
