@@ -225,7 +225,7 @@ def test_decode_ahead_reads_each_steps_tokens_only_after_queuing_the_next_step(
 
 
 @pytest.mark.parametrize("ahead", [False, True])
-def test_decode_ahead_steps_read_nothing_from_the_device_but_the_last_steps_copy(
+def test_a_step_reads_the_device_once_whatever_its_rows(
     continuous: Any, ahead: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each read of a tensor's value inside a step, by the function that reads it: on a GPU each
@@ -256,14 +256,11 @@ def test_decode_ahead_steps_read_nothing_from_the_device_but_the_last_steps_copy
     }
     outcomes = run_together(continuous, requests).outcomes
     assert all(not isinstance(outcome, Exception) for outcome in outcomes.values())
-    sites = counted.sites
-    if ahead:
-        # One read a step: the tokens the step before chose, copied to the host back then.
-        assert set(sites) == {("batch.py", "_settle")}
-        assert sites[("batch.py", "_settle")] <= len(steps)
-    else:
-        assert sites[("batch.py", "step")] == len(steps)  # every greedy row's token at once
-        assert sites[("batch.py", "_choose")] > 0  # and each sampled or penalised row's
+    # One read a step, of every row's token (greedy, sampled, penalised, constrained): this
+    # step's, or ahead the step before's, copied to the host then.
+    assert set(counted.sites) == {("batch.py", "_settle")}
+    reads = counted.sites[("batch.py", "_settle")]
+    assert reads == len(steps) if not ahead else len(steps) - 1 <= reads <= len(steps)
 
 
 def test_a_request_larger_than_the_kv_cache_is_refused_naming_the_setting(
@@ -432,15 +429,16 @@ def test_the_decode_ahead_setting_reaches_the_continuous_decoder(tiny_cache: Pat
     requests = {"a": ask("Hi", 12), "b": ask("question 1", 8)}
     solo = {key: model.infer(request, JobContext()) for key, request in requests.items()}
     steps = []
-    step = model.decoder._step_ahead
+    step = model.decoder.step
 
     def counted() -> Any:
-        steps.append(len(model.decoder.rows))
+        steps.append((len(model.decoder.rows), model.decoder.pending is not None))
         return step()
 
-    model.decoder._step_ahead = counted
+    model.decoder.step = counted
     assert run_together(model, requests).outcomes == solo
-    assert max(steps) == 2  # both decoded together, each step queued ahead of its read
+    assert max(rows for rows, _ in steps) == 2  # both decoded together
+    assert sum(unread for _, unread in steps) == len(steps) - 1  # each step's tokens read late
 
 
 def test_succeeded_events_end_every_stream(tiny_cache: Path) -> None:

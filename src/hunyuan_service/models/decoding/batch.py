@@ -134,7 +134,7 @@ class Prefill:
 class Pending:
     """The tokens a step chose [rows], on the device and on their way to the host (DECODE_AHEAD)."""
 
-    rows: list[Row]
+    rows: list[Row | None]  # None: a row in the pass that was not decoding (ended, stopped)
     choices: Any
     copy: tuple[int, int]  # `LateCopy.send`'s
 
@@ -381,47 +381,23 @@ class DecodeBatch:
     # -- stepping --------------------------------------------------------------------------------
 
     def step(self) -> list[Row]:
-        """One token for every row; returns the rows that ended (the caller frees them)."""
-        import torch
+        """One token for every row; returns the rows that ended (the caller frees them).
 
-        if self.ahead:
-            return self._step_ahead()
-        rows = self.rows
-        with torch.inference_mode():
-            logits = self._logits(rows)  # queued on the device; nothing read yet
-            # Grammar masks are computed on the CPU meanwhile (the tokens they follow are known).
-            for row in rows:
-                row.sampler.prepare(row.generated[-1])
-            greedy = self._greedy(rows, logits).tolist()
-        ended = []
-        for index, row in enumerate(rows):
-            row.cached += 1
-            if row.ctx.should_stop():
-                ended.append(row)
-                continue
-            if row.sampler.plain_greedy or row.sampler.masked_greedy:
-                token = int(greedy[index])
-            else:
-                token = self._choose(row, logits[index : index + 1])
-            row.take(token, self.decode)
-            if row.ended is not None:
-                ended.append(row)
-        return ended
+        The step's forward pass is queued first. Then the host reads the tokens the step before
+        chose, if they are still unread (`ahead`), and does each row's work for them: stream,
+        stop strings, limit; then each grammar's mask for this step, on the CPU while the device
+        runs the pass. This step's tokens are chosen on the device (greedy rows together,
+        sampled rows with their own generators) and copied to the host: read at once, or with
+        `ahead` in the next step, once its pass is queued, so that the host's work overlaps
+        the device's next step. Either way a step reads the device once.
 
-    def _step_ahead(self) -> list[Row]:
-        """`step` with DECODE_AHEAD: this step's pass is queued with the tokens the last step
-        chose still on the device; only then does the host read those tokens (a copy started
-        when they were chosen, done by now or nearly) and do each row's work for them: stream,
-        stop strings, grammar masks. The tokens this step chooses stay on the device until the
-        next step.
-
-        Every row gets the tokens it gets without `ahead`. A row that ended on the token read
-        here (end of text, stop string) took part in this step's pass for nothing, in its own
-        range; a row whose unread token is its last by `max_new_tokens` is left out of it."""
+        Every row gets the same tokens either way. Ahead, a row that ends on the token read late
+        (end of text, stop string) takes part in one pass for nothing, in its own range; a row
+        whose unread token is its last by `max_new_tokens` is left out of the pass."""
         import torch
 
         pending, self.pending = self.pending, None
-        waiting = {} if pending is None else {row: i for i, row in enumerate(pending.rows)}
+        waiting = {} if pending is None else {r: i for i, r in enumerate(pending.rows) if r}
         rows = [
             row
             for row in self.rows
@@ -431,7 +407,7 @@ class DecodeBatch:
             logits = None
             if rows:
                 tokens = None if pending is None else self._fed(rows, waiting, pending.choices)
-                logits = self._logits(rows, tokens)
+                logits = self._logits(rows, tokens)  # queued on the device; nothing read yet
                 for row in rows:
                     row.cached += 1
             ended = self._settle(pending)
@@ -447,7 +423,12 @@ class DecodeBatch:
                 going.append(row)
             if going:
                 choices = self._choices(rows, going, logits)
-                self.pending = Pending(rows, choices, self.late.send(choices))
+                chosen = set(going)
+                decoding = [row if row in chosen else None for row in rows]
+                self.pending = Pending(decoding, choices, self.late.send(choices))
+        if not self.ahead:
+            ended += self._settle(self.pending)
+            self.pending = None
         return ended
 
     def _fed(self, rows: list[Row], waiting: dict[Row, int], choices: Any) -> Any:
@@ -470,8 +451,8 @@ class DecodeBatch:
         live = set(self.rows)
         ended = []
         for row, token in zip(pending.rows, tokens, strict=True):
-            if row not in live or row.ended is not None:
-                continue  # it left, or it ended before this token
+            if row is None or row not in live or row.ended is not None:
+                continue  # it was not decoding, it left, or it ended before this token
             if row.ctx.should_stop():
                 ended.append(row)
                 continue
