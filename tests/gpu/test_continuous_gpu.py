@@ -62,3 +62,57 @@ def test_graphs_replay_every_step_with_the_eager_steps_tokens(
     assert model.decoder.padded.padded_steps > 0
     for key in requests:
         assert captured[key] == eager[key], key  # text, token counts and finish reason
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_a_step_never_waits_for_the_device_but_on_its_tokens_copy(
+    tiny_cache: Path, ahead: bool
+) -> None:
+    """Every row kind, its step run with CUDA's sync debugging set to raise: an implicit wait (a
+    `.item()`, a blocking copy, a data-dependent shape) inside a step would fail its rows. The
+    one wait a step has is its tokens' copy event (the step before's, with DECODE_AHEAD)."""
+    from hunyuan_service.models.grammar import compile_response_format
+    from hunyuan_service.models.qwen_vl import QwenVLModel
+    from hunyuan_service.models.types import ChatMessage, Image2TextInput, Image2TextOutput
+    from hunyuan_service.settings import Settings
+    from tests.continuous_feed import run_together
+
+    settings = Settings(
+        _env_file=None,
+        model_type="image2text",
+        model_id="tiny",
+        cache_dir=tiny_cache,
+        device="cuda",
+        dtype="float32",
+        max_batch_size=4,
+        decode_ahead=ahead,
+    )
+    model = QwenVLModel(settings)
+    model.load()
+    step = model.decoder.step
+    steps = []
+
+    def strict() -> Any:
+        steps.append(len(model.decoder.rows))
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    model.decoder.step = strict
+
+    def ask(text: str, tokens: int, **options: Any) -> Image2TextInput:
+        return Image2TextInput((ChatMessage("user", text),), max_new_tokens=tokens, **options)
+
+    schema = {"type": "array", "items": {"enum": ["cat", "dog"]}, "minItems": 1, "maxItems": 3}
+    requests = {
+        "greedy": ask("Hi", 12),
+        "penalty": ask("Say it again", 9, repetition_penalty=1.3),
+        "seeded": ask("Surprise me", 10, temperature=0.9, top_p=0.95, top_k=20, seed=5),
+        "grammar": ask("Pets?", 20, grammar=compile_response_format("json_schema", schema, "p")),
+    }
+    outcomes = run_together(model, requests).outcomes
+    assert max(steps) == 4
+    for key, outcome in outcomes.items():
+        assert isinstance(outcome, Image2TextOutput), (key, outcome)

@@ -82,7 +82,11 @@ class RowSampler:
         if not self.sampled:
             return torch.argmax(scores, dim=-1)
         probabilities = torch.softmax(scores, dim=-1)
-        return torch.multinomial(probabilities, 1, generator=self.generator)[:, 0]
+        # torch.multinomial's own draw of one sample (an exponential race: the same token from
+        # the same generator state), without its checks of the probabilities, which read them
+        # on the host and so would wait for the device.
+        race = torch.empty_like(probabilities).exponential_(1, generator=self.generator)
+        return torch.argmax(probabilities / race, dim=-1)
 
 
 class TextStream:
