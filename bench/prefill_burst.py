@@ -75,14 +75,20 @@ async def waves(settings: Any, model: Any, clients: list[int], rounds: int, toke
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def wave_arguments(description: str, tokens: int, clients: str) -> argparse.Namespace:
+    """The options of the scripts that send waves to a random-weight Qwen through the engine:
+    the model's size, the tokens per request, the wave sizes and the rounds."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--tokens", type=int, default=32, help="max_new_tokens per request")
-    parser.add_argument("--clients", default="8,32,64")
+    parser.add_argument("--tokens", type=int, default=tokens, help="max_new_tokens per request")
+    parser.add_argument("--clients", default=clients)
     parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = wave_arguments(__doc__.split("\n\n")[0], tokens=32, clients="8,32,64")
     from batching import build_model
 
     clients = [int(n) for n in args.clients.split(",")]

@@ -17,7 +17,6 @@ run.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import statistics
@@ -99,23 +98,16 @@ async def waves(settings: Any, model: Any, clients: list[int], rounds: int, toke
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--tokens", type=int, default=64, help="max_new_tokens per request")
-    parser.add_argument("--clients", default="1,8,32,64")
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
     from batching import build_model
-    from prefill_burst import serve
+    from prefill_burst import serve, wave_arguments
+
+    args = wave_arguments(__doc__.split("\n\n")[0], tokens=64, clients="1,8,32,64")
 
     clients = [int(n) for n in args.clients.split(",")]
     with tempfile.TemporaryDirectory() as folder:
         build_model(Path(folder), args.hidden, args.layers)
         settings, model = serve(Path(folder), max(clients))
         model.load = lambda: None  # the engine would load it again, with a new decoder
-        model.model.generation_config.eos_token_id = None  # every request makes its tokens
-        model.decoder.eos = frozenset()
         results = asyncio.run(waves(settings, model, clients, args.rounds, args.tokens))
     print(f"\n{args.rounds} interleaved rounds; medians; {args.tokens} tokens per request\n")
     print("| clients | DECODE_AHEAD | step ms | forward ms | rows' work ms | per row us |")

@@ -18,14 +18,10 @@ if not torch.cuda.is_available():
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("ahead", [False, True])
-def test_graphs_replay_every_step_with_the_eager_steps_tokens(
-    tiny_cache: Path, ahead: bool
-) -> None:
+def cuda_qwen(tiny_cache: Path, ahead: bool) -> Any:
+    """The tiny Qwen in float32 on CUDA with the continuous decoder (MAX_BATCH_SIZE 4)."""
     from hunyuan_service.models.qwen_vl import QwenVLModel
-    from hunyuan_service.models.types import ChatMessage, Image2TextInput
     from hunyuan_service.settings import Settings
-    from tests.continuous_feed import run_together
 
     settings = Settings(
         _env_file=None,
@@ -35,16 +31,29 @@ def test_graphs_replay_every_step_with_the_eager_steps_tokens(
         device="cuda",
         dtype="float32",
         max_batch_size=4,
-        decode_ahead=ahead,  # tokens fed to the next graph replay unread, read a step later
+        decode_ahead=ahead,  # tokens fed to the next step unread, read a step later
     )
     model = QwenVLModel(settings)
     model.load()
+    return model
+
+
+def ask(text: str, tokens: int, **options: Any) -> Any:
+    from hunyuan_service.models.types import ChatMessage, Image2TextInput
+
+    return Image2TextInput((ChatMessage("user", text),), max_new_tokens=tokens, **options)
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_graphs_replay_every_step_with_the_eager_steps_tokens(
+    tiny_cache: Path, ahead: bool
+) -> None:
+    from tests.continuous_feed import run_together
+
+    model = cuda_qwen(tiny_cache, ahead)
     graphs = model.decoder.padded
     assert graphs is not None
     assert len(graphs.graphs) == len(graphs.buckets()) > 0
-
-    def ask(text: str, tokens: int, **options: Any) -> Image2TextInput:
-        return Image2TextInput((ChatMessage("user", text),), max_new_tokens=tokens, **options)
 
     requests = {
         "a": ask("Hi", 12),
@@ -72,23 +81,10 @@ def test_a_step_never_waits_for_the_device_but_on_its_tokens_copy(
     `.item()`, a blocking copy, a data-dependent shape) inside a step would fail its rows. The
     one wait a step has is its tokens' copy event (the step before's, with DECODE_AHEAD)."""
     from hunyuan_service.models.grammar import compile_response_format
-    from hunyuan_service.models.qwen_vl import QwenVLModel
-    from hunyuan_service.models.types import ChatMessage, Image2TextInput, Image2TextOutput
-    from hunyuan_service.settings import Settings
+    from hunyuan_service.models.types import Image2TextOutput
     from tests.continuous_feed import run_together
 
-    settings = Settings(
-        _env_file=None,
-        model_type="image2text",
-        model_id="tiny",
-        cache_dir=tiny_cache,
-        device="cuda",
-        dtype="float32",
-        max_batch_size=4,
-        decode_ahead=ahead,
-    )
-    model = QwenVLModel(settings)
-    model.load()
+    model = cuda_qwen(tiny_cache, ahead)
     step = model.decoder.step
     steps = []
 
@@ -101,10 +97,6 @@ def test_a_step_never_waits_for_the_device_but_on_its_tokens_copy(
             torch.cuda.set_sync_debug_mode("default")
 
     model.decoder.step = strict
-
-    def ask(text: str, tokens: int, **options: Any) -> Image2TextInput:
-        return Image2TextInput((ChatMessage("user", text),), max_new_tokens=tokens, **options)
-
     schema = {"type": "array", "items": {"enum": ["cat", "dog"]}, "minItems": 1, "maxItems": 3}
     requests = {
         "greedy": ask("Hi", 12),
