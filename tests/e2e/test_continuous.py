@@ -339,10 +339,11 @@ def test_a_short_request_joins_a_long_one_and_finishes_first(tiny_cache: Path) -
     run(scenario())
 
 
-def test_rows_wait_for_kv_room_rather_than_fail(tiny_cache: Path) -> None:
+@pytest.mark.parametrize("ahead", [False, True])
+def test_rows_wait_for_kv_room_rather_than_fail(tiny_cache: Path, ahead: bool) -> None:
     async def scenario() -> None:
         # Room for one 55-token prompt plus 40 new tokens at a time, not two.
-        engine = await started_engine(tiny_cache, kv_cache_tokens=150)
+        engine = await started_engine(tiny_cache, kv_cache_tokens=150, decode_ahead=ahead)
         decoder = engine.model.decoder
         rows_per_step: list[int] = []
         step = decoder.step
@@ -359,7 +360,9 @@ def test_rows_wait_for_kv_room_rather_than_fail(tiny_cache: Path) -> None:
         # Both were handed to the decoder at once, but their ranges never fit together.
         assert engine.scheduler.batch_sizes.sum == 1 + 2
         assert set(rows_per_step) == {1}
-        assert len(rows_per_step) == 2 * 39  # each row alone, one after the other
+        # Each row alone, one after the other; ahead, a row's last token is read in one more
+        # step, which runs no pass.
+        assert len(rows_per_step) == 2 * (39 + ahead)
         assert [first.status, second.status] == [JobStatus.SUCCEEDED] * 2
         assert second.output == engine.model.infer(ask("second question", 40), JobContext())
         assert engine.model.decoder.pool.free_positions == 150
@@ -368,9 +371,10 @@ def test_rows_wait_for_kv_room_rather_than_fail(tiny_cache: Path) -> None:
     run(scenario())
 
 
-def test_a_deadline_or_a_cancel_ends_only_its_own_row(tiny_cache: Path) -> None:
+@pytest.mark.parametrize("ahead", [False, True])
+def test_a_deadline_or_a_cancel_ends_only_its_own_row(tiny_cache: Path, ahead: bool) -> None:
     async def scenario() -> None:
-        engine = await started_engine(tiny_cache)
+        engine = await started_engine(tiny_cache, decode_ahead=ahead)
         late = engine.submit(ask("one", 2000), "late", observed=True)
         gone = engine.submit(ask("two", 2000), "gone", observed=True)
         kept = engine.submit(ask("three", 30), "kept", observed=True)
@@ -391,9 +395,10 @@ def test_a_deadline_or_a_cancel_ends_only_its_own_row(tiny_cache: Path) -> None:
     run(scenario())
 
 
-def test_the_drain_deadline_ends_running_rows_with_a_503(tiny_cache: Path) -> None:
+@pytest.mark.parametrize("ahead", [False, True])
+def test_the_drain_deadline_ends_running_rows_with_a_503(tiny_cache: Path, ahead: bool) -> None:
     async def scenario() -> None:
-        engine = await started_engine(tiny_cache, shutdown_timeout_s=0.5)
+        engine = await started_engine(tiny_cache, shutdown_timeout_s=0.5, decode_ahead=ahead)
         rows = [engine.submit(ask(f"q{i}", 4000), f"r{i}", detached=True) for i in range(2)]
         await first_token_of_all(rows)
         await engine.stop()
