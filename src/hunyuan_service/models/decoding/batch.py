@@ -28,6 +28,7 @@ from typing import Any
 from hunyuan_service.errors import InvalidInput
 from hunyuan_service.models.base import JobContext
 from hunyuan_service.models.decode_ahead import LateCopy
+from hunyuan_service.models.decoding.graphs import step_inputs
 from hunyuan_service.models.decoding.kv_pool import KVPool
 from hunyuan_service.models.decoding.rows import Row, RowSampler, TextStream
 from hunyuan_service.models.types import Image2TextInput
@@ -132,7 +133,8 @@ class Prefill:
 
 @dataclass(eq=False)
 class Pending:
-    """The tokens a step chose [rows], on the device and on their way to the host (DECODE_AHEAD)."""
+    """The tokens a step chose [rows], on the device and on their way to the host: read at the
+    end of the step, or with DECODE_AHEAD in the next one."""
 
     rows: list[Row | None]  # None: a row in the pass that was not decoding (ended, stopped)
     choices: Any
@@ -189,7 +191,7 @@ class DecodeBatch:
         self.padded: Any = None  # a PaddedStep once `pad_steps` ran; else exact shapes, eager
         self.bits: Any = None  # arange(32) on the device, for grammar bitmasks
         self.ahead = ahead
-        self.pending: Pending | None = None  # with `ahead`: the last step's tokens, unread
+        self.pending: Pending | None = None  # with `ahead`, between steps: tokens not yet read
         self.late = LateCopy(self.device)  # each step reads the last one's copy, then sends
 
     # -- joining ---------------------------------------------------------------------------------
@@ -537,7 +539,6 @@ class DecodeBatch:
     def _logits(self, rows: list[Row], tokens: Any = None) -> Any:
         """Float logits [rows, vocab] for each row's next token, queued on the device; `tokens`
         [rows] on the device, when given, are the tokens fed in place of each row's last."""
-        import torch
 
         values = [
             [row.generated[-1] for row in rows],
@@ -549,10 +550,7 @@ class DecodeBatch:
         width = max(row.cached for row in rows) + 1
         if self.padded is not None:
             return self.padded.run(values, width, tokens)
-        inputs = torch.tensor(values).to(self.device, non_blocking=True)
-        if tokens is not None:
-            inputs[0] = tokens  # graphs.TOKEN
-        return self._forward(inputs, width).float()
+        return self._forward(step_inputs(values, self.device, tokens), width).float()
 
     def _forward(self, inputs: Any, width: int, layer_step: Any = None) -> Any:
         """Logits [rows, vocab] for each row's next token at its own position.

@@ -37,6 +37,18 @@ SMALLEST_WIDTH = 256
 TOKEN, AT, ROTARY, LENGTH, START = range(5)
 
 
+def step_inputs(values: list[list[int]], device: Any, tokens: Any = None) -> Any:
+    """The step's integer inputs [5, rows] on `device`. The copy does not wait for the device
+    (from pageable memory, its source is staged at once); `tokens` [n] on the device, when
+    given, replace the first n rows' TOKEN (DECODE_AHEAD's unread tokens)."""
+    import torch
+
+    inputs = torch.tensor(values).to(device, non_blocking=True)
+    if tokens is not None:
+        inputs[TOKEN, : tokens.shape[0]] = tokens
+    return inputs
+
+
 def row_buckets(max_rows: int) -> list[int]:
     sizes = [1]
     while sizes[-1] * 2 < max_rows:
@@ -136,7 +148,7 @@ class PaddedStep:
             # tell them apart and compile again at the first real step.
             with torch.inference_mode():
                 for rows, width in self.buckets():
-                    self.forward(self._inputs(self.inputs[rows].tolist(), None, 0), width)
+                    self.forward(step_inputs(self.inputs[rows].tolist(), self.device), width)
             logger.info(
                 "compiled the decode step for %d buckets in %.1f s",
                 len(self.buckets()),
@@ -179,14 +191,14 @@ class PaddedStep:
         shape = self.bucket(count, width)
         if shape is None:
             self.eager_steps += 1
-            return self.eager(self._inputs(values, tokens, count), width).float()
+            return self.eager(step_inputs(values, self.device, tokens), width).float()
         rows, padded_width = shape
         padded = self.padded(values, rows)
         self.padded_rows += rows - count
         captured = self.graphs.get(shape)
         if captured is None:
             self.padded_steps += 1
-            logits = self.forward(self._inputs(padded, tokens, count), padded_width)
+            logits = self.forward(step_inputs(padded, self.device, tokens), padded_width)
             return logits[:count].float()
         graph, logits = captured
         inputs = self.inputs[rows]
@@ -198,11 +210,3 @@ class PaddedStep:
         self.replays += 1
         # A copy: the graph's own output memory is reused by the next replay of any bucket.
         return logits[:count].to(torch.float32, copy=True)
-
-    def _inputs(self, values: list[list[int]], tokens: Any, count: int) -> Any:
-        import torch
-
-        inputs = torch.tensor(values).to(self.device, non_blocking=True)
-        if tokens is not None:
-            inputs[TOKEN, :count] = tokens
-        return inputs

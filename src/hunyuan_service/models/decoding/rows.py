@@ -63,13 +63,9 @@ class RowSampler:
         if self.grammar is not None:
             self.grammar.advance(None if last_token is None else [last_token])
 
-    def choose(self, ids: Any, logits: Any) -> int:
-        """The next token from float32 `logits` [1, vocab], given the row's `ids` [1, n];
-        `prepare` has run for this token."""
-        return int(self.pick(ids, logits))
-
     def pick(self, ids: Any, logits: Any) -> Any:
-        """`choose`'s token as a tensor [1] on the logits' device, not read by the host."""
+        """The next token from float32 `logits` [1, vocab], given the row's `ids` [1, n], as a
+        tensor [1] on the logits' device, not read by the host; `prepare` has run for it."""
         import torch
 
         scores = logits
