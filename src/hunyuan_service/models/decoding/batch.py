@@ -15,9 +15,10 @@
   the pass before it, so the host's work for one step overlaps the device's next step;
 - `free(row)` gives a row's range back.
 
-The decode step is this module's own forward over the text model's layers and weights: it reads
-each row's keys and values from its range (grouped-query attention, KV heads never repeated),
-with every row at its own length and its own rotary position.
+The decode step is this module's own forward over the text model's layers and weights (each
+layer in layer.py): it reads each row's keys and values from its range (grouped-query
+attention, KV heads never repeated), with every row at its own length and its own rotary
+position.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from hunyuan_service.models.base import JobContext
 from hunyuan_service.models.decode_ahead import LateCopy
 from hunyuan_service.models.decoding.graphs import step_inputs
 from hunyuan_service.models.decoding.kv_pool import KVPool
+from hunyuan_service.models.decoding.layer import decoder_layer, join_projections, rms_norm
 from hunyuan_service.models.decoding.rows import Row, RowSampler, TextStream
 from hunyuan_service.models.types import Image2TextInput
 
@@ -51,48 +53,6 @@ def _pad_right(tensor: Any, width: int, dim: int) -> Any:
     shape = list(tensor.shape)
     shape[dim] = missing
     return torch.cat([tensor, last.expand(shape)], dim=dim)
-
-
-def decoder_layer(
-    layer: Any,
-    keys: Any,
-    values: Any,
-    hidden: Any,
-    cos: Any,
-    sin: Any,
-    at: Any,
-    index: Any,
-    mask: Any,
-) -> Any:
-    """One decoder layer of the decode step: `hidden` [rows, 1, hidden] attends to each row's
-    range of the layer's KV pool (`keys`, `values` [kv_heads, positions, head_dim]), after its
-    own key and value are written at `at` [rows]; `index` [rows, width] picks each row's
-    positions, `mask` [rows, 1, 1, width] those inside its length.
-
-    A plain function of its layer and tensors, so one compilation serves every layer."""
-    from torch.nn.functional import scaled_dot_product_attention
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
-
-    count = hidden.shape[0]
-    attention = layer.self_attn
-    head_dim = attention.head_dim
-    x = layer.input_layernorm(hidden)
-    query = attention.q_proj(x).view(count, 1, -1, head_dim).transpose(1, 2)
-    key = attention.k_proj(x).view(count, 1, -1, head_dim).transpose(1, 2)
-    value = attention.v_proj(x).view(count, 1, -1, head_dim).transpose(1, 2)
-    query, key = apply_rotary_pos_emb(query, key, cos, sin)
-    keys[:, at] = key[:, :, 0].transpose(0, 1)
-    values[:, at] = value[:, :, 0].transpose(0, 1)
-    row_keys = keys[:, index].transpose(0, 1)  # [rows, kv_heads, width, head_dim]
-    row_values = values[:, index].transpose(0, 1)
-    # The query heads of one KV head stand in for query positions: grouped-query attention
-    # with any attention kernel, the KV heads never repeated.
-    grouped = query.reshape(count, row_keys.shape[1], -1, head_dim)
-    out = scaled_dot_product_attention(
-        grouped, row_keys, row_values, attn_mask=mask, scale=attention.scaling
-    )
-    hidden = hidden + attention.o_proj(out.reshape(count, 1, -1))
-    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
 @dataclass
@@ -176,6 +136,8 @@ class DecodeBatch:
         self.grammar_mask = grammar_mask
         self.device = model.device
         head_dim = config.hidden_size // config.num_attention_heads
+        # The step's own projections; the model's modules then use views of these weights.
+        self.joined = [join_projections(layer) for layer in self.text_model.layers]
         self.pool = KVPool(
             len(self.text_model.layers),
             config.num_key_value_heads,
@@ -577,9 +539,9 @@ class DecodeBatch:
         pool = self.pool
         for number, layer in enumerate(model.layers):
             keys, values = pool.keys[number], pool.values[number]
-            hidden = step(layer, keys, values, hidden, cos, sin, at, index, mask)
-        hidden = model.norm(hidden)
-        return self.model.lm_head(hidden[:, -1, :])
+            joined = self.joined[number]
+            hidden = step(layer, joined, keys, values, hidden, cos, sin, at, index, mask)
+        return self.model.lm_head(rms_norm(model.norm, hidden)[:, -1, :])
 
     def _choose(self, row: Row, logits: Any) -> int:
         return int(self._pick(row, logits))

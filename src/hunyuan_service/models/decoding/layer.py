@@ -1,0 +1,128 @@
+"""One decoder layer of the continuous decoder's step, in as few kernels as its math allows.
+
+The step is captured as a CUDA graph (graphs.py), and at batch 1 each kernel inside it costs a
+start-up and a tail on top of the bytes it reads; the model's own modules launch 42 per layer.
+This layer computes the same thing in 26 (`bench/step_kernels.py` counts them):
+
+- the query, key and value projections are one matrix product, and so are the MLP's gate and
+  up projections: `join_projections` joins each layer's weights once at load, and the model's
+  own modules keep working on views into the joined weights, so no memory is added;
+- the queries and keys are rotated together, in one pass over both;
+- the RMS norms use torch's RMS normalisation (one fused kernel on CUDA) in float32, then the
+  model's dtype and weight, as the model's own norm computes them.
+
+A layer whose weights are quantized (QUANTIZE: tensor subclasses that cannot be joined) keeps
+its separate projections; the rest of the layer is the same.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+
+class Joined(NamedTuple):
+    """A layer's joined projection weights, [rows, in] each; biases are None where it has none."""
+
+    qkv: Any
+    qkv_bias: Any
+    gate_up: Any
+    gate_up_bias: Any
+
+
+def join_projections(layer: Any) -> Joined | None:
+    """Joins `layer`'s q, k and v projections, and its gate and up projections, into one weight
+    each, and points the modules' weights (and biases) at views of them. None, changing
+    nothing, where a weight is not a plain tensor (quantized)."""
+    import torch
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    attention, mlp = layer.self_attn, layer.mlp
+    groups = [
+        [attention.q_proj, attention.k_proj, attention.v_proj],
+        [mlp.gate_proj, mlp.up_proj],
+    ]
+    modules = [module for group in groups for module in group]
+    if any(is_traceable_wrapper_subclass(module.weight.data) for module in modules):
+        return None
+    joined: list[Any] = []
+    with torch.no_grad():
+        for group in groups:
+            for name in ("weight", "bias"):
+                parts = [getattr(module, name) for module in group]
+                if parts[0] is None:
+                    joined.append(None)
+                    continue
+                whole = torch.cat([part.data for part in parts])
+                start = 0
+                for module, part in zip(group, parts, strict=True):
+                    view = whole[start : start + part.shape[0]]
+                    setattr(module, name, torch.nn.Parameter(view, requires_grad=False))
+                    start += part.shape[0]
+                joined.append(whole)
+    return Joined(*joined)
+
+
+def rms_norm(norm: Any, hidden: Any) -> Any:
+    """The model's RMSNorm `norm(hidden)`: normalised in float32, then cast back and weighted."""
+    from torch.nn.functional import rms_norm as normalise
+
+    normed = normalise(hidden.float(), (hidden.shape[-1],), eps=norm.variance_epsilon)
+    return norm.weight * normed.to(hidden.dtype)
+
+
+def decoder_layer(
+    layer: Any,
+    joined: Joined | None,
+    keys: Any,
+    values: Any,
+    hidden: Any,
+    cos: Any,
+    sin: Any,
+    at: Any,
+    index: Any,
+    mask: Any,
+) -> Any:
+    """One decoder layer of the decode step: `hidden` [rows, 1, hidden] attends to each row's
+    range of the layer's KV pool (`keys`, `values` [kv_heads, positions, head_dim]), after its
+    own key and value are written at `at` [rows]; `index` [rows, width] picks each row's
+    positions, `mask` [rows, 1, 1, width] those inside its length; `cos`, `sin` [rows, 1,
+    head_dim] are each row's rotation. `joined`: the layer's joined projections, or None.
+
+    A plain function of its layer and tensors, so one compilation serves every layer."""
+    import torch
+    from torch.nn.functional import linear, scaled_dot_product_attention
+
+    count = hidden.shape[0]
+    attention, mlp = layer.self_attn, layer.mlp
+    head_dim = attention.head_dim
+    heads = attention.config.num_attention_heads
+    kv_heads = attention.config.num_key_value_heads
+    x = rms_norm(layer.input_layernorm, hidden)
+    if joined is None:
+        projections = (attention.q_proj(x), attention.k_proj(x), attention.v_proj(x))
+        qkv = torch.cat(projections, dim=-1)
+    else:
+        qkv = linear(x, joined.qkv, joined.qkv_bias)
+    qkv = qkv.view(count, heads + 2 * kv_heads, head_dim)
+    # The queries and keys, rotated together: x * cos + rotate_half(x) * sin.
+    both = qkv[:, : heads + kv_heads]
+    half = head_dim // 2
+    turned = both * cos + torch.cat((-both[..., half:], both[..., :half]), dim=-1) * sin
+    query, key = turned[:, :heads], turned[:, heads:]
+    keys[:, at] = key.transpose(0, 1)
+    values[:, at] = qkv[:, heads + kv_heads :].transpose(0, 1)
+    row_keys = keys[:, index].transpose(0, 1)  # [rows, kv_heads, width, head_dim]
+    row_values = values[:, index].transpose(0, 1)
+    # The query heads of one KV head stand in for query positions: grouped-query attention
+    # with any attention kernel, the KV heads never repeated.
+    grouped = query.reshape(count, kv_heads, -1, head_dim)
+    out = scaled_dot_product_attention(
+        grouped, row_keys, row_values, attn_mask=mask, scale=attention.scaling
+    )
+    hidden = hidden + attention.o_proj(out.reshape(count, 1, -1))
+    x = rms_norm(layer.post_attention_layernorm, hidden)
+    if joined is None:
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    else:
+        gate, up = linear(x, joined.gate_up, joined.gate_up_bias).chunk(2, dim=-1)
+    return hidden + mlp.down_proj(mlp.act_fn(gate) * up)

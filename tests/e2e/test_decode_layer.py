@@ -1,0 +1,122 @@
+"""The continuous decoder's own decoder layer (models/decoding/layer.py): joined projections that
+share the model's weights, the same layer either way, and quantized weights left alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hunyuan_service.models.base import JobContext
+from hunyuan_service.models.types import ChatMessage, Image2TextInput
+from tests.continuous_feed import run_together
+from tests.e2e.conftest import tiny_settings
+
+
+@pytest.fixture
+def two_layers() -> Any:
+    import torch
+
+    from hunyuan_service.models.tiny import QwenVLShape, build_qwen_vl
+
+    torch.manual_seed(3)
+    model, _processor = build_qwen_vl(QwenVLShape(hidden_size=64, layers=2, heads=4, kv_heads=2))
+    return model.eval()
+
+
+def projections(layer: Any) -> list[Any]:
+    attention, mlp = layer.self_attn, layer.mlp
+    return [attention.q_proj, attention.k_proj, attention.v_proj, mlp.gate_proj, mlp.up_proj]
+
+
+def test_joining_adds_no_memory_and_changes_no_output_of_the_model(two_layers: Any) -> None:
+    import torch
+
+    from hunyuan_service.models.decoding.layer import join_projections
+
+    text = two_layers.model.language_model
+    tokens = torch.tensor([[3, 17, 250, 9, 44]])
+    with torch.inference_mode():
+        before = text(input_ids=tokens).last_hidden_state
+    weights = {
+        id(m): (m.weight.clone(), m.bias) for layer in text.layers for m in projections(layer)
+    }
+    storages = {p.untyped_storage().data_ptr() for p in text.parameters()}
+    joined = [join_projections(layer) for layer in text.layers]
+
+    for layer, parts in zip(text.layers, joined, strict=True):
+        assert parts is not None
+        q, k, v, gate, up = projections(layer)
+        # Each module's weight is a view into its layer's joined weight, in order.
+        assert torch.equal(parts.qkv, torch.cat([q.weight, k.weight, v.weight]))
+        assert torch.equal(parts.qkv_bias, torch.cat([q.bias, k.bias, v.bias]))
+        assert torch.equal(parts.gate_up, torch.cat([gate.weight, up.weight]))
+        assert parts.gate_up_bias is None  # Qwen's MLP has no biases
+        for module in (q, k, v):
+            assert module.weight.untyped_storage().data_ptr() == parts.qkv.data_ptr()
+        for module in (gate, up):
+            assert module.weight.untyped_storage().data_ptr() == parts.gate_up.data_ptr()
+        for module in projections(layer):
+            assert torch.equal(module.weight, weights[id(module)][0])
+    # Per layer, the 8 tensors of q, k, v (weights and biases), gate and up became views of
+    # 3 joined ones; the separate tensors are gone.
+    after = {p.untyped_storage().data_ptr() for p in text.parameters()}
+    assert len(after) == len(storages) - 5 * len(text.layers)
+    with torch.inference_mode():
+        assert torch.equal(text(input_ids=tokens).last_hidden_state, before)
+
+
+def test_the_layer_gives_the_same_hidden_state_with_and_without_joined_weights(
+    two_layers: Any,
+) -> None:
+    import torch
+
+    from hunyuan_service.models.decoding.layer import decoder_layer, join_projections
+
+    text = two_layers.model.language_model
+    layer = text.layers[1]
+    joined = join_projections(layer)
+    kv_heads, head_dim = 2, 16
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 1, 64)
+    rows = torch.tensor([5.0, 9.0, 2.0])
+    cos, sin = text.rotary_emb(hidden, rows.view(1, 3, 1).expand(3, 3, 1).long())
+    at = torch.tensor([4, 20, 33])
+    index = torch.tensor([[0, 1, 2, 3, 4, 4], [12, 13, 14, 20, 20, 20], [31, 32, 33, 33, 33, 33]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]]).bool()
+    pool = torch.randn(2, kv_heads, 40, head_dim, generator=torch.Generator().manual_seed(1))
+    outputs = []
+    for parts in (joined, None):
+        keys, values = pool[0].clone(), pool[1].clone()
+        with torch.inference_mode():
+            out = decoder_layer(
+                layer, parts, keys, values, hidden, cos, sin, at, index, mask[:, None, None]
+            )
+        outputs.append((out, keys, values))
+    (joined_out, joined_keys, joined_values), (separate_out, keys, values) = outputs
+    torch.testing.assert_close(joined_out, separate_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(joined_keys, keys, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(joined_values, values, rtol=1e-5, atol=1e-6)
+    # Each row's key and value went to its own position, and nowhere else.
+    others = [position for position in range(40) if position not in at.tolist()]
+    assert not torch.equal(keys[:, at], pool[0][:, at])
+    assert not torch.equal(values[:, at], pool[1][:, at])
+    assert torch.equal(keys[:, others], pool[0][:, others])
+
+
+def test_quantized_weights_stay_separate_and_rows_still_equal_their_solo_answers(
+    tiny_cache: Path,
+) -> None:
+    from hunyuan_service.models.qwen_vl import QwenVLModel
+
+    model = QwenVLModel(tiny_settings("image2text", tiny_cache, quantize="int8", max_batch_size=4))
+    model.load()
+    assert model.decoder.joined == [None] * len(model.decoder.text_model.layers)
+    requests = {
+        key: Image2TextInput((ChatMessage("user", text),), max_new_tokens=tokens)
+        for key, text, tokens in (("a", "Hi", 6), ("b", "Tell me about the sea", 9))
+    }
+    together = run_together(model, requests).outcomes
+    for key, request in requests.items():
+        assert together[key] == model.infer(request, JobContext()), key
