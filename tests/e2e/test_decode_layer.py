@@ -72,7 +72,7 @@ def test_the_layer_gives_the_same_hidden_state_with_and_without_joined_weights(
 ) -> None:
     import torch
 
-    from hunyuan_service.models.decoding.layer import decoder_layer, join_projections
+    from hunyuan_service.models.decoding.layer import decoder_layer, join_projections, rotation
 
     text = two_layers.model.language_model
     layer = text.layers[1]
@@ -81,7 +81,7 @@ def test_the_layer_gives_the_same_hidden_state_with_and_without_joined_weights(
     torch.manual_seed(0)
     hidden = torch.randn(3, 1, 64)
     rows = torch.tensor([5.0, 9.0, 2.0])
-    cos, sin = text.rotary_emb(hidden, rows.view(1, 3, 1).expand(3, 3, 1).long())
+    cos, turn = rotation(*text.rotary_emb(hidden, rows.view(1, 3, 1).expand(3, 3, 1).long()))
     at = torch.tensor([4, 20, 33])
     index = torch.tensor([[0, 1, 2, 3, 4, 4], [12, 13, 14, 20, 20, 20], [31, 32, 33, 33, 33, 33]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]]).bool()
@@ -91,7 +91,7 @@ def test_the_layer_gives_the_same_hidden_state_with_and_without_joined_weights(
         keys, values = pool[0].clone(), pool[1].clone()
         with torch.inference_mode():
             out = decoder_layer(
-                layer, parts, keys, values, hidden, cos, sin, at, index, mask[:, None, None]
+                layer, parts, keys, values, hidden, cos, turn, at, index, mask[:, None, None]
             )
         outputs.append((out, keys, values))
     (joined_out, joined_keys, joined_values), (separate_out, keys, values) = outputs

@@ -31,7 +31,12 @@ from hunyuan_service.models.base import JobContext
 from hunyuan_service.models.decode_ahead import LateCopy
 from hunyuan_service.models.decoding.graphs import step_inputs
 from hunyuan_service.models.decoding.kv_pool import KVPool
-from hunyuan_service.models.decoding.layer import decoder_layer, join_projections, rms_norm
+from hunyuan_service.models.decoding.layer import (
+    decoder_layer,
+    join_projections,
+    rms_norm,
+    rotation,
+)
 from hunyuan_service.models.decoding.rows import Row, RowSampler, TextStream
 from hunyuan_service.models.types import Image2TextInput
 
@@ -534,13 +539,15 @@ class DecodeBatch:
 
         model = self.text_model
         hidden = model.embed_tokens(tokens[:, None])  # [rows, 1, hidden]
-        cos, sin = model.rotary_emb(hidden, rotary.view(1, count, 1).expand(3, count, 1))
+        cos, turn = rotation(
+            *model.rotary_emb(hidden, rotary.view(1, count, 1).expand(3, count, 1))
+        )
         step = layer_step or decoder_layer
         pool = self.pool
         for number, layer in enumerate(model.layers):
             keys, values = pool.keys[number], pool.values[number]
             joined = self.joined[number]
-            hidden = step(layer, joined, keys, values, hidden, cos, sin, at, index, mask)
+            hidden = step(layer, joined, keys, values, hidden, cos, turn, at, index, mask)
         return self.model.lm_head(rms_norm(model.norm, hidden)[:, -1, :])
 
     def _choose(self, row: Row, logits: Any) -> int:

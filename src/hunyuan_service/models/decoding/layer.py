@@ -2,12 +2,13 @@
 
 The step is captured as a CUDA graph (graphs.py), and at batch 1 each kernel inside it costs a
 start-up and a tail on top of the bytes it reads; the model's own modules launch 42 per layer.
-This layer computes the same thing in 26 (`bench/step_kernels.py` counts them):
+This layer computes the same thing in 25 (`bench/step_kernels.py` counts them):
 
 - the query, key and value projections are one matrix product, and so are the MLP's gate and
   up projections: `join_projections` joins each layer's weights once at load, and the model's
   own modules keep working on views into the joined weights, so no memory is added;
-- the queries and keys are rotated together, in one pass over both;
+- the queries and keys are rotated together, and with the rotation's signs folded into its sine
+  once per step;
 - the RMS norms use torch's RMS normalisation (one fused kernel on CUDA) in float32, then the
   model's dtype and weight, as the model's own norm computes them.
 
@@ -70,6 +71,16 @@ def rms_norm(norm: Any, hidden: Any) -> Any:
     return norm.weight * normed.to(hidden.dtype)
 
 
+def rotation(cos: Any, sin: Any) -> tuple[Any, Any]:
+    """The model's rotary `cos` and `sin` as `decoder_layer` takes them: `sin` with its first
+    half negated, so that the rotation needs no negation of its own (the same values: only
+    signs move)."""
+    import torch
+
+    half = sin.shape[-1] // 2
+    return cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
 def decoder_layer(
     layer: Any,
     joined: Joined | None,
@@ -77,7 +88,7 @@ def decoder_layer(
     values: Any,
     hidden: Any,
     cos: Any,
-    sin: Any,
+    turn: Any,
     at: Any,
     index: Any,
     mask: Any,
@@ -85,8 +96,9 @@ def decoder_layer(
     """One decoder layer of the decode step: `hidden` [rows, 1, hidden] attends to each row's
     range of the layer's KV pool (`keys`, `values` [kv_heads, positions, head_dim]), after its
     own key and value are written at `at` [rows]; `index` [rows, width] picks each row's
-    positions, `mask` [rows, 1, 1, width] those inside its length; `cos`, `sin` [rows, 1,
-    head_dim] are each row's rotation. `joined`: the layer's joined projections, or None.
+    positions, `mask` [rows, 1, 1, width] those inside its length; `cos` and `turn` [rows, 1,
+    head_dim] are each row's rotation (`rotation`). `joined`: the layer's joined projections,
+    or None.
 
     A plain function of its layer and tensors, so one compilation serves every layer."""
     import torch
@@ -104,10 +116,11 @@ def decoder_layer(
     else:
         qkv = linear(x, joined.qkv, joined.qkv_bias)
     qkv = qkv.view(count, heads + 2 * kv_heads, head_dim)
-    # The queries and keys, rotated together: x * cos + rotate_half(x) * sin.
+    # The queries and keys, rotated together: x * cos + rotate_half(x) * sin, where
+    # rotate_half(x) * sin is the halves of x swapped, times `turn`.
     both = qkv[:, : heads + kv_heads]
     half = head_dim // 2
-    turned = both * cos + torch.cat((-both[..., half:], both[..., :half]), dim=-1) * sin
+    turned = both * cos + torch.cat((both[..., half:], both[..., :half]), dim=-1) * turn
     query, key = turned[:, :heads], turned[:, heads:]
     keys[:, at] = key.transpose(0, 1)
     values[:, at] = qkv[:, heads + kv_heads :].transpose(0, 1)
