@@ -105,6 +105,82 @@ def test_the_layer_gives_the_same_hidden_state_with_and_without_joined_weights(
     assert torch.equal(keys[:, others], pool[0][:, others])
 
 
+def modules_layer(
+    layer: Any,
+    keys: Any,
+    values: Any,
+    hidden: Any,
+    cos: Any,
+    sin: Any,
+    at: Any,
+    index: Any,
+    mask: Any,
+) -> Any:
+    """The same decode step's layer, written with the model's own modules and functions (its
+    RMSNorm, `apply_rotary_pos_emb`, its MLP): the reference `decoder_layer` must match."""
+    from torch.nn.functional import scaled_dot_product_attention
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
+
+    count, attention = hidden.shape[0], layer.self_attn
+    head_dim = attention.head_dim
+    x = layer.input_layernorm(hidden)
+    query = attention.q_proj(x).view(count, 1, -1, head_dim).transpose(1, 2)
+    key = attention.k_proj(x).view(count, 1, -1, head_dim).transpose(1, 2)
+    value = attention.v_proj(x).view(count, 1, -1, head_dim).transpose(1, 2)
+    query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    keys[:, at] = key[:, :, 0].transpose(0, 1)
+    values[:, at] = value[:, :, 0].transpose(0, 1)
+    row_keys, row_values = keys[:, index].transpose(0, 1), values[:, index].transpose(0, 1)
+    grouped = query.reshape(count, row_keys.shape[1], -1, head_dim)
+    out = scaled_dot_product_attention(
+        grouped, row_keys, row_values, attn_mask=mask, scale=attention.scaling
+    )
+    hidden = hidden + attention.o_proj(out.reshape(count, 1, -1))
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype"),
+    [
+        ("cpu", "float32"),
+        pytest.param("cuda", "bfloat16", marks=pytest.mark.gpu),
+    ],
+)
+def test_the_layer_computes_what_the_models_own_modules_compute(
+    two_layers: Any, device: str, dtype: str
+) -> None:
+    import torch
+
+    from hunyuan_service.models.decoding.layer import decoder_layer, join_projections, rotation
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    model = two_layers.to(device=device, dtype=getattr(torch, dtype))
+    text = model.model.language_model
+    layer = text.layers[0]
+    generator = torch.Generator().manual_seed(4)
+    hidden = torch.randn(3, 1, 64, generator=generator).to(device, model.dtype)
+    positions = torch.tensor([6, 11, 2], device=device).view(1, 3, 1).expand(3, 3, 1)
+    cos, sin = text.rotary_emb(hidden, positions)
+    at = torch.tensor([4, 20, 33], device=device)
+    index = torch.tensor(
+        [[0, 1, 2, 3, 4, 4], [12, 13, 14, 20, 20, 20], [31, 32, 33, 33, 33, 33]], device=device
+    )
+    lengths = torch.tensor([5, 4, 3], device=device)
+    mask = (torch.arange(6, device=device)[None, :] < lengths[:, None])[:, None, None, :]
+    pool = torch.randn(2, 2, 40, 16, generator=generator).to(device, model.dtype)
+    with torch.inference_mode():
+        reference_pool = pool.clone()
+        expected = modules_layer(layer, *reference_pool, hidden, cos, sin, at, index, mask)
+        joined = join_projections(layer)
+        got = decoder_layer(layer, joined, *pool, hidden, *rotation(cos, sin), at, index, mask)
+    # float32: rounding apart; bfloat16: a few units of its last place.
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == "float32" else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(got, expected, **tolerance)
+    torch.testing.assert_close(pool, reference_pool, **tolerance)
+    assert not torch.equal(got, hidden)
+
+
 def test_quantized_weights_stay_separate_and_rows_still_equal_their_solo_answers(
     tiny_cache: Path,
 ) -> None:
