@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 
 class Joined(NamedTuple):
-    """A layer's joined projection weights, [rows, in] each; biases are None where it has none."""
+    """A layer's joined projection weights, [out, in] each; biases are None where it has none."""
 
     qkv: Any
     qkv_bias: Any
