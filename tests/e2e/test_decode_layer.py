@@ -39,9 +39,7 @@ def test_joining_adds_no_memory_and_changes_no_output_of_the_model(two_layers: A
     tokens = torch.tensor([[3, 17, 250, 9, 44]])
     with torch.inference_mode():
         before = text(input_ids=tokens).last_hidden_state
-    weights = {
-        id(m): (m.weight.clone(), m.bias) for layer in text.layers for m in projections(layer)
-    }
+    weights = {id(m): m.weight.clone() for layer in text.layers for m in projections(layer)}
     storages = {p.untyped_storage().data_ptr() for p in text.parameters()}
     joined = [join_projections(layer) for layer in text.layers]
 
@@ -58,7 +56,7 @@ def test_joining_adds_no_memory_and_changes_no_output_of_the_model(two_layers: A
         for module in (gate, up):
             assert module.weight.untyped_storage().data_ptr() == parts.gate_up.data_ptr()
         for module in projections(layer):
-            assert torch.equal(module.weight, weights[id(module)][0])
+            assert torch.equal(module.weight, weights[id(module)])
     # Per layer, the 8 tensors of q, k, v (weights and biases), gate and up became views of
     # 3 joined ones; the separate tensors are gone.
     after = {p.untyped_storage().data_ptr() for p in text.parameters()}
@@ -80,8 +78,8 @@ def test_the_layer_gives_the_same_hidden_state_with_and_without_joined_weights(
     kv_heads, head_dim = 2, 16
     torch.manual_seed(0)
     hidden = torch.randn(3, 1, 64)
-    rows = torch.tensor([5.0, 9.0, 2.0])
-    cos, turn = rotation(*text.rotary_emb(hidden, rows.view(1, 3, 1).expand(3, 3, 1).long()))
+    positions = torch.tensor([5, 9, 2]).view(1, 3, 1).expand(3, 3, 1)
+    cos, turn = rotation(*text.rotary_emb(hidden, positions))
     at = torch.tensor([4, 20, 33])
     index = torch.tensor([[0, 1, 2, 3, 4, 4], [12, 13, 14, 20, 20, 20], [31, 32, 33, 33, 33, 33]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]]).bool()
