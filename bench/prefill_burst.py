@@ -43,7 +43,22 @@ def serve(model_dir: Path, max_batch: int) -> Any:
     )
     model = QwenVLModel(settings)
     model.load()
+    model.load = lambda: None  # type: ignore[method-assign]  # the engine must keep this one
     return settings, model
+
+
+def run_waves(args: argparse.Namespace, waves: Any) -> tuple[list[int], dict]:
+    """Builds `bench/batching.py`'s model of `args.hidden` x `args.layers`, serves it, and runs
+    `waves(settings, model, clients, rounds, tokens)` for `args.clients`; prints the header."""
+    from batching import build_model
+
+    clients = [int(n) for n in args.clients.split(",")]
+    with tempfile.TemporaryDirectory() as folder:
+        build_model(Path(folder), args.hidden, args.layers)
+        settings, model = serve(Path(folder), max(clients))
+        results = asyncio.run(waves(settings, model, clients, args.rounds, args.tokens))
+    print(f"\n{args.rounds} interleaved rounds; medians; {args.tokens} tokens per request\n")
+    return clients, results
 
 
 async def waves(settings: Any, model: Any, clients: list[int], rounds: int, tokens: int) -> dict:
@@ -89,14 +104,7 @@ def wave_arguments(description: str, tokens: int, clients: str) -> argparse.Name
 
 def main() -> None:
     args = wave_arguments(__doc__.split("\n\n")[0], tokens=32, clients="8,32,64")
-    from batching import build_model
-
-    clients = [int(n) for n in args.clients.split(",")]
-    with tempfile.TemporaryDirectory() as folder:
-        build_model(Path(folder), args.hidden, args.layers)
-        settings, model = serve(Path(folder), max(clients))
-        results = asyncio.run(waves(settings, model, clients, args.rounds, args.tokens))
-    print(f"\n{args.rounds} interleaved rounds; medians; {args.tokens} tokens per request\n")
+    clients, results = run_waves(args, waves)
     print("| clients | way | TTFT ms | time per token ms | wave s | TTFT ratio | wave ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for count in clients:

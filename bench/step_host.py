@@ -17,13 +17,10 @@ run.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -98,18 +95,10 @@ async def waves(settings: Any, model: Any, clients: list[int], rounds: int, toke
 
 
 def main() -> None:
-    from batching import build_model
-    from prefill_burst import serve, wave_arguments
+    from prefill_burst import run_waves, wave_arguments
 
     args = wave_arguments(__doc__.split("\n\n")[0], tokens=64, clients="1,8,32,64")
-
-    clients = [int(n) for n in args.clients.split(",")]
-    with tempfile.TemporaryDirectory() as folder:
-        build_model(Path(folder), args.hidden, args.layers)
-        settings, model = serve(Path(folder), max(clients))
-        model.load = lambda: None  # the engine would load it again, with a new decoder
-        results = asyncio.run(waves(settings, model, clients, args.rounds, args.tokens))
-    print(f"\n{args.rounds} interleaved rounds; medians; {args.tokens} tokens per request\n")
+    clients, results = run_waves(args, waves)
     print("| clients | DECODE_AHEAD | step ms | forward ms | rows' work ms | per row us |")
     print("| --- | --- | --- | --- | --- | --- |")
     keys = ("step_ms", "forward_ms", "rows_ms", "rows_us_per_row")
