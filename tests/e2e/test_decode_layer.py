@@ -104,6 +104,7 @@ def modules_layer(
     ("device", "dtype"),
     [
         ("cpu", "float32"),
+        ("cpu", "bfloat16"),
         pytest.param("cuda", "bfloat16", marks=pytest.mark.gpu),
     ],
 )

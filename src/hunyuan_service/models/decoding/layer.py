@@ -2,15 +2,15 @@
 
 The step is captured as a CUDA graph (graphs.py), and at batch 1 each kernel inside it costs a
 start-up and a tail on top of the bytes it reads; the model's own modules launch 42 per layer.
-This layer computes the same thing in 25 (`bench/step_kernels.py` counts them):
+This layer computes the same thing in 21 (`bench/step_kernels.py` counts them):
 
 - the query, key and value projections are one matrix product, and so are the MLP's gate and
   up projections: `join_projections` joins each layer's weights once at load, and the model's
   own modules keep working on views into the joined weights, so no memory is added;
 - the queries and keys are rotated together, and with the rotation's signs folded into its sine
   once per step;
-- the RMS norms use torch's RMS normalisation (one fused kernel on CUDA) in float32, then the
-  model's dtype and weight, as the model's own norm computes them.
+- the RMS norms use torch's RMS normalisation (one fused kernel on CUDA), which computes in
+  float32 and rounds to the model's dtype once, then the weight, as the model's own norm does.
 
 A layer whose weights are quantized (QUANTIZE: tensor subclasses that cannot be joined) keeps
 its separate projections; the rest of the layer is the same.
@@ -64,11 +64,12 @@ def join_projections(layer: Any) -> Joined | None:
 
 
 def rms_norm(norm: Any, hidden: Any) -> Any:
-    """The model's RMSNorm `norm(hidden)`: normalised in float32, then cast back and weighted."""
+    """The model's RMSNorm `norm(hidden)`: normalised in float32 and cast back in one kernel
+    (torch's RMS normalisation computes in float32 for bfloat16 and float16 inputs), then
+    weighted."""
     from torch.nn.functional import rms_norm as normalise
 
-    normed = normalise(hidden.float(), (hidden.shape[-1],), eps=norm.variance_epsilon)
-    return norm.weight * normed.to(hidden.dtype)
+    return norm.weight * normalise(hidden, (hidden.shape[-1],), eps=norm.variance_epsilon)
 
 
 def rotation(cos: Any, sin: Any) -> tuple[Any, Any]:
