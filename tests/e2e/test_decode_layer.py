@@ -141,9 +141,8 @@ def test_the_layer_computes_what_the_models_own_modules_compute(
         # The joined projections, and the separate ones a quantized layer keeps.
         for parts in (joined, None):
             got_pool = pool.clone()
-            got = decoder_layer(
-                layer, parts, *got_pool, hidden, *rotation(cos, sin), at, index, mask
-            )
+            turns = rotation(cos, sin, heads=4, kv_heads=2)
+            got = decoder_layer(layer, parts, got_pool, hidden, *turns, at, index, mask)
             torch.testing.assert_close(got, expected, **tolerance)
             torch.testing.assert_close(got_pool, expected_pool, **tolerance)
     assert not torch.equal(expected, hidden)

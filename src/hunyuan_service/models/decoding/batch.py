@@ -539,15 +539,13 @@ class DecodeBatch:
 
         model = self.text_model
         hidden = model.embed_tokens(tokens[:, None])  # [rows, 1, hidden]
-        cos, turn = rotation(
-            *model.rotary_emb(hidden, rotary.view(1, count, 1).expand(3, count, 1))
-        )
+        config = model.config
+        cos, sin = model.rotary_emb(hidden, rotary.view(1, count, 1).expand(3, count, 1))
+        cos, turn = rotation(cos, sin, config.num_attention_heads, config.num_key_value_heads)
         step = layer_step or decoder_layer
-        pool = self.pool
-        for number, layer in enumerate(model.layers):
-            keys, values = pool.keys[number], pool.values[number]
-            joined = self.joined[number]
-            hidden = step(layer, joined, keys, values, hidden, cos, turn, at, index, mask)
+        pools = self.pool.layers
+        for layer, joined, pool in zip(model.layers, self.joined, pools, strict=True):
+            hidden = step(layer, joined, pool, hidden, cos, turn, at, index, mask)
         return self.model.lm_head(rms_norm(model.norm, hidden)[:, -1, :])
 
     def _choose(self, row: Row, logits: Any) -> int:

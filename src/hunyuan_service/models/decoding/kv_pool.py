@@ -15,7 +15,8 @@ from typing import Any
 
 
 class KVPool:
-    """`capacity` positions of keys and values for each of `layers` layers.
+    """`capacity` positions of keys and values for each of `layers` layers: `layers[n]` is
+    layer n's [2 (keys, values), kv_heads, capacity + 1, head_dim].
 
     Args:
         layers, kv_heads, head_dim: the text model's shape.
@@ -30,9 +31,10 @@ class KVPool:
 
         self.capacity = capacity
         self.scratch = capacity  # the padding rows' position
-        shape = (kv_heads, capacity + 1, head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
+        # Keys (0) and values (1) of a layer in one tensor, so that a step writes both with one
+        # kernel and reads both with another.
+        shape = (2, kv_heads, capacity + 1, head_dim)
+        self.layers = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
         self._free: list[tuple[int, int]] = [(0, capacity)]  # (start, length), sorted by start
 
     @property
@@ -65,5 +67,5 @@ class KVPool:
     def write(self, layer: int, start: int, keys: Any, values: Any) -> None:
         """Stores `[kv_heads, n, head_dim]` keys and values at positions start..start+n."""
         count = keys.shape[1]
-        self.keys[layer][:, start : start + count] = keys
-        self.values[layer][:, start : start + count] = values
+        self.layers[layer][0, :, start : start + count] = keys
+        self.layers[layer][1, :, start : start + count] = values

@@ -2,13 +2,15 @@
 
 The step is captured as a CUDA graph (graphs.py), and at batch 1 each kernel inside it costs a
 start-up and a tail on top of the bytes it reads; the model's own modules launch 42 per layer.
-This layer computes the same thing in 21 (`bench/step_kernels.py` counts them):
+This layer computes the same thing in 19 (`bench/step_kernels.py` counts them):
 
 - the query, key and value projections are one matrix product, and so are the MLP's gate and
   up projections: `join_projections` joins each layer's weights once at load, and the model's
   own modules keep working on views into the joined weights, so no memory is added;
-- the queries and keys are rotated together, and with the rotation's signs folded into its sine
-  once per step;
+- the queries and keys are rotated in one pass that leaves the values as they are, with the
+  rotation's signs folded into its sine once per step (`rotation`), so the keys and values
+  come out of it side by side and go into the KV pool, which holds them side by side too, with
+  one write, and come back for attention with one gather;
 - the RMS norms use torch's RMS normalisation (one fused kernel on CUDA), which computes in
   float32 and rounds to the model's dtype once, then the weight, as the model's own norm does.
 
@@ -72,21 +74,27 @@ def rms_norm(norm: Any, hidden: Any) -> Any:
     return norm.weight * normalise(hidden, (hidden.shape[-1],), eps=norm.variance_epsilon)
 
 
-def rotation(cos: Any, sin: Any) -> tuple[Any, Any]:
-    """The model's rotary `cos` and `sin` as `decoder_layer` takes them: `sin` with its first
-    half negated, so that the rotation needs no negation of its own (the same values: only
-    signs move)."""
+def rotation(cos: Any, sin: Any, heads: int, kv_heads: int) -> tuple[Any, Any]:
+    """The model's rotary `cos` and `sin` [rows, 1, head_dim] as `decoder_layer` takes them,
+    [rows, heads + 2 * kv_heads, head_dim] each: `sin` with its first half negated (`turn`), so
+    that the rotation needs no negation of its own (the same values: only signs move), for the
+    query and key heads; cos 1 and turn 0 for the value heads, which the rotation then leaves as
+    they are (v * 1 + w * 0 == v), so that keys and values come out of it side by side."""
     import torch
 
-    half = sin.shape[-1] // 2
-    return cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    rows, _, head_dim = cos.shape
+    half = head_dim // 2
+    turn = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    rotated = (rows, heads + kv_heads, head_dim)
+    cos = torch.cat((cos.expand(rotated), cos.new_ones(rows, kv_heads, head_dim)), dim=1)
+    turn = torch.cat((turn.expand(rotated), turn.new_zeros(rows, kv_heads, head_dim)), dim=1)
+    return cos, turn
 
 
 def decoder_layer(
     layer: Any,
     joined: Joined | None,
-    keys: Any,
-    values: Any,
+    pool: Any,
     hidden: Any,
     cos: Any,
     turn: Any,
@@ -95,11 +103,11 @@ def decoder_layer(
     mask: Any,
 ) -> Any:
     """One decoder layer of the decode step: `hidden` [rows, 1, hidden] attends to each row's
-    range of the layer's KV pool (`keys`, `values` [kv_heads, positions, head_dim]), after its
-    own key and value are written at `at` [rows]; `index` [rows, width] picks each row's
-    positions, `mask` [rows, 1, 1, width] those inside its length; `cos` and `turn` [rows, 1,
-    head_dim] are each row's rotation (`rotation`). `joined`: the layer's joined projections,
-    or None.
+    range of the layer's KV pool (`pool` [2 (keys, values), kv_heads, positions, head_dim]),
+    after its own key and value are written at `at` [rows]; `index` [rows, width] picks each
+    row's positions, `mask` [rows, 1, 1, width] those inside its length; `cos` and `turn` [rows,
+    heads + 2 * kv_heads, head_dim] are each row's rotation (`rotation`). `joined`: the layer's
+    joined projections, or None.
 
     A plain function of its layer and tensors, so one compilation serves every layer."""
     import torch
@@ -117,16 +125,14 @@ def decoder_layer(
     else:
         qkv = linear(x, joined.qkv, joined.qkv_bias)
     qkv = qkv.view(count, heads + 2 * kv_heads, head_dim)
-    # The queries and keys, rotated together: x * cos + rotate_half(x) * sin, where
-    # rotate_half(x) * sin is the halves of x swapped, times `turn`.
-    both = qkv[:, : heads + kv_heads]
+    # The queries and keys rotated, the values passed through, in one go: x * cos +
+    # rotate_half(x) * sin, where rotate_half(x) * sin is the halves of x swapped, times `turn`.
     half = head_dim // 2
-    turned = both * cos + torch.cat((both[..., half:], both[..., :half]), dim=-1) * turn
-    query, key = turned[:, :heads], turned[:, heads:]
-    keys[:, at] = key.transpose(0, 1)
-    values[:, at] = qkv[:, heads + kv_heads :].transpose(0, 1)
-    row_keys = keys[:, index].transpose(0, 1)  # [rows, kv_heads, width, head_dim]
-    row_values = values[:, index].transpose(0, 1)
+    turned = qkv * cos + torch.cat((qkv[..., half:], qkv[..., :half]), dim=-1) * turn
+    query = turned[:, :heads]
+    pool[:, :, at] = turned[:, heads:].view(count, 2, kv_heads, head_dim).permute(1, 2, 0, 3)
+    ranges = pool[:, :, index]  # [2, kv_heads, rows, width, head_dim]
+    row_keys, row_values = ranges[0].transpose(0, 1), ranges[1].transpose(0, 1)
     # The query heads of one KV head stand in for query positions: grouped-query attention
     # with any attention kernel, the KV heads never repeated.
     grouped = query.reshape(count, kv_heads, -1, head_dim)
