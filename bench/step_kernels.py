@@ -40,6 +40,7 @@ def launches(name: str) -> bool:
 
 
 def counting_mode() -> Any:
+    import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Counting(TorchDispatchMode):
@@ -50,8 +51,17 @@ def counting_mode() -> Any:
             self.ops: collections.Counter[str] = collections.Counter()
 
         def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
+            kwargs = kwargs or {}
             self.ops[str(func.overloadpacket)] += 1
-            return func(*args, **(kwargs or {}))
+            if func.overloadpacket is torch.ops.aten.scaled_dot_product_attention:
+                # On CUDA, attention given a boolean mask first makes it additive: a -inf
+                # scalar tensor filled on the device and a `where` (ATen's
+                # convert_boolean_attn_mask). The fake device does not show them.
+                mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+                if mask is not None and mask.dtype == torch.bool:
+                    self.ops["aten.where (attention's boolean mask made additive)"] += 1
+                    self.ops["aten.fill_ (its -inf)"] += 1
+            return func(*args, **kwargs)
 
         def kernels(self) -> int:
             return sum(count for name, count in self.ops.items() if launches(name))

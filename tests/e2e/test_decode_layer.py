@@ -113,7 +113,12 @@ def test_the_layer_computes_what_the_models_own_modules_compute(
 ) -> None:
     import torch
 
-    from hunyuan_service.models.decoding.layer import decoder_layer, join_projections, rotation
+    from hunyuan_service.models.decoding.layer import (
+        attention_mask,
+        decoder_layer,
+        join_projections,
+        rotation,
+    )
 
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
@@ -142,7 +147,8 @@ def test_the_layer_computes_what_the_models_own_modules_compute(
         for parts in (joined, None):
             got_pool = pool.clone()
             turns = rotation(cos, sin, heads=4, kv_heads=2)
-            got = decoder_layer(layer, parts, got_pool, hidden, *turns, at, index, mask)
+            additive = attention_mask(mask[:, 0, 0], model.dtype)
+            got = decoder_layer(layer, parts, got_pool, hidden, *turns, at, index, additive)
             torch.testing.assert_close(got, expected, **tolerance)
             torch.testing.assert_close(got_pool, expected_pool, **tolerance)
     assert not torch.equal(expected, hidden)

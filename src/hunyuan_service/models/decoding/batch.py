@@ -32,6 +32,7 @@ from hunyuan_service.models.decode_ahead import LateCopy
 from hunyuan_service.models.decoding.graphs import step_inputs
 from hunyuan_service.models.decoding.kv_pool import KVPool
 from hunyuan_service.models.decoding.layer import (
+    attention_mask,
     decoder_layer,
     join_projections,
     rms_norm,
@@ -535,7 +536,7 @@ class DecodeBatch:
         offsets = torch.arange(width, device=inputs.device)
         valid = offsets[None, :] < lengths[:, None]  # [rows, width]
         index = starts[:, None] + torch.minimum(offsets[None, :], lengths[:, None] - 1)
-        mask = valid[:, None, None, :]
+        mask = attention_mask(valid, self.model.dtype)
 
         model = self.text_model
         hidden = model.embed_tokens(tokens[:, None])  # [rows, 1, hidden]

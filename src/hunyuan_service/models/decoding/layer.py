@@ -1,8 +1,9 @@
 """One decoder layer of the continuous decoder's step, in as few kernels as its math allows.
 
 The step is captured as a CUDA graph (graphs.py), and at batch 1 each kernel inside it costs a
-start-up and a tail on top of the bytes it reads; the model's own modules launch 42 per layer.
-This layer computes the same thing in 19 (`bench/step_kernels.py` counts them):
+start-up and a tail on top of the bytes it reads; the model's own modules launch 44 per layer
+(attention given a boolean mask included). This layer computes the same thing in 19
+(`bench/step_kernels.py` counts them):
 
 - the query, key and value projections are one matrix product, and so are the MLP's gate and
   up projections: `join_projections` joins each layer's weights once at load, and the model's
@@ -12,7 +13,9 @@ This layer computes the same thing in 19 (`bench/step_kernels.py` counts them):
   come out of it side by side and go into the KV pool, which holds them side by side too, with
   one write, and come back for attention with one gather;
 - the RMS norms use torch's RMS normalisation (one fused kernel on CUDA), which computes in
-  float32 and rounds to the model's dtype once, then the weight, as the model's own norm does.
+  float32 and rounds to the model's dtype once, then the weight, as the model's own norm does;
+- attention takes an additive mask built once per step (`attention_mask`), where a boolean
+  one costs two kernels in every layer on CUDA.
 
 A layer whose weights are quantized (QUANTIZE: tensor subclasses that cannot be joined) keeps
 its separate projections; the rest of the layer is the same.
@@ -91,6 +94,16 @@ def rotation(cos: Any, sin: Any, heads: int, kv_heads: int) -> tuple[Any, Any]:
     return cos, turn
 
 
+def attention_mask(valid: Any, dtype: Any) -> Any:
+    """`valid` [rows, width] (where each row may attend) as the additive mask that attention
+    takes, [rows, 1, 1, width] in `dtype`: 0 where valid, -inf elsewhere. Built once a step:
+    given a boolean mask, PyTorch's attention builds this itself on CUDA, in every layer."""
+    import torch
+
+    mask = torch.full(valid.shape, float("-inf"), dtype=dtype, device=valid.device)
+    return mask.masked_fill_(valid, 0.0)[:, None, None, :]
+
+
 def decoder_layer(
     layer: Any,
     joined: Joined | None,
@@ -105,9 +118,9 @@ def decoder_layer(
     """One decoder layer of the decode step: `hidden` [rows, 1, hidden] attends to each row's
     range of the layer's KV pool (`pool` [2 (keys, values), kv_heads, positions, head_dim]),
     after its own key and value are written at `at` [rows]; `index` [rows, width] picks each
-    row's positions, `mask` [rows, 1, 1, width] those inside its length; `cos` and `turn` [rows,
-    heads + 2 * kv_heads, head_dim] are each row's rotation (`rotation`). `joined`: the layer's
-    joined projections, or None.
+    row's positions, `mask` [rows, 1, 1, width] those inside its length (`attention_mask`);
+    `cos` and `turn` [rows, heads + 2 * kv_heads, head_dim] are each row's rotation
+    (`rotation`). `joined`: the layer's joined projections, or None.
 
     A plain function of its layer and tensors, so one compilation serves every layer."""
     import torch
