@@ -43,6 +43,8 @@ def concurrency_section(name: str, shape: Any, plan: Any, report: Any) -> None:
 
     if 1 in rates:
         bandwidth_row("", rates[1])
+    if plan.profile:
+        _profiled_steps(served, plan, report, name)
 
     def constrained(served: Any, unconstrained: dict[int, float], label: str) -> None:
         """The same waves held to a JSON schema that stays open for all their tokens."""
@@ -87,6 +89,33 @@ def concurrency_section(name: str, shape: Any, plan: Any, report: Any) -> None:
         _compare(report, name, "CUDA graphs vs eager step", rates, eager, texts, eager_texts)
     if plan.left() > 60:
         _http_row(served.settings, served, plan.new_tokens, report, name)
+
+
+def _profiled_steps(served: Any, plan: Any, report: Any, name: str) -> None:
+    """The continuous decoder's steps under the profiler, at 1 and 32 rows: `new_tokens` steps
+    driven straight through the model's continuous serving (no engine), the prefill included
+    (one or two passes of the short prompts, spread over the steps)."""
+    from tests.continuous_feed import ListFeed
+
+    import gpu as bench
+    from gpu_profile import profile, save
+    from hunyuan_service.models.base import JobContext
+    from hunyuan_service.models.types import ChatMessage, Image2TextInput
+
+    n = plan.new_tokens
+    for rows in (1, 32):
+        if plan.left() < 40:
+            return
+        jobs = [
+            (i, Image2TextInput((ChatMessage("user", f"Describe scene {i}."),), n), JobContext())
+            for i in range(rows)
+        ]
+        feed = ListFeed(jobs)
+        found = profile(lambda: served.serve_continuously(feed), plan.device)  # noqa: B023
+        done = sum(1 for outcome in feed.outcomes.values() if not isinstance(outcome, Exception))
+        label = f"continuous decoder, {rows} rows, {n} steps"
+        line = f"{found.line(n, 'step')}; {done} of {rows} rows answered"
+        bench.add_profile(report, name, label, line, save(found, report.out, name, label))
 
 
 def bench_model(shape: Any, dtype: Any) -> tuple[Any, Any]:

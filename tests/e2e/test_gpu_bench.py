@@ -85,3 +85,9 @@ def test_gpu_bench_runs_on_cpu_with_the_tiny_models(tmp_path: Path) -> None:
         assert note.startswith(f"per {unit}: wall "), note
         table = (tmp_path / note.rsplit("; ", 1)[1]).read_text()
         assert table.count("\n| ") >= 5  # the header and the heaviest operators
+    # ... and the continuous decoder's steps at 1 and 32 rows, every row answered.
+    for count in (1, 32):
+        note = waves[f"continuous decoder, {count} rows, 8 steps [profiled once]"]["note"]
+        assert note.startswith("per step: wall "), note
+        assert f"; {count} of {count} rows answered; profile-" in note
+        assert (tmp_path / note.rsplit("; ", 1)[1]).read_text().count("\n| ") >= 5
