@@ -61,6 +61,13 @@ def counting_mode() -> Any:
                 if mask is not None and mask.dtype == torch.bool:
                     self.ops["aten.where (attention's boolean mask made additive)"] += 1
                     self.ops["aten.fill_ (its -inf)"] += 1
+            if func.overloadpacket is torch.ops.aten.linear:
+                # With a bias and one row, CUDA's addmm cannot use cuBLASLt's bias epilogue
+                # (it needs more than one row: isInputCompliesAddmmCudaLt), so it first
+                # copies the bias into the output, then runs the product onto it.
+                bias = args[2] if len(args) > 2 else kwargs.get("bias")
+                if bias is not None and args[0].numel() == args[0].shape[-1]:
+                    self.ops["aten.copy_ (a bias into the output: one row)"] += 1
             return func(*args, **kwargs)
 
         def kernels(self) -> int:
