@@ -283,6 +283,30 @@ def test_a_request_larger_than_the_kv_cache_is_refused_naming_the_setting(
     assert model.decoder.pool.free_positions == 80  # every range given back
 
 
+def test_a_request_past_the_rotary_positions_is_refused_with_its_range_given_back(
+    tiny_cache: Path,
+) -> None:
+    from hunyuan_service.models.decoding.layer import Rotations
+    from hunyuan_service.models.qwen_vl import QwenVLModel
+
+    settings = tiny_settings(
+        "image2text", tiny_cache, max_batch_size=2, kv_cache_tokens=80, max_input_tokens=256
+    )
+    model = QwenVLModel(settings)
+    model.load()
+    decoder = model.decoder
+    # The table covers the model's own limit, which no tiny request reaches; a shorter one
+    # stands in for a video whose rotary positions run ahead of its tokens.
+    decoder.rotations = Rotations(decoder.text_model, 66)  # the prompt: 58 tokens
+    feed = run_together(model, {"far": ask("hello", 10), "near": ask("hello", 5)})
+    refused = feed.outcomes["far"]
+    assert isinstance(refused, InvalidInput)
+    assert refused.param == "messages"
+    assert "rotary positions" in refused.message
+    assert feed.outcomes["near"].completion_tokens == 5
+    assert decoder.pool.free_positions == 80  # every range given back
+
+
 # -- through the engine: joining, leaving, capacity --------------------------------------------
 
 

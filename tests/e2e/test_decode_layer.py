@@ -158,6 +158,32 @@ def test_the_layer_computes_what_the_models_own_modules_compute(
     assert torch.equal(expected_pool[:, :, others], pool[:, :, others])
 
 
+def test_the_rotation_table_holds_what_the_rotary_embedding_gives_each_position(
+    two_layers: Any,
+) -> None:
+    import torch
+
+    from hunyuan_service.models.decoding.layer import Rotations, rotation
+
+    text = two_layers.model.language_model
+    rotations = Rotations(text, 50)
+    positions = torch.tensor([0, 7, 49, 7])
+    cos, turn = rotations(positions)
+    # Each row's rotation as the step computed it before the table: the model's rotary
+    # embedding at the row's position (its three M-RoPE positions equal).
+    probe = torch.empty(1)
+    expected = rotation(
+        *text.rotary_emb(probe, positions.view(1, 4, 1).expand(3, 4, 1)), heads=4, kv_heads=2
+    )
+    assert cos.shape == turn.shape == (4, 4, 1, 16)  # groups of 2 heads: 2 queries', keys', values'
+    assert torch.equal(cos, expected[0])
+    assert torch.equal(turn, expected[1])
+    assert not torch.equal(cos[0], cos[1])
+    # The values' group: cos 1 and turn 0, which leave a head as it is.
+    assert torch.equal(cos[:, -1], torch.ones(4, 1, 16))
+    assert torch.equal(turn[:, -1], torch.zeros(4, 1, 16))
+
+
 def test_quantized_weights_stay_separate_and_rows_still_equal_their_solo_answers(
     tiny_cache: Path,
 ) -> None:

@@ -32,11 +32,11 @@ from hunyuan_service.models.decode_ahead import LateCopy
 from hunyuan_service.models.decoding.graphs import step_inputs
 from hunyuan_service.models.decoding.kv_pool import KVPool
 from hunyuan_service.models.decoding.layer import (
+    Rotations,
     attention_mask,
     decoder_layer,
     join_projections,
     rms_norm,
-    rotation,
 )
 from hunyuan_service.models.decoding.rows import Row, RowSampler, TextStream
 from hunyuan_service.models.types import Image2TextInput
@@ -151,6 +151,12 @@ class DecodeBatch:
             capacity,
             self.device,
             model.dtype,
+        )
+        # Every rotary position a row can reach: its KV range's, moved by its rope delta
+        # (below 0 with images; above it only for videos of small frames, within the model's
+        # own limit).
+        self.rotations = Rotations(
+            self.text_model, max(capacity, config.max_position_embeddings) + 1
         )
         eos = model.generation_config.eos_token_id
         self.eos = frozenset([eos] if isinstance(eos, int) else (eos or []))
@@ -306,6 +312,15 @@ class DecodeBatch:
         positions = model._prepare_position_ids_for_generation(input_ids, inputs)
         delta = model.model.rope_deltas
         rope_delta = int(delta.reshape(-1)[0]) if delta is not None else 0
+        # Its last step (one more with DECODE_AHEAD) at rotary position needs + rope_delta.
+        if prepared.needs + rope_delta >= self.rotations.positions:
+            raise InvalidInput(
+                f"messages: the input's rotary positions with max_new_tokens "
+                f"{prepared.request.max_new_tokens} reach {prepared.needs + rope_delta}, past "
+                f"the {self.rotations.positions} this model serves: send less or ask for fewer "
+                "tokens",
+                param="messages",
+            )
         vision = model.model
         embeds = vision.get_input_embeddings()(input_ids)
         encoded = inputs.get("mm_encoder_outputs", {})
@@ -532,7 +547,6 @@ class DecodeBatch:
         import torch
 
         tokens, at, rotary, lengths, starts = inputs
-        count = tokens.shape[0]
         offsets = torch.arange(width, device=inputs.device)
         valid = offsets[None, :] < lengths[:, None]  # [rows, width]
         index = starts[:, None] + torch.minimum(offsets[None, :], lengths[:, None] - 1)
@@ -540,9 +554,7 @@ class DecodeBatch:
 
         model = self.text_model
         hidden = model.embed_tokens(tokens[:, None])  # [rows, 1, hidden]
-        config = model.config
-        cos, sin = model.rotary_emb(hidden, rotary.view(1, count, 1).expand(3, count, 1))
-        cos, turn = rotation(cos, sin, config.num_attention_heads, config.num_key_value_heads)
+        cos, turn = self.rotations(rotary)
         step = layer_step or decoder_layer
         pools = self.pool.layers
         for layer, joined, pool in zip(model.layers, self.joined, pools, strict=True):

@@ -9,9 +9,10 @@ start-up and a tail on top of the bytes it reads; the model's own modules launch
   up projections: `join_projections` joins each layer's weights once at load, and the model's
   own modules keep working on views into the joined weights, so no memory is added;
 - the queries and keys are rotated in one pass that leaves the values as they are, with the
-  rotation's signs folded into its sine once per step (`rotation`), so the keys and values
-  come out of it side by side and go into the KV pool, which holds them side by side too, with
-  one write, and come back for attention with one gather;
+  rotation's signs folded into its sine (`rotation`) and every position's rotation computed
+  once at load (`Rotations`), so the keys and values come out of it side by side and go into
+  the KV pool, which holds them side by side too, with one write, and come back for attention
+  with one gather;
 - the RMS norms use torch's RMS normalisation (one fused kernel on CUDA), which computes in
   float32 and rounds to the model's dtype once, then the weight, as the model's own norm does;
 - attention takes an additive mask built once per step (`attention_mask`), where a boolean
@@ -79,19 +80,66 @@ def rms_norm(norm: Any, hidden: Any) -> Any:
 
 def rotation(cos: Any, sin: Any, heads: int, kv_heads: int) -> tuple[Any, Any]:
     """The model's rotary `cos` and `sin` [rows, 1, head_dim] as `decoder_layer` takes them,
-    [rows, heads + 2 * kv_heads, head_dim] each: `sin` with its first half negated (`turn`), so
-    that the rotation needs no negation of its own (the same values: only signs move), for the
-    query and key heads; cos 1 and turn 0 for the value heads, which the rotation then leaves as
-    they are (v * 1 + w * 0 == v), so that keys and values come out of it side by side."""
+    [rows, groups, 1, head_dim] each, for the projections viewed as groups of `kv_heads` heads
+    (the queries' groups, then the keys', then the values'): `sin` with its first half negated
+    (`turn`), so that the rotation needs no negation of its own (the same values: only signs
+    move), for the queries and keys; cos 1 and turn 0 for the values, which the rotation then
+    leaves as they are (v * 1 + w * 0 == v), so that keys and values come out of it side by
+    side."""
     import torch
 
     rows, _, head_dim = cos.shape
     half = head_dim // 2
     turn = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-    rotated = (rows, heads + kv_heads, head_dim)
-    cos = torch.cat((cos.expand(rotated), cos.new_ones(rows, kv_heads, head_dim)), dim=1)
-    turn = torch.cat((turn.expand(rotated), turn.new_zeros(rows, kv_heads, head_dim)), dim=1)
-    return cos, turn
+    rotated = (rows, heads // kv_heads + 1, head_dim)
+    cos = torch.cat((cos.expand(rotated), cos.new_ones(rows, 1, head_dim)), dim=1)
+    turn = torch.cat((turn.expand(rotated), turn.new_zeros(rows, 1, head_dim)), dim=1)
+    return cos[:, :, None], turn[:, :, None]
+
+
+class Rotations:
+    """Every rotary position's rotation for `decoder_layer`, computed once at load by the
+    model's own rotary embedding and `rotation`: a step gathers its rows' (two kernels) instead
+    of computing them (about twenty). At decode a token's three M-RoPE positions are equal, so
+    one position number gives its rotation.
+
+    Args:
+        text_model: the text model (its `rotary_emb` and config).
+        positions: how many positions (0 to positions - 1) a row may take.
+    """
+
+    def __init__(self, text_model: Any, positions: int) -> None:
+        import torch
+
+        config = text_model.config
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.heads, self.kv_heads, self.positions = heads, kv_heads, positions
+        device, dtype = text_model.embed_tokens.weight.device, text_model.embed_tokens.weight.dtype
+        probe = torch.empty(1, device=device, dtype=dtype)
+        head_dim = config.hidden_size // heads
+        # [positions + 1, 2 (cos, turn), head_dim]; the last row (1, 0) leaves a head as it is.
+        self.table = torch.empty(positions + 1, 2, head_dim, device=device, dtype=dtype)
+        with torch.inference_mode():
+            for begin in range(0, positions, 8192):
+                at = torch.arange(begin, min(positions, begin + 8192), device=device)
+                cos, sin = text_model.rotary_emb(probe, at.view(1, -1, 1).expand(3, -1, 1))
+                cos, turn = rotation(cos, sin, heads, kv_heads)
+                self.table[begin : begin + at.shape[0], 0] = cos[:, 0, 0]
+                self.table[begin : begin + at.shape[0], 1] = turn[:, 0, 0]
+            self.table[positions, 0], self.table[positions, 1] = 1, 0
+        # The group of heads each rotation is for: the queries' and keys' take the row's
+        # position, the values' the last row.
+        groups = heads // kv_heads + 2
+        self.values_group = torch.arange(groups, device=device) == groups - 1
+
+    def __call__(self, rotary: Any) -> tuple[Any, Any]:
+        """Each row's (cos, turn) [rows, groups, 1, head_dim], as `rotation` gives them, for
+        its position in `rotary` [rows]."""
+        import torch
+
+        at = torch.where(self.values_group, self.positions, rotary[:, None])
+        both = self.table[at]  # [rows, groups, 2, head_dim]
+        return both[:, :, 0:1], both[:, :, 1:2]
 
 
 def attention_mask(valid: Any, dtype: Any) -> Any:
@@ -119,8 +167,8 @@ def decoder_layer(
     range of the layer's KV pool (`pool` [2 (keys, values), kv_heads, positions, head_dim]),
     after its own key and value are written at `at` [rows]; `index` [rows, width] picks each
     row's positions, `mask` [rows, 1, 1, width] those inside its length (`attention_mask`);
-    `cos` and `turn` [rows, heads + 2 * kv_heads, head_dim] are each row's rotation
-    (`rotation`). `joined`: the layer's joined projections, or None.
+    `cos` and `turn` [rows, groups, 1, head_dim] are each row's rotation (`rotation`,
+    `Rotations`). `joined`: the layer's joined projections, or None.
 
     A plain function of its layer and tensors, so one compilation serves every layer."""
     import torch
@@ -129,7 +177,6 @@ def decoder_layer(
     count = hidden.shape[0]
     attention, mlp = layer.self_attn, layer.mlp
     head_dim = attention.head_dim
-    heads = attention.config.num_attention_heads
     kv_heads = attention.config.num_key_value_heads
     x = rms_norm(layer.input_layernorm, hidden)
     if joined is None:
@@ -137,13 +184,13 @@ def decoder_layer(
         qkv = torch.cat(projections, dim=-1)
     else:
         qkv = linear(x, joined.qkv, joined.qkv_bias)
-    qkv = qkv.view(count, heads + 2 * kv_heads, head_dim)
+    qkv = qkv.view(count, -1, kv_heads, head_dim)  # groups of kv_heads heads
     # The queries and keys rotated, the values passed through, in one go: x * cos +
     # rotate_half(x) * sin, where rotate_half(x) * sin is the halves of x swapped, times `turn`.
     half = head_dim // 2
     turned = qkv * cos + torch.cat((qkv[..., half:], qkv[..., :half]), dim=-1) * turn
-    query = turned[:, :heads]
-    pool[:, :, at] = turned[:, heads:].view(count, 2, kv_heads, head_dim).permute(1, 2, 0, 3)
+    query = turned[:, :-2]
+    pool[:, :, at] = turned[:, -2:].permute(1, 2, 0, 3)
     ranges = pool[:, :, index]  # [2, kv_heads, rows, width, head_dim]
     row_keys, row_values = ranges[0].transpose(0, 1), ranges[1].transpose(0, 1)
     # The query heads of one KV head stand in for query positions: grouped-query attention
