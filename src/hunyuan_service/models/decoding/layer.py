@@ -113,7 +113,7 @@ class Rotations:
 
         config = text_model.config
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.heads, self.kv_heads, self.positions = heads, kv_heads, positions
+        self.positions = positions
         device, dtype = text_model.embed_tokens.weight.device, text_model.embed_tokens.weight.dtype
         probe = torch.empty(1, device=device, dtype=dtype)
         head_dim = config.hidden_size // heads
