@@ -60,13 +60,15 @@ def load_images(
     stop: threading.Event | None = None,
     max_pixels: int | None = None,
     max_count: int | None = None,
+    max_ratio: int | None = None,
 ) -> list[Any]:
     """Fetches, decodes, validates and normalises every image (and video: a `Video` in its
     place); raises a 4xx `ServiceError`.
 
     `stop`, once set (the request was answered or its client left), ends the work before the
     next image. Images over `max_pixels` (VL_MAX_PIXELS unless given) are downscaled; more than
-    `max_count` images and videos (MAX_INPUT_IMAGES unless given) are refused.
+    `max_count` images and videos (MAX_INPUT_IMAGES unless given) are refused, and so is an
+    image longer than `max_ratio` times its width or wider than that times its height.
     """
     limit = max_count or settings.max_input_images
     if len(sources) > limit:
@@ -84,7 +86,14 @@ def load_images(
         elif source.mask:
             images.append(decode_mask(data, source.param, settings, max_pixels))
         else:
-            images.append(decode_image(data, source.param, settings, max_pixels))
+            image = decode_image(data, source.param, settings, max_pixels)
+            if max_ratio is not None and max(image.size) > max_ratio * min(image.size):
+                raise InvalidInput(
+                    f"{source.param}: image is {image.width}x{image.height} pixels; the model "
+                    f"takes sides at most {max_ratio} times each other: crop or pad it",
+                    param=source.param,
+                )
+            images.append(image)
     return images
 
 

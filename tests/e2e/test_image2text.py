@@ -365,6 +365,27 @@ def test_bad_image_items_are_422s_naming_the_item(
     assert error["message"].count(";") == 0, error["message"]
 
 
+@pytest.mark.parametrize("size", [(2000, 2), (3, 700)])
+def test_an_image_beyond_qwens_aspect_ratio_is_a_422_naming_it(
+    vl_client: TestClient, size: tuple[int, int]
+) -> None:
+    from qwen_vl_utils import vision_process
+
+    from hunyuan_service.api.image2text import MAX_ASPECT_RATIO
+
+    # Qwen's resize refuses what intake refuses, and nothing less.
+    assert vision_process.MAX_RATIO == MAX_ASPECT_RATIO == 200
+    response = ask(vl_client, [data_uri(png_bytes()), data_uri(png_bytes(size))])
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["param"] == "images[1]"
+    assert f"{size[0]}x{size[1]} pixels" in error["message"]
+    assert "crop or pad it" in error["message"]
+    # At the ratio itself the image is answered.
+    at_limit = (400, 2) if size[0] > size[1] else (3, 600)
+    assert ask(vl_client, [data_uri(png_bytes(at_limit))]).status_code == 200
+
+
 @pytest.mark.parametrize(
     ("extra", "field"),
     [

@@ -190,6 +190,22 @@ def test_mm_processor_kwargs_bound_each_images_resolution(vl_client: TestClient)
     assert "max_pixels" in refused.json()["error"]["message"]
 
 
+def test_an_image_part_beyond_qwens_aspect_ratio_is_refused_naming_the_part(
+    vl_client: TestClient,
+) -> None:
+    image = data_uri(encoded(Image.new("RGB", (1000, 4), (40, 90, 160)), "PNG"))
+    content = [
+        {"type": "text", "text": "What is it?"},
+        {"type": "image_url", "image_url": {"url": image}},
+    ]
+    body = {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": 2}
+    response = vl_client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 422, response.text  # as for any image it cannot take
+    error = response.json()["error"]
+    assert error["param"] == "messages[0].content[1].image_url"
+    assert "1000x4 pixels" in error["message"]
+
+
 def test_an_image_part_may_carry_its_own_pixel_bounds(vl_client: TestClient) -> None:
     """qwen-vl-utils' per-item `min_pixels`/`max_pixels`, on the part itself."""
     image = data_uri(encoded(Image.new("RGB", (640, 480), (40, 90, 160)), "PNG"))

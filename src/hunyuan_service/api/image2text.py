@@ -40,6 +40,10 @@ from hunyuan_service.models.types import (
     PixelRange,
 )
 
+# Qwen's image resize (qwen-vl-utils' smart_resize) refuses an image whose longer side is more
+# than this many times its shorter one; intake refuses it first, with its parameter's name.
+MAX_ASPECT_RATIO = 200
+
 
 async def prepare_image2text(
     request: Request, engine: Engine, schema: type[Image2TextRequest] = Image2TextRequest
@@ -71,7 +75,9 @@ async def prepare_image2text(
     if sources:
         reservation = engine.reserve()
         try:
-            media = await decode_images(engine, sources, request, params.timeout_s)
+            media = await decode_images(
+                engine, sources, request, params.timeout_s, max_ratio=MAX_ASPECT_RATIO
+            )
         except BaseException:
             reservation.release()
             raise
@@ -107,8 +113,10 @@ async def decode_images(
     timeout_s: float | None = None,
     max_pixels: int | None = None,
     max_count: int | None = None,
+    max_ratio: int | None = None,
 ) -> list[Any]:
-    """Fetches and decodes client images on the CPU pool; a text-only request skips the hop.
+    """Fetches and decodes client images on the CPU pool (`load_images`, whose limits the
+    arguments are); a text-only request skips the hop.
 
     The request's deadline and its client's disconnect apply here too: the request is answered
     (504) or dropped at once, and the pool thread stops before its next image. The image it is
@@ -119,7 +127,9 @@ async def decode_images(
         return []
     stop = threading.Event()
     decoding = asyncio.ensure_future(
-        engine.run_cpu(load_images, sources, engine.settings, stop, max_pixels, max_count)
+        engine.run_cpu(
+            load_images, sources, engine.settings, stop, max_pixels, max_count, max_ratio
+        )
     )
     waiters: set[asyncio.Future[Any]] = {decoding}
     left = None

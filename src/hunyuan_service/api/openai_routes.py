@@ -24,7 +24,12 @@ from hunyuan_service.api.body import (
 )
 from hunyuan_service.api.deps import EngineDep, request_id_of
 from hunyuan_service.api.encoding import base64_json_string, encode_image, json_bytes, json_object
-from hunyuan_service.api.image2text import compile_grammar, decode_images, usage
+from hunyuan_service.api.image2text import (
+    MAX_ASPECT_RATIO,
+    compile_grammar,
+    decode_images,
+    usage,
+)
 from hunyuan_service.api.openai_schemas import (
     ChatCompletionRequest,
     ImageEditRequest,
@@ -129,7 +134,7 @@ async def chat_completions(request: Request, engine: EngineDep) -> Response:
     ]
     grammar = await compile_grammar(engine, params.response_format)
     with engine.reserve() as reservation:
-        media = iter(await decode_images(engine, flat, request))
+        media = iter(await decode_images(engine, flat, request, max_ratio=MAX_ASPECT_RATIO))
         images = [tuple(next(media) for _ in group) for group in sources]
         videos = [tuple(next(media) for _ in group) for group in video_sources]
         messages = tuple(
