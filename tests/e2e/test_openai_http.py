@@ -190,6 +190,29 @@ def test_mm_processor_kwargs_bound_each_images_resolution(vl_client: TestClient)
     assert "max_pixels" in refused.json()["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    ("content", "param", "problem"),
+    [
+        ([{"type": "image_url"}], "messages[0].content[0]", 'needs its "image_url" field'),
+        ([{"type": "text", "text": "a"}, {"type": "text"}], "messages[0].content[1]", '"text"'),
+        ([{"type": "video_url", "text": "a"}], "messages[0].content[0]", '"video_url" field'),
+        ([{"type": "audio"}], "messages[0].content[0].type", "'text', 'image_url' or"),
+    ],
+)
+def test_a_part_without_its_content_is_refused_naming_the_part(
+    vl_client: TestClient, content: list[dict], param: str, problem: str
+) -> None:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": 2}
+    response = vl_client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param
+    # The part's own problem only, not one for each form the content is not (text, list).
+    assert error["message"].startswith(f"{param}: ")
+    assert problem in error["message"]
+    assert ";" not in error["message"], error["message"]
+
+
 def test_an_image_part_beyond_qwens_aspect_ratio_is_refused_naming_the_part(
     vl_client: TestClient,
 ) -> None:

@@ -5,10 +5,21 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from hunyuan_service.api.schemas import (
     MAX_LIST_ITEMS,
+    OBJECT_BRANCH,
+    TEXT_BRANCH,
     ImageFormat,
     LoraChoice,
     ResponseFormat,
@@ -63,12 +74,33 @@ class ContentPart(BaseModel):
     min_pixels: int | None = Field(None, ge=1)
     max_pixels: int | None = Field(None, ge=1)
 
+    @model_validator(mode="after")
+    def _has_its_content(self) -> ContentPart:
+        """A part carries the field its type names: `{"type": "image_url"}` alone is an
+        error, not a part to drop."""
+        if getattr(self, self.type) is None:
+            raise ValueError(f'a part of type "{self.type}" needs its "{self.type}" field')
+        return self
+
+
+def _text_or_parts(value: Any) -> str:
+    return TEXT_BRANCH if isinstance(value, str) else OBJECT_BRANCH
+
+
+# A string, or a list of parts: validated as the one the JSON value is, so that a bad part
+# reports its own problem (`messages[0].content[1]: ...`), not one for each form it is not.
+MessageContent = Annotated[
+    Annotated[str, Tag(TEXT_BRANCH)]
+    | Annotated[list[ContentPart], Field(max_length=64), Tag(OBJECT_BRANCH)],
+    Discriminator(_text_or_parts),
+]
+
 
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant"]
-    content: str | Annotated[list[ContentPart], Field(max_length=64)] | None = None
+    content: MessageContent | None = None
     name: str | None = None
 
 
