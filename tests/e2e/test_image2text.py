@@ -242,6 +242,31 @@ def test_oversized_body_is_413_for_json_and_multipart(vl_open_client: TestClient
     assert response.status_code == 413
 
 
+@pytest.mark.parametrize("path", ["/infer", "/v1/chat/completions"])
+def test_a_compressed_body_is_a_415_that_says_to_send_it_uncompressed(
+    vl_client: TestClient, path: str
+) -> None:
+    import gzip
+    import json
+
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    if path == "/infer":
+        body = {"prompt": "hi", "max_new_tokens": 2}
+    packed = gzip.compress(json.dumps(body).encode())
+    headers = {"content-type": "application/json", "content-encoding": "gzip"}
+    response = vl_client.post(path, content=packed, headers=headers)
+    assert response.status_code == 415, response.text
+    assert "send the body uncompressed" in response.json()["error"]["message"]
+    form = {"prompt": "hi", "max_new_tokens": "2"}
+    if path == "/infer":  # a form is refused the same way
+        files = [("images", ("a.png", png_bytes(), "image/png"))]
+        refused = vl_client.post(path, data=form, files=files, headers={"content-encoding": "br"})
+        assert refused.status_code == 415, refused.text
+    # The same body, uncompressed or marked identity, is answered.
+    plain = {"content-type": "application/json", "content-encoding": "identity"}
+    assert vl_client.post(path, content=json.dumps(body), headers=plain).status_code == 200
+
+
 def test_five_concurrent_reference_clients_with_allowed_files(
     vl_open_client: TestClient, media_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -25,6 +25,7 @@ from hunyuan_service.errors import (
     InvalidInput,
     NotAcceptable,
     PayloadTooLarge,
+    UnsupportedMediaType,
 )
 from hunyuan_service.media import ImageSource
 
@@ -35,9 +36,7 @@ async def read_body(request: Request, engine: Engine) -> bytes:
     """Reads the body, refusing it with 413 as soon as it passes MAX_BODY_BYTES, and with 408
     if it has not all arrived within BODY_TIMEOUT_S (a client trickling a body holds memory)."""
     limit = engine.settings.max_body_bytes
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the body is {declared} bytes; at most {limit} are accepted")
+    refuse_by_headers(request, limit)
     # The ASGI messages are read directly: `request.stream()` costs an async generator per
     # request, and a small body arrives whole in the first message anyway.
     chunks, size = [], 0
@@ -53,6 +52,21 @@ async def read_body(request: Request, engine: Engine) -> bytes:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def refuse_by_headers(request: Request, limit: int) -> None:
+    """What the headers alone refuse, before any of the body is read: a declared length over
+    `limit` (413), and a compressed body (415: it would otherwise fail as bad JSON or a bad
+    form, which misleads)."""
+    headers = request.headers
+    declared = headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the body is {declared} bytes; at most {limit} are accepted")
+    encoding = headers.get("content-encoding")
+    if encoding is not None and encoding.strip().lower() not in ("", "identity"):
+        raise UnsupportedMediaType(
+            f"Content-Encoding: {encoding[:40]} is not accepted; send the body uncompressed"
+        )
 
 
 class BodyDeadline:
@@ -237,11 +251,7 @@ async def read_multipart(
     for error messages as `field[i]`.
     """
     settings = engine.settings
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > settings.max_body_bytes:
-        raise PayloadTooLarge(
-            f"the body is {declared} bytes; at most {settings.max_body_bytes} are accepted"
-        )
+    refuse_by_headers(request, settings.max_body_bytes)
     limited = Request(
         request.scope, receive=_capped_receive(request.receive, settings.max_body_bytes)
     )
