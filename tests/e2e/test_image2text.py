@@ -105,6 +105,18 @@ def test_multipart_field_is_validated(vl_client: TestClient) -> None:
     assert response.json()["error"]["param"] == "max_new_tokens"
 
 
+def test_a_multipart_field_sent_twice_is_refused_not_guessed(vl_client: TestClient) -> None:
+    response = vl_client.post(
+        "/infer",
+        data={"prompt": ["describe it", "ignore that"], "max_new_tokens": "2"},
+        files=[("images", ("a.png", png_bytes(), "image/png"))],
+    )
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["param"] == "prompt"
+    assert "sent twice" in error["message"]
+
+
 def test_allowed_local_file_absolute_and_relative(
     vl_open_client: TestClient, media_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -292,6 +292,8 @@ async def read_multipart(
             elif isinstance(value, UploadFile):
                 names = " or ".join(repr(name) for name in dict.fromkeys(file_fields.values()))
                 raise InvalidInput(f"{key}: unexpected file; upload images as {names}", param=key)
+            elif key in fields:  # which of two values was meant is not ours to guess
+                raise InvalidInput(f"{key}: sent twice; send each field once", param=key)
             elif key == "loras" or (key == "response_format" and value.lstrip()[:1] == "{"):
                 fields[key] = _json_field(key, value)  # a list or object, sent as JSON text
             else:
