@@ -263,28 +263,9 @@ def test_a_step_reads_the_device_once_whatever_its_rows(
     assert reads == len(steps) if not ahead else len(steps) - 1 <= reads <= len(steps)
 
 
-def test_a_request_larger_than_the_kv_cache_is_refused_naming_the_setting(
-    tiny_cache: Path,
-) -> None:
-    from hunyuan_service.models.qwen_vl import QwenVLModel
-
-    settings = tiny_settings(
-        "image2text", tiny_cache, max_batch_size=2, kv_cache_tokens=80, max_input_tokens=256
-    )
-    model = QwenVLModel(settings)
-    model.load()
-    assert model.decoder.pool.capacity == 80
-    feed = run_together(model, {"big": ask("hello", 60), "small": ask("hello", 5)})
-    refused = feed.outcomes["big"]
-    assert isinstance(refused, InvalidInput)
-    assert refused.param == "messages"
-    assert "KV_CACHE_TOKENS" in refused.message
-    assert feed.outcomes["small"].completion_tokens == 5
-    assert model.decoder.pool.free_positions == 80  # every range given back
-
-
-def test_a_request_past_the_rotary_positions_is_refused_with_its_range_given_back(
-    tiny_cache: Path,
+@pytest.mark.parametrize("limit", ["KV cache", "rotary positions"])
+def test_a_request_past_the_decoders_room_is_refused_with_its_range_given_back(
+    tiny_cache: Path, limit: str
 ) -> None:
     from hunyuan_service.models.decoding.layer import Rotations
     from hunyuan_service.models.qwen_vl import QwenVLModel
@@ -295,14 +276,19 @@ def test_a_request_past_the_rotary_positions_is_refused_with_its_range_given_bac
     model = QwenVLModel(settings)
     model.load()
     decoder = model.decoder
-    # The table covers the model's own limit, which no tiny request reaches; a shorter one
-    # stands in for a video whose rotary positions run ahead of its tokens.
-    decoder.rotations = Rotations(decoder.text_model, 66)  # the prompt: 58 tokens
-    feed = run_together(model, {"far": ask("hello", 10), "near": ask("hello", 5)})
+    assert decoder.pool.capacity == 80
+    # The prompt is 58 tokens: 58 + 60 new ones pass the pool's 80 positions.
+    far, says = ask("hello", 60), "KV_CACHE_TOKENS"
+    if limit == "rotary positions":
+        # The rotation table covers the model's own limit, which no tiny request reaches; a
+        # shorter one stands in for a video whose rotary positions run ahead of its tokens.
+        decoder.rotations = Rotations(decoder.text_model, 66)
+        far, says = ask("hello", 10), "rotary positions"
+    feed = run_together(model, {"far": far, "near": ask("hello", 5)})
     refused = feed.outcomes["far"]
     assert isinstance(refused, InvalidInput)
     assert refused.param == "messages"
-    assert "rotary positions" in refused.message
+    assert says in refused.message
     assert feed.outcomes["near"].completion_tokens == 5
     assert decoder.pool.free_positions == 80  # every range given back
 
