@@ -36,7 +36,7 @@ from hunyuan_service.api.openai_schemas import (
     ImageGenerationRequest,
 )
 from hunyuan_service.api.renderers import KEEPALIVE, SSE_HEADERS
-from hunyuan_service.api.text2image import prepare_edit
+from hunyuan_service.api.text2image import prepare_edit, to_model_input
 from hunyuan_service.engine.engine import Engine, JobHandle
 from hunyuan_service.engine.events import Failed, Heartbeat, Succeeded, Token
 from hunyuan_service.engine.jobs import StopReason
@@ -48,13 +48,10 @@ from hunyuan_service.errors import (
     error_body,
 )
 from hunyuan_service.media import ImageSource
-from hunyuan_service.models.lora import canonical
 from hunyuan_service.models.types import (
     ChatMessage,
     Image2TextInput,
     Image2TextOutput,
-    ImageEdit,
-    Text2ImageInput,
 )
 
 router = APIRouter(prefix="/v1")
@@ -278,7 +275,7 @@ async def images_generations(request: Request, engine: EngineDep) -> Response:
     )
     _require(engine, "text2image", params.model)
     size = params.dimensions or (1024, 1024)  # `size` always has a value here
-    handle = engine.submit(_image_input(params, size), request_id_of(request))
+    handle = engine.submit(to_model_input(params, size), request_id_of(request))
     output = await handle.result(functools.partial(wait_for_disconnect, request))
     extra = {"output_format": params.output_format, "size": params.size, "seed": output.seed}
     data = await engine.run_cpu(_images_json, output.images, params, extra)
@@ -314,7 +311,7 @@ async def images_edits(request: Request, engine: EngineDep) -> Response:
             edit, (width, height) = await prepare_edit(
                 engine, sources, params.dimensions, params.strength, request
             )
-            payload = _image_input(params, (width, height), edit)
+            payload = to_model_input(params, (width, height), edit)
             handle = engine.submit(payload, request_id_of(request), reservation=reservation)
     except InvalidInput as error:  # OpenAI answers a bad request with 400, not 422
         raise BadRequest(error.message, param=error.param) from None
@@ -322,22 +319,6 @@ async def images_edits(request: Request, engine: EngineDep) -> Response:
     extra = {"output_format": params.output_format, "size": f"{width}x{height}"}
     data = await engine.run_cpu(_images_json, output.images, params, {**extra, "seed": output.seed})
     return Response(data, media_type="application/json")
-
-
-def _image_input(
-    params: ImageGenerationRequest, size: tuple[int, int], edit: ImageEdit | None = None
-) -> Text2ImageInput:
-    return Text2ImageInput(
-        prompt=params.prompt,
-        width=size[0],
-        height=size[1],
-        num_inference_steps=params.num_inference_steps,
-        guidance_scale=params.guidance_scale,
-        seed=params.seed,
-        count=params.n,
-        loras=canonical((choice.name, choice.scale) for choice in params.loras),
-        edit=edit,
-    )
 
 
 def _images_json(images: Any, params: ImageGenerationRequest, extra: dict[str, Any]) -> bytes:

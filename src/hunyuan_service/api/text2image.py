@@ -15,6 +15,7 @@ from hunyuan_service.api.body import (
 )
 from hunyuan_service.api.encoding import base64_json_string, encode_image, json_object
 from hunyuan_service.api.image2text import decode_images
+from hunyuan_service.api.openai_schemas import ImageGenerationRequest
 from hunyuan_service.api.renderers import Prepared, Rendered
 from hunyuan_service.api.schemas import Text2ImageRequest, WebhookField
 from hunyuan_service.engine.engine import Engine, JobHandle
@@ -62,17 +63,7 @@ async def prepare_text2image(
         except BaseException:
             reservation.release()
             raise
-    payload = Text2ImageInput(
-        prompt=params.prompt,
-        width=size[0],
-        height=size[1],
-        num_inference_steps=params.num_inference_steps,
-        guidance_scale=params.guidance_scale,
-        seed=params.seed,
-        loras=canonical((choice.name, choice.scale) for choice in params.loras),
-        count=params.n,
-        edit=edit,
-    )
+    payload = to_model_input(params, size, edit)
 
     async def render(output: Text2ImageOutput, handle: JobHandle) -> Rendered:
         width, height = output.image.size
@@ -94,6 +85,26 @@ async def prepare_text2image(
         raw_format=None if stream else raw_format,
         reservation=reservation,
         webhook=params.webhook if isinstance(params, WebhookField) else None,
+    )
+
+
+def to_model_input(
+    params: Text2ImageRequest | ImageGenerationRequest,
+    size: tuple[int, int],
+    edit: ImageEdit | None = None,
+) -> Text2ImageInput:
+    """FLUX's input from a request's fields (an /infer body, or OpenAI's images.generate or
+    images.edit): prompt, steps, guidance, seed, LoRAs and `n`, at `size` (width, height)."""
+    return Text2ImageInput(
+        prompt=params.prompt,
+        width=size[0],
+        height=size[1],
+        num_inference_steps=params.num_inference_steps,
+        guidance_scale=params.guidance_scale,
+        seed=params.seed,
+        loras=canonical((choice.name, choice.scale) for choice in params.loras),
+        count=params.n,
+        edit=edit,
     )
 
 
