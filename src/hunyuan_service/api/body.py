@@ -16,6 +16,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Message, Receive
 
 from hunyuan_service.api.encoding import MEDIA_TYPES
+from hunyuan_service.api.headers import header
 from hunyuan_service.api.schemas import describe_validation_errors
 from hunyuan_service.engine.alarms import Alarms
 from hunyuan_service.engine.engine import Engine
@@ -58,12 +59,11 @@ def refuse_by_headers(request: Request, limit: int) -> None:
     """What the headers alone refuse, before any of the body is read: a declared length over
     `limit` (413), and a compressed body (415: it would otherwise fail as bad JSON or a bad
     form, which misleads)."""
-    headers = request.headers
-    declared = headers.get("content-length", "")
+    declared = header(request, b"content-length")
     if declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the body is {declared} bytes; at most {limit} are accepted")
-    encoding = headers.get("content-encoding")
-    if encoding is not None and encoding.strip().lower() not in ("", "identity"):
+    encoding = header(request, b"content-encoding")
+    if encoding.strip().lower() not in ("", "identity"):
         raise UnsupportedMediaType(
             f"Content-Encoding: {encoding[:40]} is not accepted; send the body uncompressed"
         )
@@ -159,7 +159,7 @@ async def wait_for_disconnect(request: Request) -> None:
 
 
 def is_multipart(request: Request) -> bool:
-    return request.headers.get("content-type", "").lower().startswith("multipart/form-data")
+    return header(request, b"content-type").lower().startswith("multipart/form-data")
 
 
 @functools.lru_cache(maxsize=256)
@@ -184,7 +184,7 @@ def accepted_types(accept: str) -> tuple[str, ...]:
 
 
 def wants_event_stream(request: Request, stream_field: bool) -> bool:
-    return stream_field or "text/event-stream" in accepted_types(request.headers.get("accept", ""))
+    return stream_field or "text/event-stream" in accepted_types(header(request, b"accept"))
 
 
 def requested_image_type(accept: str) -> str | None:

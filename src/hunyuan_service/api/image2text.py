@@ -21,6 +21,7 @@ from hunyuan_service.api.body import (
     wants_event_stream,
 )
 from hunyuan_service.api.encoding import json_bytes
+from hunyuan_service.api.headers import header
 from hunyuan_service.api.renderers import Prepared, Rendered
 from hunyuan_service.api.schemas import (
     Image2TextRequest,
@@ -54,7 +55,7 @@ async def prepare_image2text(
     returned `Prepared` carries it to `Engine.submit`. A text-only request needs no place held.
     """
     engine.check_ready()
-    negotiate(request.headers.get("accept", ""), None)  # text: JSON or SSE only, else a 406
+    negotiate(header(request, b"accept"), None)  # text: JSON or SSE only, else a 406
     settings = engine.settings
     if is_multipart(request):
         params, files = await read_multipart(

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from hunyuan_service.api.headers import request_headers
 from hunyuan_service.api.playground import PLAYGROUND_PATHS
 from hunyuan_service.errors import (
     BadRequest,
@@ -45,7 +46,7 @@ class ApiKeyMiddleware:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        headers = dict(scope["headers"])
+        headers = request_headers(scope)
         given = headers.get(b"x-api-key", b"")
         authorization = headers.get(b"authorization", b"")
         if authorization[:7].lower() == b"bearer ":
@@ -145,7 +146,7 @@ class RequestMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope["headers"])
+        headers = request_headers(scope)
         given = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = given if given and _SAFE_ID.match(given) else new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id

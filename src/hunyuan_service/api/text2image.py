@@ -14,6 +14,7 @@ from hunyuan_service.api.body import (
     wants_event_stream,
 )
 from hunyuan_service.api.encoding import base64_json_string, encode_image, json_object
+from hunyuan_service.api.headers import header
 from hunyuan_service.api.image2text import decode_images
 from hunyuan_service.api.openai_schemas import ImageGenerationRequest
 from hunyuan_service.api.renderers import Prepared, Rendered
@@ -41,7 +42,7 @@ async def prepare_text2image(
     params: Text2ImageRequest = await parse_json(body, schema, engine)
     stream = wants_event_stream(request, params.stream)
     fmt = params.output_format
-    raw_format = negotiate(request.headers.get("accept", ""), fmt)
+    raw_format = negotiate(header(request, b"accept"), fmt)
     if params.n > 1 and raw_format is not None and not stream:  # refused before any decoding
         raise NotAcceptable(
             f"n: {params.n} images come back as JSON, one image_base64 each; ask for "
