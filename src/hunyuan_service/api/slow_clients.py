@@ -108,14 +108,17 @@ def _guarded_h11(guard: HeaderGuard) -> type[asyncio.Protocol]:
         def data_received(self, data: bytes) -> None:
             if self.answered_slow:  # what a closed-off client still sends is read and dropped
                 return
-            if self.between_requests:  # the next request has begun: its headers have a deadline
-                self.between_requests = False
-                self._wait_for_headers()
-            super().data_received(data)
-
-        def handle_events(self) -> None:
-            super().handle_events()
-            if self in guard.waiting and self.conn.their_state is not h11.IDLE:
+            # The next request on a kept-alive connection has begun: until its headers are in,
+            # the connection does not count towards LIMIT_CONCURRENCY, like a new one. Most
+            # arrive whole with these bytes, so the deadline is armed only if they did not.
+            starting, self.between_requests = self.between_requests, False
+            if starting:
+                self.connections.discard(self)
+            super().data_received(data)  # starts the request once its headers are in
+            if self.conn.their_state is h11.IDLE:  # they are not (yet)
+                if starting:
+                    self._wait_for_headers()
+            elif starting or self in guard.waiting:
                 self._headers_arrived()
 
         def on_response_complete(self) -> None:
@@ -135,7 +138,7 @@ def _guarded_h11(guard: HeaderGuard) -> type[asyncio.Protocol]:
             guard.wait(self, self.loop)
 
         def _headers_arrived(self) -> None:
-            del guard.waiting[self]
+            guard.waiting.pop(self, None)
             self.connections.add(self)
 
         def close_slow(self, reason: str) -> None:
