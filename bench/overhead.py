@@ -65,14 +65,23 @@ def instant_model() -> Any:
     return InstantModel()
 
 
-def serve(config: str, port: int) -> None:
+def serve(config: str, port: int, prepare: Any = None) -> None:
+    """Serves `config`'s app on `port` with uvicorn; `prepare(app)`, if given, runs first."""
     import logging
 
     import uvicorn
-    from fastapi import FastAPI
 
     logging.disable(logging.WARNING)
-    extra: dict[str, Any] = {}
+    app, extra = build_app(config)
+    if prepare is not None:
+        prepare(app)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="error", access_log=False, **extra)
+
+
+def build_app(config: str) -> tuple[Any, dict[str, Any]]:
+    """`config`'s app and the uvicorn options it is served with."""
+    from fastapi import FastAPI
+
     if config == "bare":
         app = FastAPI()
 
@@ -80,25 +89,24 @@ def serve(config: str, port: int) -> None:
         async def infer() -> dict:
             return {"text": TEXT}
 
-    elif config == "reference":
+        return app, {}
+    if config == "reference":
         from bench.overload import reference_app
 
         class Echo:
             def infer(self, _prompt: Any, _ctx: Any) -> str:
                 return TEXT
 
-        app = reference_app(Echo(), field="text")
-    else:
-        from hunyuan_service.api.app import create_app
+        return reference_app(Echo(), field="text"), {}
+    from hunyuan_service.api.app import create_app
 
-        model = instant_model()
-        app = create_app(model.settings, model=model)
-        guard = app.state.header_guard  # served as `hunyuan-service` serves it (__main__.py)
-        extra = {
-            "limit_concurrency": model.settings.limit_concurrency,
-            "http": guard.protocol_class() if guard.enabled else "h11",
-        }
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="error", access_log=False, **extra)
+    model = instant_model()
+    app = create_app(model.settings, model=model)
+    guard = app.state.header_guard  # served as `hunyuan-service` serves it (__main__.py)
+    return app, {
+        "limit_concurrency": model.settings.limit_concurrency,
+        "http": guard.protocol_class() if guard.enabled else "h11",
+    }
 
 
 def run_wrk(url: str, connections: int, seconds: float) -> dict[str, float]:
