@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.overhead import TEXT, instant_model
+from bench.overhead import build_app
 
 BODY = b'{"prompt": "hi"}'
 HEADERS = [
@@ -37,18 +37,8 @@ HEADERS = [
 
 
 def build(name: str) -> Any:
-    if name == "reference":
-        from bench.overload import reference_app
-
-        class Echo:
-            def infer(self, _prompt: Any, _ctx: Any) -> str:
-                return TEXT
-
-        return reference_app(Echo(), field="text")
-    from hunyuan_service.api.app import create_app
-
-    model = instant_model()
-    return create_app(model.settings, model=model)
+    """The app that bench/overhead.py serves as `name` ("reference" or "service")."""
+    return build_app(name)[0]
 
 
 async def one(app: Any) -> None:
