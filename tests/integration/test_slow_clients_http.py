@@ -100,6 +100,19 @@ def test_a_kept_alive_connection_gets_the_deadline_for_its_next_request(guarded:
     assert guard.closed["header_timeout"] == 1
 
 
+def test_a_kept_alive_connections_next_requests_count_and_wait_for_nothing(guarded: Any) -> None:
+    _url, port, guard, counted = guarded(header_timeout_s=600, limit_concurrency=8)
+    with socket.create_connection(("127.0.0.1", port)) as connection:
+        for _ in range(3):
+            # Each request arrives whole with its first bytes: no header deadline is armed for
+            # it, and its connection counts towards LIMIT_CONCURRENCY from its headers on (the
+            # server counted it before it answered).
+            connection.sendall(HEADERS)
+            assert read_response(connection).startswith(b"HTTP/1.1 200 OK")
+            assert len(counted) == 1
+            assert guard.waiting == {}
+
+
 def test_hundreds_of_stalled_connections_neither_block_requests_nor_pile_up(guarded: Any) -> None:
     url, port, guard, _counted = guarded(evict_after_s=0, header_timeout_s=600, limit_concurrency=8)
     stalled = []
