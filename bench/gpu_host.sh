@@ -10,6 +10,8 @@
 #   bash bench/gpu_host.sh flux    # issue 22: FLUX.1-dev's step experiments (needs more time)
 #
 # Arguments after the part go to bench/gpu.py (e.g. `--device cpu --tiny` to try it here).
+# A machine still warm from an earlier call keeps /tmp/site: `rm -rf /tmp/site` first if the
+# wheels changed since.
 set -uo pipefail
 part=${1:?usage: gpu_host.sh qwen|tests|flux [bench/gpu.py options]}
 shift

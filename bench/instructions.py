@@ -7,8 +7,8 @@ valgrind's callgrind, which counts every instruction the process executes, all t
 in bench/request_profile.py (no sockets). With `--sockets`, each runs instead as
 bench/overhead.py serves it (uvicorn, and for the service its header-deadline protocol) and
 this script sends the requests over `--in-flight` kept-alive connections. Counting starts after
-a warm-up and stops after the last request; two runs agree within about 0.2% in process and
-1% over sockets. Instructions are not time (cache misses and branch mispredictions cost
+a warm-up and stops after the last request; runs agree within about 0.5% in process and 1%
+over sockets. Instructions are not time (cache misses and branch mispredictions cost
 differently), but a change that removes work shows here at once.
 
 Under valgrind everything runs about 50 times slower, which changes what the service's
@@ -19,9 +19,9 @@ The child stretches both by that factor (`SLOWDOWN`), so that each counts as oft
 as it runs natively.
 
     apt-get install valgrind                               # once
-    uv run python bench/instructions.py                    # about 3 minutes
+    uv run python bench/instructions.py                    # about 40 s
     uv run python bench/instructions.py --in-flight 1
-    uv run python bench/instructions.py --sockets          # about 3 minutes
+    uv run python bench/instructions.py --sockets          # about 1 minute
 """
 
 import argparse
@@ -109,11 +109,15 @@ def count_over_sockets(name: str, args: argparse.Namespace, command: list[str]) 
     server = subprocess.Popen([*command, "--serve", name, "--port", str(port)])
     try:
         for _ in range(600):  # valgrind starts the server in tens of seconds
+            if server.poll() is not None:
+                raise RuntimeError(f"the {name} server exited with {server.returncode}")
             try:
                 asyncio.run(send_requests(port, 1, 1))
                 break
             except OSError:
                 time.sleep(0.5)
+        else:
+            raise RuntimeError(f"the {name} server did not answer within 5 minutes")
         asyncio.run(send_requests(port, 20 * args.in_flight, args.in_flight))  # warm-up
         instrument(server.pid, True)
         asyncio.run(send_requests(port, args.requests, args.in_flight))

@@ -8,7 +8,7 @@ the checks. The names are what such a host lacked or held at another version on 
 left out on purpose: the lock's 2.x imports `httpx2`, which that host lacks, and its own 1.33
 works with the lock's transformers.
 
-    uv run python bench/offline_wheels.py               # into .whl/, about 35 MiB
+    uv run python bench/offline_wheels.py               # into .whl/, about 33 MiB
     uv run python bench/offline_wheels.py --dest DIR --python 3.12
 """
 
