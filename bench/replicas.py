@@ -374,11 +374,16 @@ async def measure_jobs(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 assert reply.status_code == 202, reply.text
                 ids.append(reply.json()["id"])
                 if killed_at is None and index >= args.jobs // 3:
+                    # Frozen while its running jobs are read, so that it cannot finish one and
+                    # start another between the read and the kill (jobs take 50 ms here).
+                    frozen(victim.proc)
                     running = await running_on(store, ids, victim_id)
                     if running:
                         victim.proc.send_signal(signal.SIGKILL)
                         killed_at = time.time()
                         lost_ids = running
+                    else:
+                        victim.proc.send_signal(signal.SIGCONT)
             live = [r.url for r in replicas[1:]]
             misses: dict[str, int] = {}
             finals = await settle(client, live, ids, misses, random.Random(0))
@@ -443,6 +448,17 @@ async def measure_jobs(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "password_in_logs": REDIS_PASSWORD in logs,
         "expected_lost": sorted(lost_ids) if killed_at else [],
     }
+
+
+def frozen(proc: subprocess.Popen) -> None:
+    """Stops `proc` (SIGSTOP) and returns once the kernel reports it stopped."""
+    proc.send_signal(signal.SIGSTOP)
+    stat = Path(f"/proc/{proc.pid}/stat")
+    deadline = time.monotonic() + 60
+    while stat.read_text().rsplit(")", 1)[1].split()[0] not in ("T", "t"):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"process {proc.pid} did not stop")
+        time.sleep(0.001)
 
 
 async def running_on(store: Any, ids: list[str], replica: str) -> list[str]:
