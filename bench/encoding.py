@@ -7,6 +7,10 @@ case for compression. The service's encoder runs with its compressor (ISA-L) and
 which it used until 2026-12-07. Each encoder runs `--repeats` times per round, rounds
 interleaved; medians.
 
+Then the whole answer over HTTP: the service's `/infer` (JSON with the image in base64, as
+bench/gpu.py's HTTP rows ask for it) with a FLUX model class whose `infer` returns one of these
+images at once, so the round trip is what the service adds to the model for such an image.
+
     uv run python bench/encoding.py [--size 1024] [--rounds 5] [--repeats 5]
 """
 
@@ -16,15 +20,19 @@ import argparse
 import base64
 import io
 import statistics
+import sys
 import time
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from hunyuan_service.api import png
 from hunyuan_service.api.png import encode_png, usable_cores
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench.gpu, run as a script
 
 
 def photo_like(size: int, seed: int = 0) -> Image.Image:
@@ -71,6 +79,57 @@ def with_zlib(encode: Callable[[Image.Image], bytes]) -> Callable[[Image.Image],
     return encode_with_zlib
 
 
+def over_http(images: dict[str, Image.Image], rounds: int, repeats: int) -> None:
+    """Medians of `/infer` round trips, in process as bench/gpu.py's HTTP rows run them."""
+    import httpx
+
+    from bench.gpu import Plan, serve, settings_for
+    from hunyuan_service.api.app import create_app
+    from hunyuan_service.models.flux import FluxModel
+    from hunyuan_service.models.types import Text2ImageOutput
+
+    class Instant(FluxModel):
+        image = noise(16)
+
+        def load(self) -> None:
+            pass
+
+        def warm_up(self) -> None:
+            pass
+
+        def infer(self, request: object, ctx: object) -> Text2ImageOutput:
+            return Text2ImageOutput(images=(self.image,), seed=1, num_inference_steps=1)
+
+    settings = settings_for("text2image", Plan(device="cpu", tiny=False, quick=True, budget_s=0))
+    model = Instant(settings)
+    cases = [("16x16 noise (the floor)", noise(16), "png", ISAL)]
+    for name, image in images.items():
+        cases += [
+            (f"{name}, PNG with zlib (before)", image, "png", zlib),
+            (f"{name}, PNG", image, "png", ISAL),
+            (f"{name}, JPEG", image, "jpeg", ISAL),
+        ]
+    times: dict[str, list[float]] = {label: [] for label, *_ in cases}
+    sizes: dict[str, int] = {}
+    body = {"prompt": "a lighthouse", "width": 1024, "height": 1024, "num_inference_steps": 1}
+    with serve(create_app(settings, model)) as url, httpx.Client(timeout=60) as client:
+        for _ in range(rounds):
+            for label, image, fmt, deflate in cases:
+                model.image, png.DEFLATE = image, deflate
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    response = client.post(f"{url}/infer", json={**body, "output_format": fmt})
+                    times[label].append(time.perf_counter() - start)
+                    response.raise_for_status()
+                sizes[label] = len(response.content)
+    png.DEFLATE = ISAL
+    print(f"\n/infer over HTTP, a model that answers at once: {rounds} rounds of {repeats}, median")
+    print("| answer | ms | body MB |")
+    print("| --- | --- | --- |")
+    for label, values in times.items():
+        print(f"| {label} | {statistics.median(values) * 1000:.1f} | {sizes[label] / 1e6:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=1024)
@@ -86,7 +145,8 @@ def main() -> None:
         "service, bands for these cores": encode_png,
     }
     print(f"{args.size}x{args.size} RGB, {usable_cores()} usable cores")
-    for name, image in (("photo-like", photo_like(args.size)), ("noise", noise(args.size))):
+    images = {"photo-like": photo_like(args.size), "noise": noise(args.size)}
+    for name, image in images.items():
         reference = np.asarray(image)
         times: dict[str, list[float]] = {label: [] for label in encoders}
         sizes: dict[str, int] = {}
@@ -117,6 +177,7 @@ def main() -> None:
                 f"| {sizes[label] / before_size:.2f} |"
             )
         print(f"service encoder plus base64: {with_base64 * 1000:.1f} ms")
+    over_http(images, args.rounds, args.repeats)
 
 
 if __name__ == "__main__":
