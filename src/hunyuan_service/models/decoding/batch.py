@@ -290,12 +290,14 @@ class DecodeBatch:
             reserved=prepared.needs,
             rope_delta=prefill.rope_delta,
             sampler=RowSampler(request, self.model.generation_config, grammar, self.device),
-            streamer=TextStream(self.tokenizer, ctx, prompt_seen=True),
+            streamer=TextStream(
+                self.tokenizer, ctx, prompt_seen=True, keep_text=bool(request.stop)
+            ),
             eos=self.eos,
             cached=prepared.prompt_tokens,
         )
         row.sampler.prepare(None)
-        row.take(self._choose(row, logits), self.decode)
+        row.take(self._choose(row, logits))
         self.rows.append(row)
         return row
 
@@ -441,7 +443,7 @@ class DecodeBatch:
             if row.ctx.should_stop():
                 ended.append(row)
                 continue
-            row.take(token, self.decode)
+            row.take(token)
             if row.ended is not None:
                 ended.append(row)
         return ended

@@ -91,16 +91,22 @@ class TextStream:
     Also a `generate` streamer (`put`, `end`), whose first `put` is the prompt. Text that ends in
     an incomplete UTF-8 sequence is held back until the next token completes it. Each token
     decodes a short window (the tokens since the last emission and the piece before them), not
-    the whole answer, so the cost per token stays flat; a job nobody streams decodes nothing.
+    the whole answer, so the cost per token stays flat; a job nobody streams decodes nothing,
+    unless `keep_text` asks for the text itself (a row's stop strings read it).
     """
 
-    def __init__(self, tokenizer: Any, ctx: JobContext, prompt_seen: bool = False) -> None:
+    def __init__(
+        self, tokenizer: Any, ctx: JobContext, prompt_seen: bool = False, keep_text: bool = False
+    ) -> None:
         self.decode = text_decoder(tokenizer)
         self.ctx = ctx
         self.tokens: list[int] = []
         self.start = 0  # where the decoded window begins
         self.shown = 0  # tokens before this one are already emitted
         self.prompt_seen = prompt_seen
+        self.keep_text = keep_text
+        self.text = ""  # every piece emitted so far, when kept
+        self.pending = ""  # decoded after `text` and held back: it ends in a cut character
 
     def put(self, value: Any) -> None:
         if not self.prompt_seen:  # generate first hands over the whole prompt
@@ -117,17 +123,24 @@ class TextStream:
         self._emit(final=True)
 
     def _emit(self, final: bool) -> None:
-        if not self.ctx.wants_tokens:
+        streamed = self.ctx.wants_tokens
+        if not (streamed or self.keep_text):
             return
         tokens = self.tokens
         # The window starts one emitted piece back, so a token's text is decoded with the token
         # before it (byte-level pieces and merges at the boundary come out as in the whole).
         before = self.decode(tokens[self.start : self.shown])
         text = self.decode(tokens[self.start :])
+        piece = text[len(before) :]
         if not final and text.endswith("\ufffd"):
+            self.pending = piece
             return
-        if len(text) > len(before):
-            self.ctx.on_token(text[len(before) :])
+        self.pending = ""
+        if piece:
+            if streamed:
+                self.ctx.on_token(piece)
+            if self.keep_text:
+                self.text += piece
             self.start, self.shown = self.shown, len(tokens)
 
 
@@ -158,27 +171,37 @@ class Row:
     eos: frozenset[int]
     cached: int = 0  # positions of the range written so far
     generated: list[int] = field(default_factory=list)
-    text: str = ""
+    checked: int = 0  # the stream's kept text up to here held no stop string
     ended: str | None = None  # "stop" or "length" once the row is done
 
     @property
     def prompt_tokens(self) -> int:
         return len(self.prompt_ids)
 
-    def take(self, token: int, decode: Any) -> None:
+    def take(self, token: int) -> None:
         """Appends a chosen token, streams its text, and decides whether the row has ended."""
         self.generated.append(token)
         if token in self.eos:
             self.ended = "stop"
             return
         self.streamer.put_token(token)
-        if self.request.stop:
-            self.text = decode(self.generated)
-            if any(stop in self.text for stop in self.request.stop):
-                self.ended = "stop"
-                return
+        if self.request.stop and self._holds_stop_string():
+            self.ended = "stop"
+            return
         if len(self.generated) >= self.request.max_new_tokens:
             self.ended = "length"
+
+    def _holds_stop_string(self) -> bool:
+        """Whether the text so far holds one of the request's stop strings, the text held back
+        included, as decoding the whole answer would show it. The kept text up to `checked`
+        held none at the last token, so a new one ends after it and starts at most the longest
+        stop string's length (less one) before it: only that tail is searched, not the whole
+        answer at every token."""
+        stream, stops = self.streamer, self.request.stop
+        reach = max(len(stop) for stop in stops) - 1
+        recent = stream.text[max(0, self.checked - reach) :] + stream.pending
+        self.checked = len(stream.text)
+        return any(stop in recent for stop in stops)
 
     def output(self, decode: Any) -> Image2TextOutput:
         self.streamer.end()
