@@ -19,7 +19,7 @@ from typing import Any
 
 from hunyuan_service.engine.alarms import Alarms
 from hunyuan_service.engine.continuous import ContinuousLoop
-from hunyuan_service.engine.jobs import Job, JobQueue, JobStatus, StopReason
+from hunyuan_service.engine.jobs import EventRelay, Job, JobQueue, JobStatus, StopReason
 from hunyuan_service.engine.lifecycle import Lifecycle, State
 from hunyuan_service.engine.metrics import Histogram
 from hunyuan_service.engine.runner import ModelThread
@@ -72,6 +72,7 @@ class Scheduler(WorkerLoop, ContinuousLoop):
         self.final_statuses: collections.Counter[tuple[str, bool]] = collections.Counter()
         self.running: list[Job] = []  # one job, or one batch
         self._queue = JobQueue(maxsize=max_queue_size)
+        self._relay: EventRelay | None = None  # made on the loop, by the first submit
         self._reserved = 0
         self._shutting_down = False  # the drain's deadline has passed: nothing more runs
         self._observed_waiting = 0  # queued jobs that want position updates
@@ -211,6 +212,9 @@ class Scheduler(WorkerLoop, ContinuousLoop):
         else:
             self._check_admission()
         loop = asyncio.get_running_loop()
+        relay = self._relay
+        if relay is None or relay.loop is not loop:
+            relay = self._relay = EventRelay(loop)
         budget = (
             self.request_timeout_s if timeout_s is None else min(timeout_s, self.request_timeout_s)
         )
@@ -221,6 +225,7 @@ class Scheduler(WorkerLoop, ContinuousLoop):
             deadline=time.monotonic() + budget,
             budget_s=budget,
             done=loop.create_future(),
+            relay=relay,
             observed=observed,
             detached=job_id is not None,
         )
