@@ -4,9 +4,10 @@ A GPU host that reaches no package index, but has its own CUDA build of torch, g
 project's other runtime packages as wheels, at the versions `uv.lock` pins, for its Python
 (CPython 3.12 on x86-64 Linux by default). `bench/gpu_host.sh` installs them there and runs
 the checks. The names are what such a host lacked or held at another version on 2026-12-04
-(the lent H200: torch 2.11, transformers 5.17; see `docs/benchmarks.md`), and isal, a
-dependency since 2026-12-07; huggingface-hub is left out on purpose: the lock's 2.x imports
-`httpx2`, which that host lacks, and its own 1.33 works with the lock's transformers.
+(the lent H200: torch 2.11, transformers 5.17; see `docs/benchmarks.md`), and isal and
+pybase64, dependencies since 2026-12-07; huggingface-hub is left out on purpose: the lock's
+2.x imports `httpx2`, which that host lacks, and its own 1.33 works with the lock's
+transformers.
 
     uv run python bench/offline_wheels.py               # into .whl/, about 33 MiB
     uv run python bench/offline_wheels.py --dest DIR --python 3.12
@@ -31,6 +32,7 @@ WHEELS = (
     "llguidance",
     "opentelemetry-api",
     "peft",
+    "pybase64",
     "pydantic",
     "pydantic-core",
     "pydantic-settings",

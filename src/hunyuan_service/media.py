@@ -7,7 +7,6 @@ so routes call it from a thread pool. Each refusal is a `ServiceError` with a 4x
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import io
@@ -23,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urljoin, urlsplit
+
+import pybase64
 
 from hunyuan_service.errors import InvalidInput, JobCancelled, PayloadTooLarge, ServiceError
 from hunyuan_service.models.types import PixelRange
@@ -133,29 +134,30 @@ def _capped(data: bytes, limit: int, param: str) -> bytes:
 
 
 def _b64decode(payload: str, limit: int, param: str) -> bytes:
+    """Strict base64 (pybase64: SIMD, about 50x the standard library's speed), where
+    whitespace (line breaks every 76 characters, as `base64` writes them) is ignored."""
     # Check the encoded length first, so an oversized image is refused before it is decoded.
     if len(payload) > math.ceil(limit / 3) * 4 + 8:
         raise PayloadTooLarge(f"{param}: image is over {limit} bytes", param=param)
     try:
-        return _capped(base64.b64decode("".join(payload.split()), validate=True), limit, param)
+        data = pybase64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
-        raise InvalidInput(f"{param}: invalid base64 data", param=param) from None
+        try:  # whitespace, or no base64 at all: again without whitespace (~0.5 ms a MB)
+            data = pybase64.b64decode("".join(payload.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidInput(f"{param}: invalid base64 data", param=param) from None
+    return _capped(data, limit, param)
 
 
 def _try_b64(text: str, limit: int, param: str) -> bytes | None:
-    """Plain base64, told apart from a path: an image path has a dot, which base64 never has.
-
-    Whitespace (line breaks every 76 characters, as `base64` writes them) is not part of base64
-    and is ignored.
-    """
-    compact = "".join(text.split())
-    if len(compact) < 16 or "." in compact:
+    """Plain base64, told apart from a path: an image path has a dot, which base64 never has;
+    None where `text` is no base64. Whitespace is ignored, as in `_b64decode`."""
+    if len(text) < 16 or "." in text:
         return None
     try:
-        base64.b64decode(compact, validate=True)
-    except (binascii.Error, ValueError):
+        return _b64decode(text, limit, param)
+    except InvalidInput:
         return None
-    return _b64decode(compact, limit, param)
 
 
 # -- local files -----------------------------------------------------------------------------

@@ -203,6 +203,29 @@ def test_plain_base64_with_line_breaks_is_base64_not_a_path() -> None:
     assert read_source(ImageSource(spaced, "images[0]"), SETTINGS) == png_bytes()
 
 
+@pytest.mark.parametrize("data_uri", [False, True])
+def test_base64_without_whitespace_is_decoded_once(
+    monkeypatch: pytest.MonkeyPatch, data_uri: bool
+) -> None:
+    import base64
+
+    import pybase64
+
+    decoded: list[int] = []
+    original = pybase64.b64decode
+
+    def counted(text: Any, *args: Any, **kwargs: Any) -> bytes:
+        decoded.append(len(text))
+        return original(text, *args, **kwargs)
+
+    monkeypatch.setattr(pybase64, "b64decode", counted)
+    text = base64.b64encode(png_bytes()).decode()
+    if data_uri:
+        text = "data:image/png;base64," + text
+    assert read_source(ImageSource(text, "images[0]"), SETTINGS) == png_bytes()
+    assert len(decoded) == 1
+
+
 def test_local_paths_with_a_nul_byte_are_refused(tmp_path: Path) -> None:
     settings = fake_settings(model_type="image2text", allowed_local_media_dir=tmp_path)
     with pytest.raises(InvalidInput) as caught:
