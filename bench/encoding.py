@@ -1,13 +1,14 @@
-"""PNG encoding time: the service's encoder against Pillow's, on the same images in one run.
+"""Image encoding time: the service's encoders against Pillow's, on the same images in one run.
 
 What a 1024x1024 text2image answer spends on the CPU after the model: encoding the PNG, then
 base64. Two images: a synthetic photo-like one (smooth colour fields, finer texture and sensor-
 like noise), and uniform noise, which is what the tiny random-weight model returns and the worst
 case for compression. The service's encoder runs with its compressor (ISA-L) and with zlib's,
 which it used until 2026-12-07. Each encoder runs `--repeats` times per round, rounds
-interleaved; medians.
+interleaved; medians. Then the lossy formats: JPEG, and WebP at the service's method and at
+Pillow's default.
 
-Then the whole answer over HTTP: the service's `/infer` (JSON with the image in base64, as
+Last, the whole answer over HTTP: the service's `/infer` (JSON with the image in base64, as
 bench/gpu.py's HTTP rows ask for it) with a FLUX model class whose `infer` returns one of these
 images at once, so the round trip is what the service adds to the model for such an image.
 
@@ -17,7 +18,6 @@ images at once, so the round trip is what the service adds to the model for such
 from __future__ import annotations
 
 import argparse
-import base64
 import io
 import statistics
 import sys
@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from hunyuan_service.api import png
+from hunyuan_service.api.encoding import base64_json_string
 from hunyuan_service.api.png import encode_png, usable_cores
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench.gpu, run as a script
@@ -77,6 +78,37 @@ def with_zlib(encode: Callable[[Image.Image], bytes]) -> Callable[[Image.Image],
             png.DEFLATE = ISAL
 
     return encode_with_zlib
+
+
+def lossy_formats(images: dict[str, Image.Image], rounds: int, repeats: int) -> None:
+    """The service's JPEG and WebP against WebP at Pillow's default method (what it used until
+    2026-12-07); medians of interleaved rounds."""
+    from hunyuan_service.api.encoding import encode_image
+
+    def webp_default(image: Image.Image) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format="WEBP", quality=95)
+        return buffer.getvalue()
+
+    encoders: dict[str, Callable[[Image.Image], bytes]] = {
+        "service, JPEG quality 95": lambda image: encode_image(image, "jpeg"),
+        "WebP quality 95, Pillow's default method 4 (before)": webp_default,
+        "service, WebP quality 95, method 0": lambda image: encode_image(image, "webp"),
+    }
+    print("\n| image | encoder | ms | KB |")
+    print("| --- | --- | --- | --- |")
+    for name, image in images.items():
+        times: dict[str, list[float]] = {label: [] for label in encoders}
+        sizes = {label: len(encode(image)) for label, encode in encoders.items()}
+        for _ in range(rounds):
+            for label, encode in encoders.items():
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    encode(image)
+                times[label].append((time.perf_counter() - start) / repeats)
+        for label, values in times.items():
+            ms = statistics.median(values) * 1000
+            print(f"| {name} | {label} | {ms:.1f} | {sizes[label] / 1000:.0f} |")
 
 
 def over_http(images: dict[str, Image.Image], rounds: int, repeats: int) -> None:
@@ -162,7 +194,7 @@ def main() -> None:
                 times[label].append((time.perf_counter() - start) / args.repeats)
         start = time.perf_counter()
         for _ in range(args.repeats):
-            base64.b64encode(encode_png(image))
+            base64_json_string(encode_png(image))
         with_base64 = (time.perf_counter() - start) / args.repeats
         before_label = "service with zlib, bands for these cores (before)"
         before = statistics.median(times[before_label])
@@ -177,6 +209,7 @@ def main() -> None:
                 f"| {sizes[label] / before_size:.2f} |"
             )
         print(f"service encoder plus base64: {with_base64 * 1000:.1f} ms")
+    lossy_formats(images, args.rounds, args.repeats)
     over_http(images, args.rounds, args.repeats)
 
 

@@ -18,6 +18,15 @@ if TYPE_CHECKING:
 
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 _PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+# Quality 95 for the lossy formats. WebP at libwebp's fastest method: at 1024x1024 it took a
+# third to a half of the default method's time (bench/encoding.py: 31-34 ms against 98 on a
+# photo-like image, 95 against 176 on noise) for files up to 7% larger. PNG goes through
+# Pillow only for the modes `png.py` does not take.
+_OPTIONS: dict[str, dict[str, int]] = {
+    "jpeg": {"quality": 95},
+    "webp": {"quality": 95, "method": 0},
+    "png": {"compress_level": 1},
+}
 
 
 def encode_image(image: Image, fmt: str) -> bytes:
@@ -27,8 +36,7 @@ def encode_image(image: Image, fmt: str) -> bytes:
     buffer = io.BytesIO()
     if fmt == "jpeg" and image.mode not in ("RGB", "L"):
         image = image.convert("RGB")
-    options = {"quality": 95} if fmt in ("jpeg", "webp") else {"compress_level": 1}
-    image.save(buffer, format=_PIL_FORMATS[fmt], **options)
+    image.save(buffer, format=_PIL_FORMATS[fmt], **_OPTIONS[fmt])
     return buffer.getvalue()
 
 
