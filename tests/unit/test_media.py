@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,6 +73,54 @@ def test_large_photo_is_downscaled_to_the_pixel_budget() -> None:
     width, height = image.size
     assert width * height <= 200_000
     assert abs(width / height - 4 / 3) < 0.02
+
+
+def gradient_photo(size: tuple[int, int]) -> Image.Image:
+    import numpy as np
+
+    y, x = np.mgrid[0 : size[1], 0 : size[0]]
+    channels = [x * 255 // size[0], y * 255 // size[1], (x + y) * 127 // (size[0] + size[1])]
+    noise = np.random.default_rng(0).integers(0, 12, (size[1], size[0], 3))
+    return Image.fromarray((np.stack(channels, -1) + noise).clip(0, 255).astype("uint8"), "RGB")
+
+
+@pytest.mark.parametrize(
+    ("mode", "options"),
+    [("RGB", {}), ("RGB", {"progressive": True}), ("L", {}), ("CMYK", {})],
+)
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_to_about_the_full_decodes_pixels(
+    monkeypatch: pytest.MonkeyPatch, mode: str, options: dict[str, Any]
+) -> None:
+    import math
+
+    import numpy as np
+
+    import hunyuan_service.media as media
+
+    photo = gradient_photo((1600, 1200)).convert(mode)
+    data = encoded(photo, "JPEG", quality=92, **options)
+    shrunk_from: list[tuple[int, int]] = []
+    downscale = media._downscale
+
+    def recording(image: Image.Image, max_pixels: int) -> Image.Image:
+        shrunk_from.append(image.size)
+        return downscale(image, max_pixels)
+
+    monkeypatch.setattr(media, "_downscale", recording)
+    image = decode_image(data, "i", SETTINGS)  # 1.92 million pixels into a 200,000 budget
+    # decoded at 1/2 scale (1/4 would fall below the 516x387 the budget allows), then resized
+    assert shrunk_from == [(800, 600)]
+    assert image.mode == "RGB"
+    # The full decode, resized the same way, as before: the same size, nearly the same pixels.
+    full = Image.open(io.BytesIO(data)).convert("RGB").resize(image.size, Image.Resampling.BICUBIC)
+    error = np.asarray(image, dtype=float) - np.asarray(full, dtype=float)
+    assert 10 * math.log10(255**2 / np.mean(error**2)) > 35  # dB
+
+
+def test_a_jpeg_within_the_budget_is_decoded_whole() -> None:
+    photo = gradient_photo((480, 400))  # 0.96x the budget
+    image = decode_image(encoded(photo, "JPEG", quality=92), "i", SETTINGS)
+    assert image.size == (480, 400)
 
 
 def test_an_image_slightly_over_the_budget_is_resized_once_by_the_model_alone() -> None:

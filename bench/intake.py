@@ -1,0 +1,85 @@
+"""Decoding a client's photo: the service's `decode_image` against a full decode then resize.
+
+A phone photo (12 megapixels, JPEG) is about twelve times the image2text pixel budget
+(VL_MAX_PIXELS, about a megapixel). `decode_image` asks libjpeg to decode such a JPEG at a
+reduced scale (1/2, 1/4 or 1/8) that still covers the budget, then resizes; before 2026-12-07 it
+decoded every pixel and resized from there, which this script does as the baseline. Photo-like
+images at a few sizes, JPEG quality 90; interleaved rounds, medians; the PSNR of the service's
+result against the baseline's.
+
+    uv run python bench/intake.py [--rounds 5] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench.encoding, run as a script
+
+from bench.encoding import photo_like
+from hunyuan_service.media import decode_image
+from hunyuan_service.settings import Settings
+
+SIZES = ((4000, 3000), (3024, 4032), (1920, 1080))
+
+
+def full_decode(data: bytes, budget: int) -> Image.Image:
+    """Every pixel decoded, then one bicubic resize to the budget (the service until 2026-12-07)."""
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    scale = math.sqrt(budget / (image.width * image.height))
+    if scale >= 1:
+        return image
+    size = (int(image.width * scale), int(image.height * scale))
+    return image.resize(size, Image.Resampling.BICUBIC)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    settings = Settings(_env_file=None, model_type="image2text")
+    budget = settings.vl_max_pixels
+    print(f"budget (VL_MAX_PIXELS): {budget} pixels")
+    print("| photo | JPEG KB | full decode + resize, ms | decode_image, ms | ratio | PSNR dB |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for width, height in SIZES:
+        photo = photo_like(max(width, height)).resize((width, height), Image.Resampling.BICUBIC)
+        buffer = io.BytesIO()
+        photo.save(buffer, format="JPEG", quality=90)
+        data = buffer.getvalue()
+        ways = {
+            "full": lambda data=data: full_decode(data, budget),
+            "service": lambda data=data: decode_image(data, "image", settings),
+        }
+        times: dict[str, list[float]] = {name: [] for name in ways}
+        for _ in range(args.rounds):
+            for name, decode in ways.items():
+                start = time.perf_counter()
+                for _ in range(args.repeats):
+                    decode()
+                times[name].append((time.perf_counter() - start) / args.repeats)
+        ours, theirs = ways["service"](), ways["full"]()
+        if ours.size != theirs.size:
+            theirs = theirs.resize(ours.size, Image.Resampling.BICUBIC)
+        error = np.asarray(ours, dtype=float) - np.asarray(theirs, dtype=float)
+        mse = float(np.mean(error**2))
+        psnr = "identical" if mse == 0 else f"{10 * math.log10(255**2 / mse):.1f}"
+        full_ms, ours_ms = (statistics.median(times[name]) * 1000 for name in ("full", "service"))
+        print(
+            f"| {width}x{height} | {len(data) // 1000} | {full_ms:.1f} | {ours_ms:.1f} | "
+            f"{ours_ms / full_ms:.2f} | {psnr} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
