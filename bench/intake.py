@@ -7,6 +7,11 @@ decoded every pixel and resized from there, which this script does as the baseli
 images at a few sizes, JPEG quality 90; interleaved rounds, medians; the PSNR of the service's
 result against the baseline's.
 
+Then what the model thread does to each decoded image before its image processor: qwen_vl_utils'
+resize to multiples of 28 within the bounds, which until 2026-12-07 ran there while every row of
+a continuous batch waited; now `prepare_image` runs it on the CPU pool at intake and the model
+thread finds the image sized.
+
     uv run python bench/intake.py [--rounds 5] [--repeats 3]
 """
 
@@ -50,6 +55,7 @@ def main() -> None:
     settings = Settings(_env_file=None, model_type="image2text")
     budget = settings.vl_max_pixels
     print(f"budget (VL_MAX_PIXELS): {budget} pixels")
+    decoded: dict[str, Image.Image] = {}
     print("| photo | JPEG KB | full decode + resize, ms | decode_image, ms | ratio | PSNR dB |")
     print("| --- | --- | --- | --- | --- | --- |")
     for width, height in SIZES:
@@ -79,6 +85,37 @@ def main() -> None:
             f"| {width}x{height} | {len(data) // 1000} | {full_ms:.1f} | {ours_ms:.1f} | "
             f"{ours_ms / full_ms:.2f} | {psnr} |"
         )
+        decoded[f"{width}x{height}"] = ours
+    model_thread(decoded, settings, args.rounds, args.repeats)
+
+
+def model_thread(
+    decoded: dict[str, Image.Image], settings: Settings, rounds: int, repeats: int
+) -> None:
+    """The model thread's resize of each decoded image: as it came from decoding (before), and
+    as `prepare_image` leaves it (now); and `prepare_image` itself, on the CPU pool."""
+    from hunyuan_service.models.qwen_vl import QwenVLModel, _resize
+
+    model = QwenVLModel(settings)  # no weights: its resize needs only the settings
+    bounds = model._pixel_bounds(None)
+    print("\n| decoded photo | model thread before, ms | CPU pool now, ms | model thread now, ms |")
+    print("| --- | --- | --- | --- |")
+    for name, image in decoded.items():
+        prepared = model.prepare_image(image, (None, None))
+        ways = {
+            "before": lambda image=image: _resize(image, bounds),
+            "pool": lambda image=image: model.prepare_image(image, (None, None)),
+            "now": lambda prepared=prepared: _resize(prepared, bounds),
+        }
+        times: dict[str, list[float]] = {way: [] for way in ways}
+        for _ in range(rounds):
+            for way, run in ways.items():
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    run()
+                times[way].append((time.perf_counter() - start) / repeats)
+        ms = {way: statistics.median(values) * 1000 for way, values in times.items()}
+        print(f"| {name} | {ms['before']:.2f} | {ms['pool']:.2f} | {ms['now']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import stat
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -62,6 +63,7 @@ def load_images(
     max_pixels: int | None = None,
     max_count: int | None = None,
     max_ratio: int | None = None,
+    prepare: Callable[[Image, PixelRange], Image] | None = None,
 ) -> list[Any]:
     """Fetches, decodes, validates and normalises every image (and video: a `Video` in its
     place); raises a 4xx `ServiceError`.
@@ -69,7 +71,8 @@ def load_images(
     `stop`, once set (the request was answered or its client left), ends the work before the
     next image. Images over `max_pixels` (VL_MAX_PIXELS unless given) are downscaled; more than
     `max_count` images and videos (MAX_INPUT_IMAGES unless given) are refused, and so is an
-    image longer than `max_ratio` times its width or wider than that times its height.
+    image longer than `max_ratio` times its width or wider than that times its height. Each
+    image then goes through `prepare` with its resize bounds (the model's `prepare_image`).
     """
     limit = max_count or settings.max_input_images
     if len(sources) > limit:
@@ -94,6 +97,8 @@ def load_images(
                     f"takes sides at most {max_ratio} times each other: crop or pad it",
                     param=source.param,
                 )
+            if prepare is not None:
+                image = prepare(image, source.pixels)
             images.append(image)
     return images
 
@@ -455,6 +460,13 @@ def _open(data: bytes, param: str, settings: Settings, max_pixels: int) -> Image
 
 # Where `decode_image` keeps an image's digest, the key of its vision-encoder output.
 DIGEST_KEY = "hunyuan_digest"
+
+
+def with_digest_of(derived: Image, source: Image) -> Image:
+    """`derived` (made from `source` by a step that depends on nothing else but what the
+    caller's cache key holds) under `source`'s content digest, so that it is not hashed again."""
+    derived.info[DIGEST_KEY] = (id(derived), content_digest(source))
+    return derived
 
 
 def content_digest(image: Image) -> bytes:

@@ -117,7 +117,8 @@ async def decode_images(
     max_ratio: int | None = None,
 ) -> list[Any]:
     """Fetches and decodes client images on the CPU pool (`load_images`, whose limits the
-    arguments are); a text-only request skips the hop.
+    arguments are), each shaped there by the model's `prepare_image`; a text-only request
+    skips the hop.
 
     The request's deadline and its client's disconnect apply here too: the request is answered
     (504) or dropped at once, and the pool thread stops before its next image. The image it is
@@ -127,9 +128,17 @@ async def decode_images(
     if not sources:
         return []
     stop = threading.Event()
+    model = engine.model
     decoding = asyncio.ensure_future(
         engine.run_cpu(
-            load_images, sources, engine.settings, stop, max_pixels, max_count, max_ratio
+            load_images,
+            sources,
+            engine.settings,
+            stop,
+            max_pixels,
+            max_count,
+            max_ratio,
+            None if model is None else model.prepare_image,
         )
     )
     waiters: set[asyncio.Future[Any]] = {decoding}

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 from hunyuan_service.errors import JobCancelled, ModelLoadError
 
 if TYPE_CHECKING:
+    from hunyuan_service.models.types import PixelRange
     from hunyuan_service.settings import Settings
 
 InputT = TypeVar("InputT")
@@ -77,6 +78,13 @@ class InferenceModel(abc.ABC, Generic[InputT, OutputT]):
     @abc.abstractmethod
     def infer(self, request: InputT, ctx: JobContext) -> OutputT:
         """Runs one request. Raises `JobCancelled` when `ctx.should_stop()` turns true mid-run."""
+
+    def prepare_image(self, image: Any, pixels: PixelRange) -> Any:
+        """Shapes a client's image for the model as it is decoded, on the CPU pool: work that
+        needs no device and that would otherwise hold up the model thread (and every job
+        running there). `pixels` are the image's resize bounds as the request gave them.
+        Returns `image` as it is by default."""
+        return image
 
     # Batching (MAX_BATCH_SIZE > 1): a model that sets `supports_batching` runs compatible
     # requests together in `infer_batch`.

@@ -322,12 +322,24 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
                 param="videos",
             )
 
+    def prepare_image(self, image: Any, pixels: PixelRange) -> Any:
+        """qwen_vl_utils' resize of a decoded image to its bounds, on the CPU pool as it is
+        decoded: on the model thread it held up every running row (15 ms for a megapixel image
+        on the development machine). The model thread then finds the image sized and leaves it
+        (`_resize`), so the encoder sees the pixels it did before; the vision cache keys it by
+        the image it was made from, as before."""
+        from hunyuan_service.media import with_digest_of
+
+        return with_digest_of(_resize(image, self._pixel_bounds(None, pixels)), image)
+
     def _pixel_bounds(
-        self, request: Image2TextInput, own: PixelRange = (None, None)
+        self, request: Image2TextInput | None, own: PixelRange = (None, None)
     ) -> dict[str, int]:
         """qwen_vl_utils' resize bounds for one image: its own, else the request's, within the
         server's (the API checked them); where min_pixels is over max_pixels, max_pixels wins."""
-        low, high = own[0] or request.min_pixels, own[1] or request.max_pixels
+        low, high = own
+        if request is not None:
+            low, high = low or request.min_pixels, high or request.max_pixels
         bounds = {"max_pixels": min(high or self._max_pixels, self._max_pixels)}
         if low is not None:
             bounds["min_pixels"] = min(low, bounds["max_pixels"])
@@ -371,9 +383,20 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
 
 def _resize(image: Any, bounds: dict[str, int]) -> Any:
     """qwen_vl_utils' resize to the pixel bounds. Only decoded PIL images reach it: its own
-    fetcher would follow any URL or open any path."""
+    fetcher would follow any URL or open any path. An RGB image already at the size it would
+    get (one that `prepare_image` sized) is returned as it is: `fetch_image` would copy it
+    through an RGB conversion and a resize to its own size, which change no pixel."""
     from qwen_vl_utils import fetch_image
+    from qwen_vl_utils.vision_process import IMAGE_MIN_TOKEN_NUM, SPATIAL_MERGE_SIZE, smart_resize
 
+    factor = 14 * SPATIAL_MERGE_SIZE  # fetch_image's patch factor for its default patch size
+    if image.mode == "RGB":
+        low = bounds.get("min_pixels", IMAGE_MIN_TOKEN_NUM * factor**2)
+        height, width = smart_resize(
+            image.height, image.width, factor, min_pixels=low, max_pixels=bounds["max_pixels"]
+        )
+        if (width, height) == image.size:
+            return image
     return fetch_image({"image": image, **bounds})
 
 

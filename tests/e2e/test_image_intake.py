@@ -1,0 +1,73 @@
+"""image2text's images are resized for the model on the CPU pool as they are decoded, not on the
+model thread, where the resize held up every job running there; the encoder sees the same pixels
+either way."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from hunyuan_service.api.app import create_app
+from tests.e2e.conftest import tiny_settings
+from tests.images import data_uri, encoded
+
+
+def ask_recording(cache: Path, body: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[Any]]:
+    """The answer, the threads qwen_vl_utils resized on, and the pixels the encoder got."""
+    import qwen_vl_utils
+
+    from hunyuan_service.models.vision import ImageEncoder
+
+    threads: list[str] = []
+    pixels: list[Any] = []
+    resize, encode = qwen_vl_utils.fetch_image, ImageEncoder._encode
+
+    def resizing(element: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return resize(element, *args, **kwargs)
+
+    def encoding(self: Any, key: Any, encoder: Any, values: Any, grid: Any) -> Any:
+        pixels.append(values.clone())
+        return encode(self, key, encoder, values, grid)
+
+    settings = tiny_settings("image2text", cache, vision_cache_bytes=0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(qwen_vl_utils, "fetch_image", resizing)
+        patch.setattr(ImageEncoder, "_encode", encoding)
+        with TestClient(create_app(settings)) as client:
+            response = client.post("/infer", json=body)
+    assert response.status_code == 200, response.text
+    return response.json(), threads, pixels
+
+
+def test_an_image_is_resized_off_the_model_thread_into_the_same_encoder_input(
+    tiny_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hunyuan_service.models.qwen_vl import QwenVLModel
+
+    rng = np.random.default_rng(5)
+    picture = Image.fromarray(rng.integers(0, 256, (150, 230, 3), dtype=np.uint8))
+    sized = Image.fromarray(rng.integers(0, 256, (112, 84, 3), dtype=np.uint8))  # 28 x (3, 4)
+    body = {
+        "prompt": "Describe both.",
+        "images": [data_uri(encoded(picture, "PNG")), data_uri(encoded(sized, "PNG"))],
+        "max_new_tokens": 8,
+    }
+    now, threads, pixels = ask_recording(tiny_cache, body)
+    # The first image resized once, on the CPU pool, and then found sized on the model thread;
+    # the second, already at a size the resize gives, not resized anywhere.
+    assert len(threads) == 1
+    assert threads[0].startswith("hunyuan-cpu")
+
+    monkeypatch.setattr(QwenVLModel, "prepare_image", lambda self, image, pixels: image)
+    before, old_threads, old_pixels = ask_recording(tiny_cache, body)
+    assert old_threads == ["hunyuan-model"]  # as it was: on the model thread
+    assert len(pixels) == len(old_pixels) == 2
+    assert all(a.equal(b) for a, b in zip(pixels, old_pixels, strict=True))
+    assert (now["text"], now["usage"]) == (before["text"], before["usage"])
