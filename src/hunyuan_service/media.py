@@ -63,7 +63,7 @@ def load_images(
     max_pixels: int | None = None,
     max_count: int | None = None,
     max_ratio: int | None = None,
-    prepare: Callable[[Image, PixelRange], Image] | None = None,
+    prepare: Callable[[Image, PixelRange, str], Image] | None = None,
 ) -> list[Any]:
     """Fetches, decodes, validates and normalises every image (and video: a `Video` in its
     place); raises a 4xx `ServiceError`.
@@ -72,7 +72,8 @@ def load_images(
     next image. Images over `max_pixels` (VL_MAX_PIXELS unless given) are downscaled; more than
     `max_count` images and videos (MAX_INPUT_IMAGES unless given) are refused, and so is an
     image longer than `max_ratio` times its width or wider than that times its height. Each
-    image then goes through `prepare` with its resize bounds (the model's `prepare_image`).
+    image then goes through `prepare` with its resize bounds and its name (the model's
+    `prepare_image`).
     """
     limit = max_count or settings.max_input_images
     if len(sources) > limit:
@@ -98,7 +99,7 @@ def load_images(
                     param=source.param,
                 )
             if prepare is not None:
-                image = prepare(image, source.pixels)
+                image = prepare(image, source.pixels, source.param)
             images.append(image)
     return images
 

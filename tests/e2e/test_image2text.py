@@ -423,6 +423,21 @@ def test_an_image_beyond_qwens_aspect_ratio_is_a_422_naming_it(
     assert ask(vl_client, [data_uri(png_bytes(at_limit))]).status_code == 200
 
 
+@pytest.mark.parametrize(("size", "resized"), [((6000, 30), "5992x28"), ((30, 6000), "28x5992")])
+def test_an_image_at_the_ratio_but_past_it_once_rounded_to_28_is_a_422_not_a_500(
+    vl_client: TestClient, size: tuple[int, int], resized: str
+) -> None:
+    # 6000x30 is 200:1, which intake allows; Qwen's resize rounds it to 5992x28 (214:1), which
+    # the model's image processor refuses: the request is refused before it is queued.
+    response = ask(vl_client, [data_uri(png_bytes()), data_uri(png_bytes(size))])
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["param"] == "images[1]"
+    assert f"{size[0]}x{size[1]} pixels, {resized} once" in error["message"]
+    assert "crop or pad it" in error["message"]
+    assert ask(vl_client, [data_uri(png_bytes())]).status_code == 200  # the worker is fine
+
+
 @pytest.mark.parametrize(
     ("extra", "field"),
     [

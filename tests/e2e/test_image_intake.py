@@ -65,7 +65,7 @@ def test_an_image_is_resized_off_the_model_thread_into_the_same_encoder_input(
     assert len(threads) == 1
     assert threads[0].startswith("hunyuan-cpu")
 
-    monkeypatch.setattr(QwenVLModel, "prepare_image", lambda self, image, pixels: image)
+    monkeypatch.setattr(QwenVLModel, "prepare_image", lambda self, image, pixels, param: image)
     before, old_threads, old_pixels = ask_recording(tiny_cache, body)
     assert old_threads == ["hunyuan-model"]  # as it was: on the model thread
     assert len(pixels) == len(old_pixels) == 2

@@ -79,10 +79,11 @@ class InferenceModel(abc.ABC, Generic[InputT, OutputT]):
     def infer(self, request: InputT, ctx: JobContext) -> OutputT:
         """Runs one request. Raises `JobCancelled` when `ctx.should_stop()` turns true mid-run."""
 
-    def prepare_image(self, image: Any, pixels: PixelRange) -> Any:
+    def prepare_image(self, image: Any, pixels: PixelRange, param: str) -> Any:
         """Shapes a client's image for the model as it is decoded, on the CPU pool: work that
         needs no device and that would otherwise hold up the model thread (and every job
-        running there). `pixels` are the image's resize bounds as the request gave them.
+        running there). `pixels` are the image's resize bounds as the request gave them;
+        `param` names the image in a 4xx `ServiceError` for an image the model cannot take.
         Returns `image` as it is by default."""
         return image
 

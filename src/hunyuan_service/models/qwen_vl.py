@@ -322,15 +322,31 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
                 param="videos",
             )
 
-    def prepare_image(self, image: Any, pixels: PixelRange) -> Any:
+    def prepare_image(self, image: Any, pixels: PixelRange, param: str) -> Any:
         """qwen_vl_utils' resize of a decoded image to its bounds, on the CPU pool as it is
         decoded: on the model thread it held up every running row (15 ms for a megapixel image
         on the development machine). The model thread then finds the image sized and leaves it
         (`_resize`), so the encoder sees the pixels it did before; the vision cache keys it by
-        the image it was made from, as before."""
+        the image it was made from, as before.
+
+        A 422 where the resized image is longer than Qwen's image processor takes (200 times
+        its width, or wider than that times its height): rounding each side to a multiple of
+        28 can take an image at the ratio the API allows (6000x30) just past it (5992x28).
+        """
+        from qwen_vl_utils.vision_process import MAX_RATIO
+
         from hunyuan_service.media import with_digest_of
 
-        return with_digest_of(_resize(image, self._pixel_bounds(None, pixels)), image)
+        resized = _resize(image, self._pixel_bounds(None, pixels))
+        if max(resized.size) > MAX_RATIO * min(resized.size):
+            raise InvalidInput(
+                f"{param}: image is {image.width}x{image.height} pixels, "
+                f"{resized.width}x{resized.height} once its sides are rounded to the model's "
+                f"multiples of 28; the model takes sides at most {MAX_RATIO} times each other: "
+                "crop or pad it",
+                param=param,
+            )
+        return with_digest_of(resized, image)
 
     def _pixel_bounds(
         self, request: Image2TextInput | None, own: PixelRange = (None, None)
@@ -387,16 +403,20 @@ def _resize(image: Any, bounds: dict[str, int]) -> Any:
     get (one that `prepare_image` sized) is returned as it is: `fetch_image` would copy it
     through an RGB conversion and a resize to its own size, which change no pixel."""
     from qwen_vl_utils import fetch_image
-    from qwen_vl_utils.vision_process import IMAGE_MIN_TOKEN_NUM, SPATIAL_MERGE_SIZE, smart_resize
+    from qwen_vl_utils.vision_process import IMAGE_MIN_TOKEN_NUM, SPATIAL_MERGE_SIZE
 
     factor = 14 * SPATIAL_MERGE_SIZE  # fetch_image's patch factor for its default patch size
-    if image.mode == "RGB":
-        low = bounds.get("min_pixels", IMAGE_MIN_TOKEN_NUM * factor**2)
-        height, width = smart_resize(
-            image.height, image.width, factor, min_pixels=low, max_pixels=bounds["max_pixels"]
-        )
-        if (width, height) == image.size:
-            return image
+    low = bounds.get("min_pixels", IMAGE_MIN_TOKEN_NUM * factor**2)
+    width, height = image.size
+    # What smart_resize leaves as it is; asking it instead would apply its aspect-ratio check
+    # to the resized image, whose rounding can take a ratio of 200 (allowed) just past it.
+    if (
+        image.mode == "RGB"
+        and width % factor == 0
+        and height % factor == 0
+        and low <= width * height <= bounds["max_pixels"]
+    ):
+        return image
     return fetch_image({"image": image, **bounds})
 
 
