@@ -438,6 +438,22 @@ def test_an_image_at_the_ratio_but_past_it_once_rounded_to_28_is_a_422_not_a_500
     assert ask(vl_client, [data_uri(png_bytes())]).status_code == 200  # the worker is fine
 
 
+def test_a_thin_image_whose_short_side_a_small_max_pixels_rounds_to_0_is_a_422(
+    vl_client: TestClient,
+) -> None:
+    # Within 3,136 pixels (4 patches), 30x6000 would be 0x784: qwen_vl_utils cannot resize to
+    # that, and the request used to end in a 500.
+    response = vl_client.post(
+        "/infer",
+        json={"prompt": "x", "images": [data_uri(png_bytes((30, 6000)))], "max_pixels": 3136},
+    )
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["param"] == "images[0]"
+    assert "30x6000 pixels, 0x784 once resized" in error["message"]
+    assert "raise max_pixels" in error["message"]
+
+
 @pytest.mark.parametrize(
     ("extra", "field"),
     [

@@ -329,24 +329,27 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
         (`_resize`), so the encoder sees the pixels it did before; the vision cache keys it by
         the image it was made from, as before.
 
-        A 422 where the resized image is longer than Qwen's image processor takes (200 times
-        its width, or wider than that times its height): rounding each side to a multiple of
-        28 can take an image at the ratio the API allows (6000x30) just past it (5992x28).
+        A 422 where the resized image is one the model cannot take: rounding each side to a
+        multiple of 28 can take an image at the ratio the API allows (6000x30) just past what
+        Qwen's image processor takes (5992x28, over 200:1), and a small `max_pixels` can round
+        a long, thin image's shorter side down to 0 (qwen_vl_utils then fails to resize).
         """
-        from qwen_vl_utils.vision_process import MAX_RATIO
+        from qwen_vl_utils.vision_process import MAX_RATIO, SPATIAL_MERGE_SIZE, smart_resize
 
         from hunyuan_service.media import with_digest_of
 
-        resized = _resize(image, self._pixel_bounds(None, pixels))
-        if max(resized.size) > MAX_RATIO * min(resized.size):
+        bounds = self._pixel_bounds(None, pixels)
+        factor = 14 * SPATIAL_MERGE_SIZE  # as `_resize`
+        height, width = smart_resize(image.height, image.width, factor, **bounds)
+        if min(width, height) < factor or max(width, height) > MAX_RATIO * min(width, height):
             raise InvalidInput(
-                f"{param}: image is {image.width}x{image.height} pixels, "
-                f"{resized.width}x{resized.height} once its sides are rounded to the model's "
-                f"multiples of 28; the model takes sides at most {MAX_RATIO} times each other: "
-                "crop or pad it",
+                f"{param}: image is {image.width}x{image.height} pixels, {width}x{height} once "
+                f"resized to the model's multiples of {factor} within max_pixels "
+                f"{bounds['max_pixels']}; the model takes sides of at least {factor} pixels, at "
+                f"most {MAX_RATIO} times each other: crop or pad it, or raise max_pixels",
                 param=param,
             )
-        return with_digest_of(resized, image)
+        return with_digest_of(_resize(image, bounds), image)
 
     def _pixel_bounds(
         self, request: Image2TextInput | None, own: PixelRange = (None, None)
