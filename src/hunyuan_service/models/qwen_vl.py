@@ -324,10 +324,10 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
 
     def prepare_image(self, image: Any, pixels: PixelRange, param: str) -> Any:
         """qwen_vl_utils' resize of a decoded image to its bounds, on the CPU pool as it is
-        decoded: on the model thread it held up every running row (15 ms for a megapixel image
-        on the development machine). The model thread then finds the image sized and leaves it
-        (`_resize`), so the encoder sees the pixels it did before; the vision cache keys it by
-        the image it was made from, as before.
+        decoded: on the model thread it held up every running row (16-19 ms a megapixel image
+        on the development machine, bench/intake.py). The model thread then finds the image
+        sized and leaves it (`_resize`), so the encoder sees the pixels it did before; the
+        vision cache keys it by the image it was made from, as before.
 
         A 422 where the resized image is one the model cannot take: rounding each side to a
         multiple of 28 can take an image at the ratio the API allows (6000x30) just past what
