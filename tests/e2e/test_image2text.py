@@ -402,6 +402,15 @@ def test_bad_image_items_are_422s_naming_the_item(
     assert error["message"].count(";") == 0, error["message"]
 
 
+def assert_refused(response: Any, param: str, *phrases: str) -> None:
+    """A 422 whose error names `param` and says each of `phrases`."""
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["param"] == param
+    for phrase in phrases:
+        assert phrase in error["message"]
+
+
 @pytest.mark.parametrize("size", [(2000, 2), (3, 700)])
 def test_an_image_beyond_qwens_aspect_ratio_is_a_422_naming_it(
     vl_client: TestClient, size: tuple[int, int]
@@ -413,11 +422,7 @@ def test_an_image_beyond_qwens_aspect_ratio_is_a_422_naming_it(
     # Qwen's resize refuses what intake refuses, and nothing less.
     assert vision_process.MAX_RATIO == MAX_ASPECT_RATIO == 200
     response = ask(vl_client, [data_uri(png_bytes()), data_uri(png_bytes(size))])
-    assert response.status_code == 422, response.text
-    error = response.json()["error"]
-    assert error["param"] == "images[1]"
-    assert f"{size[0]}x{size[1]} pixels" in error["message"]
-    assert "crop or pad it" in error["message"]
+    assert_refused(response, "images[1]", f"{size[0]}x{size[1]} pixels", "crop or pad it")
     # At the ratio itself the image is answered.
     at_limit = (400, 2) if size[0] > size[1] else (3, 600)
     assert ask(vl_client, [data_uri(png_bytes(at_limit))]).status_code == 200
@@ -430,11 +435,9 @@ def test_an_image_at_the_ratio_but_past_it_once_rounded_to_28_is_a_422_not_a_500
     # 6000x30 is 200:1, which intake allows; Qwen's resize rounds it to 5992x28 (214:1), which
     # the model's image processor refuses: the request is refused before it is queued.
     response = ask(vl_client, [data_uri(png_bytes()), data_uri(png_bytes(size))])
-    assert response.status_code == 422, response.text
-    error = response.json()["error"]
-    assert error["param"] == "images[1]"
-    assert f"{size[0]}x{size[1]} pixels, {resized} once" in error["message"]
-    assert "crop or pad it" in error["message"]
+    assert_refused(
+        response, "images[1]", f"{size[0]}x{size[1]} pixels, {resized} once", "crop or pad it"
+    )
     assert ask(vl_client, [data_uri(png_bytes())]).status_code == 200  # the worker is fine
 
 
@@ -447,11 +450,7 @@ def test_a_thin_image_whose_short_side_a_small_max_pixels_rounds_to_0_is_a_422(
         "/infer",
         json={"prompt": "x", "images": [data_uri(png_bytes((30, 6000)))], "max_pixels": 3136},
     )
-    assert response.status_code == 422, response.text
-    error = response.json()["error"]
-    assert error["param"] == "images[0]"
-    assert "30x6000 pixels, 0x784 once resized" in error["message"]
-    assert "raise max_pixels" in error["message"]
+    assert_refused(response, "images[0]", "30x6000 pixels, 0x784 once resized", "raise max_pixels")
 
 
 @pytest.mark.parametrize(
