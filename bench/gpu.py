@@ -520,6 +520,7 @@ def http_section(
     import httpx
 
     from hunyuan_service.api.app import create_app
+    from hunyuan_service.api.encoding import base64_json_string, encode_image
     from hunyuan_service.models.base import JobContext
     from hunyuan_service.models.flux import FluxModel
 
@@ -550,16 +551,21 @@ def http_section(
         with serve(create_app(settings, model)) as url, httpx.Client(timeout=3600) as client:
             label = ", ".join(f"{k}={v}" for k, v in options.items()) or "eager"
             for fmt in ("png", "jpeg"):
-                direct, over_http = [], []
+                direct, over_http, encoding = [], [], []
                 for _ in range(plan.repeats):
                     with torch.inference_mode():
-                        direct.append(
-                            timed(plan.device, lambda: model.infer(request, JobContext()))[0]
+                        took, output = timed(
+                            plan.device, lambda: model.infer(request, JobContext())
                         )
+                        direct.append(took)
                     start = time.perf_counter()
                     response = client.post(f"{url}/infer", json={**body, "output_format": fmt})
                     over_http.append(time.perf_counter() - start)
                     response.raise_for_status()
+                    # What the answer's encoding alone costs this host's CPU, for the breakdown.
+                    start = time.perf_counter()
+                    base64_json_string(encode_image(output.images[0], fmt))
+                    encoding.append(time.perf_counter() - start)
                 model_s, http_s = median(direct), median(over_http)
                 report.add(
                     section=name,
@@ -567,7 +573,8 @@ def http_section(
                     s_per_image=http_s,
                     vs_baseline=None,
                     note=f"model class alone {model_s:.3f} s; service adds "
-                    f"{100 * (http_s / model_s - 1):.1f}% ({len(response.content)} bytes)",
+                    f"{100 * (http_s / model_s - 1):.1f}% ({len(response.content)} bytes; "
+                    f"encoding it alone {1000 * median(encoding):.1f} ms)",
                 )
     except Exception as error:
         traceback.print_exc()
