@@ -31,20 +31,18 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench.encoding, run as a script
 
 from bench.encoding import photo_like
-from hunyuan_service.media import decode_image
+from hunyuan_service.media import _downscaled_size, decode_image
 from hunyuan_service.settings import Settings
 
 SIZES = ((4000, 3000), (3024, 4032), (1920, 1080))
 
 
 def full_decode(data: bytes, budget: int) -> Image.Image:
-    """Every pixel decoded, then one bicubic resize to the budget (the service until 2026-12-07)."""
+    """Every pixel decoded, then `decode_image`'s own resize to the budget (the service until
+    2026-12-07)."""
     image = Image.open(io.BytesIO(data)).convert("RGB")
-    scale = math.sqrt(budget / (image.width * image.height))
-    if scale >= 1:
-        return image
-    size = (int(image.width * scale), int(image.height * scale))
-    return image.resize(size, Image.Resampling.BICUBIC)
+    size = _downscaled_size(image.size, budget)
+    return image if size is None else image.resize(size, Image.Resampling.BICUBIC)
 
 
 def main() -> None:
