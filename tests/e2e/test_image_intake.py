@@ -18,7 +18,9 @@ from tests.e2e.conftest import tiny_settings
 from tests.images import data_uri, encoded
 
 
-def ask_recording(cache: Path, body: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[Any]]:
+def ask_recording(
+    cache: Path, body: dict[str, Any], path: str = "/infer"
+) -> tuple[dict[str, Any], list[str], list[Any]]:
     """The answer, the threads qwen_vl_utils resized on, and the pixels the encoder got."""
     import qwen_vl_utils
 
@@ -41,7 +43,7 @@ def ask_recording(cache: Path, body: dict[str, Any]) -> tuple[dict[str, Any], li
         patch.setattr(qwen_vl_utils, "fetch_image", resizing)
         patch.setattr(ImageEncoder, "_encode", encoding)
         with TestClient(create_app(settings)) as client:
-            response = client.post("/infer", json=body)
+            response = client.post(path, json=body)
     assert response.status_code == 200, response.text
     return response.json(), threads, pixels
 
@@ -71,3 +73,35 @@ def test_an_image_is_resized_off_the_model_thread_into_the_same_encoder_input(
     assert len(pixels) == len(old_pixels) == 2
     assert all(a.equal(b) for a, b in zip(pixels, old_pixels, strict=True))
     assert (now["text"], now["usage"]) == (before["text"], before["usage"])
+
+
+@pytest.mark.parametrize(
+    ("path", "bounds"),
+    [
+        ("/infer", {"max_pixels": 12_544, "min_pixels": 3_136}),
+        ("/v1/chat/completions", {"mm_processor_kwargs": {"max_pixels": 12_544}}),
+    ],
+)
+def test_request_level_bounds_size_the_image_once_off_the_model_thread(
+    tiny_cache: Path, path: str, bounds: dict[str, Any]
+) -> None:
+    # The model thread resizes again only if the bounds it computes differ from those the image
+    # was prepared with; a request's own bounds (not an image's) must reach both the same way.
+    picture = Image.fromarray(np.random.default_rng(6).integers(0, 256, (150, 230, 3), "uint8"))
+    uri = data_uri(encoded(picture, "PNG"))
+    if path == "/infer":
+        body = {"prompt": "Describe.", "images": [uri], "max_new_tokens": 4, **bounds}
+    else:
+        content = [{"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": "x"}]
+        body = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": 4,
+            **bounds,
+        }
+    _, threads, pixels = ask_recording(tiny_cache, body, path)
+    assert len(threads) == 1
+    assert threads[0].startswith("hunyuan-cpu")
+    assert len(pixels) == 1
+    # 12,544 pixels is 16 patches of 28x28: the encoder's input has 16 x 4 rows of 14x14 pixels
+    assert pixels[0].shape[0] <= 16 * 4
