@@ -26,6 +26,7 @@ python=${PYTHON:-python3}
 case "$part" in
   qwen) command=(bench/gpu.py --quick --profile --only qwen-concurrency --budget-s 420) ;;
   tests) command=(-m pytest -m gpu -p no:cacheprovider tests/gpu/test_continuous_gpu.py
+    "tests/gpu/test_cuda.py::test_qwen_normalises_images_on_the_gpu_as_the_cpu_would"
     tests/e2e/test_decode_layer.py) ;;
   schnell) command=(bench/gpu.py --quick --only flux-schnell --skip fp8 --budget-s 420) ;;
   flux) command=(bench/gpu.py --only flux-dev --budget-s 540) ;;

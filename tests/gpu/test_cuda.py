@@ -66,6 +66,32 @@ def test_qwen_runs_on_cuda(tiny_cache: Path) -> None:
     assert 1 <= output.completion_tokens <= 8
 
 
+def test_qwen_normalises_images_on_the_gpu_as_the_cpu_would(tiny_cache: Path) -> None:
+    """The image processor runs on the model's device (a uint8 image crosses, not its float32
+    patches) and gives the CPU's pixel values: the image is already sized, so the processor
+    only rescales, normalises and cuts patches."""
+    import numpy as np
+    from PIL import Image
+
+    from hunyuan_service.models.qwen_vl import QwenVLModel
+
+    model = QwenVLModel(gpu_settings("image2text", tiny_cache))
+    model.load()
+    pixels = np.random.default_rng(0).integers(0, 256, (112, 168, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    processor = model.processor.image_processor
+    on_cpu = processor(images=[image], return_tensors="pt")
+    on_gpu = processor(images=[image], return_tensors="pt", device=model.model.device)
+    assert on_gpu["pixel_values"].device.type == "cuda"
+    assert torch.equal(on_gpu["image_grid_thw"], on_cpu["image_grid_thw"])
+    assert torch.allclose(on_gpu["pixel_values"].cpu(), on_cpu["pixel_values"], rtol=0, atol=1e-6)
+    before = model.images.encoded
+    grid, features = model.images._encoded(image, tuple(sorted(model._pixel_bounds(None).items())))
+    assert model.images.encoded == before + 1
+    assert features.device.type == "cuda"
+    assert torch.equal(grid, on_cpu["image_grid_thw"])
+
+
 def test_real_cuda_oom_fails_one_job_and_the_next_one_runs(flux: Any) -> None:
     from hunyuan_service.engine.scheduler import Scheduler
     from hunyuan_service.errors import OutOfMemory

@@ -138,6 +138,7 @@ class ImageEncoder:
             do_resize=False,
             cap_pixels_per_frame=True,  # no effect without resizing; silences its notice
             return_tensors="pt",
+            device=self.model.device,
         )
         encoder = self.model.model.get_video_features
         return self._encode(key, encoder, pixels["pixel_values_videos"], pixels["video_grid_thw"])
@@ -149,17 +150,19 @@ class ImageEncoder:
         if found is not None:
             return found
         resized = self.resize(image, dict(bounds))
-        pixels = self.processor.image_processor(images=[resized], return_tensors="pt")
+        pixels = self.processor.image_processor(
+            images=[resized], return_tensors="pt", device=self.model.device
+        )
         encoder = self.model.model.get_image_features
         return self._encode(key, encoder, pixels["pixel_values"], pixels["image_grid_thw"])
 
     def _encode(self, key: Any, encoder: Any, pixels: Any, grid: Any) -> tuple[Any, Any]:
-        """Runs one image's or video's pixels through its encoder and keeps the result."""
+        """Runs one image's or video's pixels (normalised on the model's device) through its
+        encoder and keeps the result."""
         import torch
 
-        device = self.model.device
         with torch.inference_mode():
-            output = encoder(pixels.to(device), grid.to(device), return_dict=True)
+            output = encoder(pixels, grid.to(self.model.device), return_dict=True)
         self.encoded += 1
         entry = (grid, output.pooler_output[0])
         self.cache.put(key, entry)
