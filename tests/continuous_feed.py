@@ -12,7 +12,9 @@ class ListFeed:
     """A feed that hands over its jobs at once and records each outcome (model-level tests)."""
 
     def __init__(self, jobs: list[tuple[Any, Image2TextInput, JobContext]]) -> None:
-        self.jobs, self.outcomes, self.order = list(jobs), {}, []
+        self.jobs = list(jobs)
+        self.outcomes: dict[Any, Any] = {}
+        self.order: list[Any] = []
 
     def take(self) -> list[tuple[Any, Image2TextInput, JobContext]]:
         taken, self.jobs = self.jobs, []
