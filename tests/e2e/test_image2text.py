@@ -303,14 +303,17 @@ def test_five_concurrent_reference_clients_with_allowed_files(
         assert response.json()["usage"]["prompt_tokens"] > baseline  # the file reached the model
 
 
-def test_input_over_max_input_tokens_is_a_422_and_others_still_run(tiny_cache: Path) -> None:
+@pytest.mark.parametrize("batch", [1, 4])  # alone, and joining the continuous decoder
+def test_input_over_max_input_tokens_is_a_422_and_others_still_run(
+    tiny_cache: Path, batch: int
+) -> None:
     from hunyuan_service.errors import InvalidInput
     from hunyuan_service.models.base import JobContext
     from hunyuan_service.models.qwen_vl import QwenVLModel
     from hunyuan_service.models.types import ChatMessage, Image2TextInput
     from tests.e2e.conftest import tiny_settings
 
-    settings = tiny_settings("image2text", tiny_cache, max_input_tokens=256)
+    settings = tiny_settings("image2text", tiny_cache, max_input_tokens=256, max_batch_size=batch)
     with TestClient(create_app(settings)) as client:
         big = Image.new("RGB", (600, 600), (10, 120, 200))
         body = {"prompt": "Describe", "images": [data_uri(encoded(big, "PNG"))]}

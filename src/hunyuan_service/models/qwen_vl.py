@@ -85,7 +85,7 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
             self.decoder = DecodeBatch(
                 self.model,
                 self.processor.tokenizer,
-                self._inputs,
+                self._checked_inputs,
                 self._row_grammar,
                 capacity=kv_cache_tokens(self.settings),
                 chunk_tokens=self.settings.prefill_chunk_tokens,
@@ -127,9 +127,8 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         ctx.raise_if_stopped()
-        inputs = self._inputs([request])
+        inputs = self._checked_inputs(request)
         prompt_tokens = int(inputs["input_ids"].shape[1])
-        self._check_input_tokens(prompt_tokens)
 
         class StopWhenCancelled(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
@@ -265,9 +264,14 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
 
     # -- shared by both paths ----------------------------------------------------------------
 
-    def _check_input_tokens(self, tokens: int) -> None:
+    def _checked_inputs(self, request: Image2TextInput) -> Any:
+        """`_inputs` for one request (alone, or joining the continuous decoder), refused with
+        a 422 where its templated prompt passes MAX_INPUT_TOKENS."""
+        inputs = self._inputs([request])
+        tokens = int(inputs["input_ids"].shape[1])
         if tokens > self.settings.max_input_tokens:
             raise self._too_many_tokens(tokens)
+        return inputs
 
     def _too_many_tokens(self, tokens: int) -> InvalidInput:
         limit = self.settings.max_input_tokens

@@ -113,8 +113,8 @@ class DecodeBatch:
     Args:
         model: a loaded `Qwen2_5_VLForConditionalGeneration`.
         tokenizer: its tokenizer.
-        model_inputs: turns a list of requests into `generate`'s inputs on the device, images
-            already encoded (under `mm_encoder_outputs`; models/vision.py).
+        model_inputs: turns one request into `generate`'s inputs on the device, images already
+            encoded (under `mm_encoder_outputs`; models/vision.py), or refuses it.
         grammar_mask: makes a row's `GrammarMask` for an `OutputGrammar` (None: no grammar).
         capacity: KV positions in all (KV_CACHE_TOKENS).
         chunk_tokens: prompt tokens a joining request runs between two steps (0: all at once).
@@ -171,7 +171,7 @@ class DecodeBatch:
     # -- joining ---------------------------------------------------------------------------------
 
     def prepare(self, request: Image2TextInput, ctx: JobContext, key: Any) -> Prepared:
-        inputs = self.model_inputs([request])
+        inputs = self.model_inputs(request)
         return Prepared(key, request, ctx, inputs, int(inputs["input_ids"].shape[1]))
 
     def fits(self, prepared: Prepared) -> bool:
