@@ -183,8 +183,9 @@ class Settings(BaseSettings):
         ge=0,
         le=1_000_000,
         description="image2text, continuous batching: prompt tokens run between two decode "
-        "steps (part of one long prompt, or several short prompts together, padded), which "
-        "bounds how long running rows wait; 0: each prompt whole, any number together",
+        "steps (part of one long prompt, or several short prompts together, padded), and about "
+        "as much vision-encoder work, which bounds how long running rows wait; 0: each prompt "
+        "and its images whole, any number together",
     )
     kv_cache_tokens: int = Field(
         0,

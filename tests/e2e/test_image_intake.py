@@ -24,24 +24,24 @@ def ask_recording(
     """The answer, the threads qwen_vl_utils resized on, and the pixels the encoder got."""
     import qwen_vl_utils
 
-    from hunyuan_service.models.vision import ImageEncoder
+    from hunyuan_service.models.vision import Encoding
 
     threads: list[str] = []
     pixels: list[Any] = []
-    resize, encode = qwen_vl_utils.fetch_image, ImageEncoder._encode
+    resize, start = qwen_vl_utils.fetch_image, Encoding._start
 
     def resizing(element: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         threads.append(threading.current_thread().name)
         return resize(element, *args, **kwargs)
 
-    def encoding(self: Any, key: Any, encoder: Any, values: Any, grid: Any) -> Any:
-        pixels.append(values.clone())
-        return encode(self, key, encoder, values, grid)
+    def encoding(self: Any) -> Any:
+        pixels.append(self.pixels.clone())
+        return start(self)
 
     settings = tiny_settings("image2text", cache, vision_cache_bytes=0)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(qwen_vl_utils, "fetch_image", resizing)
-        patch.setattr(ImageEncoder, "_encode", encoding)
+        patch.setattr(Encoding, "_start", encoding)
         with TestClient(create_app(settings)) as client:
             response = client.post(path, json=body)
     assert response.status_code == 200, response.text

@@ -69,7 +69,8 @@ def test_qwen_runs_on_cuda(tiny_cache: Path) -> None:
 def test_qwen_normalises_images_on_the_gpu_as_the_cpu_would(tiny_cache: Path) -> None:
     """The image processor runs on the model's device (a uint8 image crosses, not its float32
     patches) and gives the CPU's pixel values: the image is already sized, so the processor
-    only rescales, normalises and cuts patches."""
+    only rescales, normalises and cuts patches. Then the encoder, a block at a time, gives
+    what the model's own `get_image_features` gives."""
     import numpy as np
     from PIL import Image
 
@@ -85,11 +86,18 @@ def test_qwen_normalises_images_on_the_gpu_as_the_cpu_would(tiny_cache: Path) ->
     assert on_gpu["pixel_values"].device.type == "cuda"
     assert torch.equal(on_gpu["image_grid_thw"], on_cpu["image_grid_thw"])
     assert torch.allclose(on_gpu["pixel_values"].cpu(), on_cpu["pixel_values"], rtol=0, atol=1e-6)
+    # The encoder a block at a time (models/vision.py) gives the model's own features.
     before = model.images.encoded
-    grid, features = model.images._encoded(image, tuple(sorted(model._pixel_bounds(None).items())))
+    item = model.images._image(image, tuple(sorted(model._pixel_bounds(None).items())), {})
+    assert item.pixels.device.type == "cuda"
+    assert torch.equal(item.grid, on_cpu["image_grid_thw"])
+    vision = model.model.model
+    with torch.inference_mode():
+        expected = vision.get_image_features(item.pixels, item.grid.cuda()).pooler_output[0]
+        while item.features is None:
+            item.run_block()
     assert model.images.encoded == before + 1
-    assert features.device.type == "cuda"
-    assert torch.equal(grid, on_cpu["image_grid_thw"])
+    assert torch.equal(item.features, expected)
 
 
 def test_real_cuda_oom_fails_one_job_and_the_next_one_runs(flux: Any) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Hashable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hunyuan_service.errors import InvalidInput, JobCancelled, ModelLoadError
 from hunyuan_service.models.base import JobContext, TorchModel
@@ -24,6 +24,9 @@ from hunyuan_service.models.types import (
     PixelRange,
 )
 
+if TYPE_CHECKING:
+    from hunyuan_service.models.vision import VisionPlan
+
 
 class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
     """Qwen2.5-VL on one device; a stopping criterion makes generation cancellable per token."""
@@ -36,7 +39,7 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
         self.processor: Any = None
         self.grammar_tokenizer: Any = None  # llguidance's view of the vocabulary
         self.decoder: Any = None  # the continuous decoder, with MAX_BATCH_SIZE above 1
-        self.images: Any = None  # an ImageEncoder: inputs, with images encoded once and kept
+        self.images: Any = None  # an ImageEncoder: plans, with images encoded once and kept
 
     def load(self) -> None:
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
@@ -85,7 +88,7 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
             self.decoder = DecodeBatch(
                 self.model,
                 self.processor.tokenizer,
-                self._checked_inputs,
+                self._checked_plan,
                 self._row_grammar,
                 capacity=kv_cache_tokens(self.settings),
                 chunk_tokens=self.settings.prefill_chunk_tokens,
@@ -127,8 +130,8 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         ctx.raise_if_stopped()
-        inputs = self._checked_inputs(request)
-        prompt_tokens = int(inputs["input_ids"].shape[1])
+        plan = self._checked_plan(request)
+        inputs, prompt_tokens = plan.inputs(), plan.tokens
 
         class StopWhenCancelled(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
@@ -264,14 +267,13 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
 
     # -- shared by both paths ----------------------------------------------------------------
 
-    def _checked_inputs(self, request: Image2TextInput) -> Any:
-        """`_inputs` for one request (alone, or joining the continuous decoder), refused with
-        a 422 where its templated prompt passes MAX_INPUT_TOKENS."""
-        inputs = self._inputs([request])
-        tokens = int(inputs["input_ids"].shape[1])
-        if tokens > self.settings.max_input_tokens:
-            raise self._too_many_tokens(tokens)
-        return inputs
+    def _checked_plan(self, request: Image2TextInput) -> VisionPlan:
+        """`_plan` for one request (alone, or joining the continuous decoder), refused with a
+        422 where its templated prompt passes MAX_INPUT_TOKENS, before any image is encoded."""
+        plan = self._plan([request])
+        if plan.tokens > self.settings.max_input_tokens:
+            raise self._too_many_tokens(plan.tokens)
+        return plan
 
     def _too_many_tokens(self, tokens: int) -> InvalidInput:
         limit = self.settings.max_input_tokens
@@ -284,6 +286,10 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
     def _inputs(self, requests: list[Image2TextInput]) -> Any:
         """`generate`'s inputs for the requests as rows, on the device; each image is encoded
         once and reused while the vision cache keeps it (models/vision.py)."""
+        return self._plan(requests).inputs()
+
+    def _plan(self, requests: list[Image2TextInput]) -> VisionPlan:
+        """The requests as rows, tokenized, their images and videos ready to encode."""
         rows = []
         for request in requests:
             prompt, images = self._prompt(request)
@@ -295,7 +301,7 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
                 for i in range(len(message.images))
             ]
             rows.append((prompt, images, videos, bounds))
-        return self.images.inputs(rows)
+        return self.images.plan(rows)
 
     def _prompt(self, request: Image2TextInput) -> tuple[str, list[Any]]:
         """The templated prompt, one marker per image and video, and the images as sent."""

@@ -2,8 +2,11 @@
 
 `DecodeBatch` is the small interface the model class drives from its thread:
 
-- `prepare(request, ctx, key)` templates and tokenizes a request, encodes its images (or
-  finds them in the vision cache) and says how many KV positions it needs;
+- `prepare(request, ctx, key)` templates and tokenizes a request, readies its images (or
+  finds them in the vision cache) and says how many KV positions it needs; `encode(prepared,
+  budget)` runs its images through the vision encoder, a part at a time within the work one
+  chunk of prompt costs (`turn_budget`), so that a large image or a video does not hold the
+  running rows up for its whole encoding;
 - `begin(prepared)` reserves its KV range and puts the images' features into the prompt's
   embeddings, with the 3-D rotary positions of its images as `generate` computes them;
   `advance(prefill)` runs the next chunk of its prompt through the text model, and after the
@@ -40,6 +43,7 @@ from hunyuan_service.models.decoding.layer import (
 )
 from hunyuan_service.models.decoding.rows import Row, RowSampler, TextStream
 from hunyuan_service.models.types import Image2TextInput
+from hunyuan_service.models.vision import Budget, VisionPlan
 
 
 def _cat(features: Any) -> Any:
@@ -68,7 +72,7 @@ class Prepared:
     key: Any
     request: Image2TextInput
     ctx: JobContext
-    inputs: Any  # `generate`'s inputs on the device, images encoded (`mm_encoder_outputs`)
+    plan: VisionPlan  # its tokens, and its images' encoding, run a part at a time
     prompt_tokens: int
 
     @property
@@ -113,8 +117,8 @@ class DecodeBatch:
     Args:
         model: a loaded `Qwen2_5_VLForConditionalGeneration`.
         tokenizer: its tokenizer.
-        model_inputs: turns one request into `generate`'s inputs on the device, images already
-            encoded (under `mm_encoder_outputs`; models/vision.py), or refuses it.
+        model_inputs: turns one request into a `VisionPlan` (models/vision.py): its tokens on
+            the device and its images ready to encode; or refuses it.
         grammar_mask: makes a row's `GrammarMask` for an `OutputGrammar` (None: no grammar).
         capacity: KV positions in all (KV_CACHE_TOKENS).
         chunk_tokens: prompt tokens a joining request runs between two steps (0: all at once).
@@ -162,6 +166,8 @@ class DecodeBatch:
         self.eos = frozenset([eos] if isinstance(eos, int) else (eos or []))
         self.rows: list[Row] = []
         self.chunk_tokens = chunk_tokens
+        # A chunk's multiply-adds per prompt token in the text model's layers, for `turn_budget`.
+        self.token_cost = sum(p.numel() for p in self.text_model.layers.parameters())
         self.padded: Any = None  # a PaddedStep once `pad_steps` ran; else exact shapes, eager
         self.bits: Any = None  # arange(32) on the device, for grammar bitmasks
         self.ahead = ahead
@@ -171,8 +177,18 @@ class DecodeBatch:
     # -- joining ---------------------------------------------------------------------------------
 
     def prepare(self, request: Image2TextInput, ctx: JobContext, key: Any) -> Prepared:
-        inputs = self.model_inputs(request)
-        return Prepared(key, request, ctx, inputs, int(inputs["input_ids"].shape[1]))
+        plan = self.model_inputs(request)
+        return Prepared(key, request, ctx, plan, plan.tokens)
+
+    def turn_budget(self) -> Budget | None:
+        """The vision encoder's work allowed in one turn between two decode steps: about what
+        one chunk of prompt costs the text model (None, no bound, with chunks off)."""
+        return Budget(self.chunk_tokens * self.token_cost) if self.chunk_tokens else None
+
+    def encode(self, prepared: Prepared, budget: Budget | None) -> bool:
+        """Runs the request's images and videos through the vision encoder within `budget`;
+        True once they are all encoded (or found in the vision cache)."""
+        return prepared.plan.encode(budget)
 
     def fits(self, prepared: Prepared) -> bool:
         """Whether the pool could ever hold it (else the request must be refused)."""
@@ -285,7 +301,7 @@ class DecodeBatch:
             key=prepared.key,
             request=request,
             ctx=ctx,
-            prompt_ids=prepared.inputs["input_ids"][0].tolist(),
+            prompt_ids=prepared.plan.partial["input_ids"][0].tolist(),
             start=prefill.start,
             reserved=prepared.needs,
             rope_delta=prefill.rope_delta,
@@ -306,10 +322,10 @@ class DecodeBatch:
         self.pool.release(prefill.start, prefill.prepared.needs)
 
     def _begin(self, prepared: Prepared, start: int) -> Prefill:
-        """The prompt's embeddings with the images' features in place (encoded in `prepare`),
-        and the 3-D rotary positions `generate` would give it."""
+        """The prompt's embeddings with the images' features in place (`encode` ran them, or
+        runs what is left now), and the 3-D rotary positions `generate` would give it."""
         model = self.model
-        inputs = dict(prepared.inputs)
+        inputs = prepared.plan.inputs()
         input_ids = inputs["input_ids"]
         positions = model._prepare_position_ids_for_generation(input_ids, inputs)
         delta = model.model.rope_deltas

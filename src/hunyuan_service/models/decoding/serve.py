@@ -33,10 +33,11 @@ def serve_rows(
 ) -> None:
     """Runs until the feed has nothing more: jobs join between steps, oldest first, as soon as
     their KV range is free; each ends and is reported on its own. Between two decode steps runs
-    one chunk of prefill: `batch.chunk_tokens` of one long prompt, or several short prompts
-    whole (padded, within the same tokens), so joining jobs delay the running rows by one chunk
-    a step. A failure of one job's preparation fails that job only, a failed prefill the jobs in
-    it, and a failed step the rows in it."""
+    at most about one chunk of vision encoding (`batch.turn_budget`) and one chunk of prefill:
+    `batch.chunk_tokens` of one long prompt, or several short prompts whole (padded, within the
+    same tokens), so joining jobs delay the running rows by about two chunks a step at most. A
+    failure of one job's preparation fails that job only, a failed prefill the jobs in it, and a
+    failed step the rows in it."""
     waiting: collections.deque[Waiting] = collections.deque()
     prefills: list[Prefill] = []
     while True:
@@ -72,10 +73,13 @@ def _begin_next(
     is_out_of_memory: Callable[[BaseException], bool],
     recover: Callable[[], None],
 ) -> list[Prefill]:
-    """Starts the prefill of the oldest waiting job whose range is free, preparing it first,
-    and of the jobs behind it while their prompts fit one chunk together with it; a job that
-    does not fit yet keeps its place, and those behind it wait too (first come, first served)."""
+    """Starts the prefill of the oldest waiting job whose range is free, preparing it and
+    encoding its images first, and of the jobs behind it while their prompts fit one chunk
+    together with it; a job that does not fit yet, or whose images take more than this turn's
+    encoding budget, keeps its place (its encoding goes on next turn), and those behind it wait
+    too (first come, first served)."""
     group: list[Prefill] = []
+    budget = batch.turn_budget()
     while waiting:
         head = waiting[0]
         if head.ctx.should_stop():
@@ -91,6 +95,8 @@ def _begin_next(
                 continue
             lengths = [p.prepared.prompt_tokens for p in group] + [head.prepared.prompt_tokens]
             if group and not batch.fits_together(lengths):
+                return group
+            if not batch.encode(head.prepared, budget):
                 return group
             prefill = batch.begin(head.prepared)
         except Exception as error:
