@@ -86,7 +86,7 @@ def test_block_by_block_gives_the_models_own_image_and_video_features(deep: Any)
 
 def test_a_budget_runs_the_blocks_it_covers_and_always_one(deep: Any) -> None:
     image = image_encoding(deep, picture(2))
-    plan = VisionPlan(deep.images, {"input_ids": torch.ones(1, 9)}, {"image": [image], "video": []})
+    plan = VisionPlan({"input_ids": torch.ones(1, 9)}, {"image": [image], "video": []})
     assert not plan.encode(Budget(0))  # a turn always runs its first block
     assert image.done == 1
     assert not plan.encode(Budget(image.costs[1] + image.costs[2] - 1))  # one more fits
@@ -156,3 +156,13 @@ def test_a_job_stopped_while_its_image_is_encoded_runs_no_more_blocks(
     assert isinstance(together["joining"], JobCancelled)
     assert blocks == [0, 1]
     assert together["running"].completion_tokens == 30
+
+
+def test_pixels_sent_twice_in_one_request_are_encoded_once(deep: Any) -> None:
+    image = picture(5)
+    twice = Image2TextInput((ChatMessage("user", "Same?", (image, image.copy())),), 3)
+    before = deep.images.encoded  # the vision cache is off: nothing is kept between requests
+    output = deep.infer(twice, JobContext())
+    assert deep.images.encoded == before + 1
+    per_image = int(deep._plan([twice]).items["image"][0].grid.prod()) // 4  # 2x2 patches each
+    assert output.prompt_tokens > 2 * per_image  # both markers filled

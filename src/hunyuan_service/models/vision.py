@@ -120,7 +120,7 @@ class ImageEncoder:
                 inputs[f"{kind}_grid_thw"] = torch.cat(found[f"{kind}_grid"]).to(self.model.device)
         if seconds:
             inputs["second_per_grid_ts"] = torch.tensor(seconds, device=self.model.device)
-        return VisionPlan(self, inputs, {"image": found["image"], "video": found["video"]})
+        return VisionPlan(inputs, {"image": found["image"], "video": found["video"]})
 
     def _video(self, video: Video, planned: dict[Any, Encoding]) -> Encoding:
         """One video's encoding, its frames already sampled and sized (videos.py)."""
@@ -180,20 +180,16 @@ class VisionPlan:
     """Tokenized prompts whose images and videos are encoded when asked: all at once
     (`inputs`), or within a budget of work at a time (`encode`), between decode steps."""
 
-    def __init__(self, encoder: ImageEncoder, inputs: dict[str, Any], items: Any) -> None:
-        self.encoder = encoder
+    def __init__(self, inputs: dict[str, Any], items: dict[str, list[Encoding]]) -> None:
         self.partial = inputs  # `generate`'s inputs but the features
-        self.items: dict[str, list[Encoding]] = items
+        self.items = items  # "image" and "video": one per marker, in the prompt's order
         self.tokens = int(inputs["input_ids"].shape[1])
 
     @property
     def encodings(self) -> list[Encoding]:
-        """Each encoding still to run, once, in the prompt's order."""
-        seen: dict[int, Encoding] = {}
-        for item in self.items["image"] + self.items["video"]:
-            if item.features is None:
-                seen.setdefault(id(item), item)
-        return list(seen.values())
+        """Each encoding still to run, once (pixels sent twice share one), in order."""
+        items = self.items["image"] + self.items["video"]
+        return list(dict.fromkeys(item for item in items if item.features is None))
 
     def encode(self, budget: Budget | None) -> bool:
         """Runs encoder blocks while `budget` allows (None: all of them); True once every
