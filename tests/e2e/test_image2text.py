@@ -331,7 +331,9 @@ def test_input_over_max_input_tokens_is_a_422_and_others_still_run(
     model.load()
     over = Image2TextInput((ChatMessage("user", "Describe", (big,)),), max_new_tokens=3)
     fine = Image2TextInput((ChatMessage("user", "Describe"),), max_new_tokens=3)
+    before = model.images.encoded
     results = model.infer_batch([over, fine], [JobContext(), JobContext()])
+    assert model.images.encoded == before  # the refused row's image never went through it
     assert isinstance(results[0], InvalidInput)
     assert results[1].completion_tokens >= 1
 

@@ -219,9 +219,8 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
 
         if all(ctx.should_stop() for ctx in contexts):
             raise JobCancelled("every row of the batch stopped")
-        inputs = self._inputs(requests)
-        width = int(inputs["input_ids"].shape[1])
-        lengths = [int(n) for n in inputs["attention_mask"].sum(dim=1).tolist()]
+        plan = self._plan(requests)  # nothing encoded yet: a row refused below never is
+        lengths = [int(n) for n in plan.partial["attention_mask"].sum(dim=1).tolist()]
         too_long = [n > self.settings.max_input_tokens for n in lengths]
         if any(too_long):  # answer those rows with the refusal, and run the others alone
             kept = [i for i, over in enumerate(too_long) if not over]
@@ -235,6 +234,8 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
                 self._too_many_tokens(n) if over else next(answers)
                 for n, over in zip(lengths, too_long, strict=True)
             ]
+        inputs = plan.inputs()
+        width = plan.tokens
         limits = [request.max_new_tokens for request in requests]
         rows = _RowStops(contexts, limits, width)
         # Sampling settings are equal in a batch, by `batch_key`; grammars are per row.
@@ -283,13 +284,9 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
             param="messages",
         )
 
-    def _inputs(self, requests: list[Image2TextInput]) -> Any:
-        """`generate`'s inputs for the requests as rows, on the device; each image is encoded
-        once and reused while the vision cache keeps it (models/vision.py)."""
-        return self._plan(requests).inputs()
-
     def _plan(self, requests: list[Image2TextInput]) -> VisionPlan:
-        """The requests as rows, tokenized, their images and videos ready to encode."""
+        """The requests as rows, tokenized, their images and videos ready to encode: each
+        image is encoded once and reused while the vision cache keeps it (models/vision.py)."""
         rows = []
         for request in requests:
             prompt, images = self._prompt(request)
