@@ -89,6 +89,8 @@ def concurrency_section(name: str, shape: Any, plan: Any, report: Any) -> None:
         _compare(report, name, "CUDA graphs vs eager step", rates, eager, texts, eager_texts)
     if plan.left() > 60:
         _http_row(served.settings, served, plan.new_tokens, report, name)
+    if plan.left() > 30:
+        _image_join(served, plan, report, name)
 
 
 def _profiled_steps(served: Any, plan: Any, report: Any, name: str) -> None:
@@ -310,6 +312,25 @@ def _http_row(settings: Any, served: Any, n: int, report: Any, name: str) -> Non
         variant="whole service over HTTP, 8 clients",
         tok_per_s=rate,
         note="tokens/s over whole requests (prefill included), 8 concurrent POST /infer",
+    )
+
+
+def _image_join(served: Any, plan: Any, report: Any, name: str) -> None:
+    """The running rows' longest wait between two steps while a request with four images of
+    about a megapixel joins: its vision encoder a block at a time against whole in one turn
+    (bench/vision_join.py, which measures the same on the CPU)."""
+    import vision_join
+
+    images = vision_join.photos(4, 1008, 980)  # 1,260 tokens each at the default VL_MAX_PIXELS
+    found = vision_join.compare(served, images, plan.new_tokens, rounds=2)
+    staged, whole = found["a block at a time"], found["encoder whole"]
+    report.add(
+        section=name,
+        variant="4 running rows while a request with 4 one-megapixel images joins",
+        note=f"longest wait between two steps {staged['longest_wait_ms']:.1f} ms with the "
+        f"encoder a block at a time, {whole['longest_wait_ms']:.1f} ms whole "
+        f"({found['wait_ratio']:.2f}x); the joining request's first token "
+        f"{found['ttft_ratio']:.2f}x",
     )
 
 

@@ -109,6 +109,42 @@ def one_round(model: Any, images: list[Any], tokens: int) -> dict[str, float]:
     }
 
 
+def photos(count: int, width: int, height: int) -> list[Any]:
+    """`count` random photos of `width` x `height`."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    shape = (height, width, 3)
+    return [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)) for _ in range(count)]
+
+
+def compare(model: Any, images: list[Any], tokens: int, rounds: int) -> dict[str, Any]:
+    """Both ways in interleaved rounds after a warm-up: each way's medians (`one_round`'s
+    keys), and the ratios of a block at a time to the encoder whole."""
+    from hunyuan_service.models.decoding.batch import DecodeBatch
+
+    budget = DecodeBatch.turn_budget
+    ways = {"encoder whole": lambda self: None, "a block at a time": budget}
+    results: dict[str, list[dict[str, float]]] = {way: [] for way in WAYS}
+    one_round(model, images, tokens)  # warm-up
+    for _ in range(rounds):
+        for way in WAYS:
+            DecodeBatch.turn_budget = ways[way]  # type: ignore[method-assign]
+            try:
+                results[way].append(one_round(model, images, tokens))
+            finally:
+                DecodeBatch.turn_budget = budget  # type: ignore[method-assign]
+    keys = ("longest_wait_ms", "ttft_ms", "tpot_ms")
+    medians: dict[str, Any] = {
+        way: {k: statistics.median(r[k] for r in results[way]) for k in keys} for way in WAYS
+    }
+    whole, staged = medians["encoder whole"], medians["a block at a time"]
+    medians["wait_ratio"] = staged["longest_wait_ms"] / whole["longest_wait_ms"]
+    medians["ttft_ratio"] = staged["ttft_ms"] / whole["ttft_ms"]
+    return medians
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -117,38 +153,14 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=512, help="PREFILL_CHUNK_TOKENS")
     args = parser.parse_args()
 
-    import numpy as np
     import torch
-    from PIL import Image
 
-    from hunyuan_service.models.decoding.batch import DecodeBatch
-
-    model = served(args.chunk)
-    rng = np.random.default_rng(0)
-    images = [
-        Image.fromarray(rng.integers(0, 256, (448, 448, 3), dtype=np.uint8))
-        for _ in range(args.images)
-    ]
-    budget = DecodeBatch.turn_budget
-    ways = {"encoder whole": lambda self: None, "a block at a time": budget}
-    results: dict[str, list[dict[str, float]]] = {way: [] for way in WAYS}
-    one_round(model, images, args.tokens)  # warm-up
-    for _ in range(args.rounds):
-        for way in WAYS:
-            DecodeBatch.turn_budget = ways[way]  # type: ignore[method-assign]
-            try:
-                results[way].append(one_round(model, images, args.tokens))
-            finally:
-                DecodeBatch.turn_budget = budget  # type: ignore[method-assign]
+    medians = compare(served(args.chunk), photos(args.images, 448, 448), args.tokens, args.rounds)
     print(
         f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads; {args.rounds} "
         f"interleaved rounds, medians; 4 running rows; the joining request: {args.images} "
         f"images of 448x448; PREFILL_CHUNK_TOKENS {args.chunk}\n"
     )
-    keys = ("longest_wait_ms", "ttft_ms", "tpot_ms")
-    medians = {
-        way: {k: statistics.median(r[k] for r in results[way]) for k in keys} for way in WAYS
-    }
     print(
         "| way | running rows' longest wait, ms | joining request's first token, ms | "
         "running rows' mean wait between steps until it joined, ms |"
@@ -160,11 +172,9 @@ def main() -> None:
             f"| {way} | {row['longest_wait_ms']:.0f} | {row['ttft_ms']:.0f} | "
             f"{row['tpot_ms']:.1f} |"
         )
-    whole, staged = medians["encoder whole"], medians["a block at a time"]
-    wait = staged["longest_wait_ms"] / whole["longest_wait_ms"]
     print(
-        f"\na block at a time: longest wait {wait:.2f}x, "
-        f"first token {staged['ttft_ms'] / whole['ttft_ms']:.2f}x the encoder whole"
+        f"\na block at a time: longest wait {medians['wait_ratio']:.2f}x, "
+        f"first token {medians['ttft_ratio']:.2f}x the encoder whole"
     )
 
 

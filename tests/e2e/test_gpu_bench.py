@@ -64,6 +64,8 @@ def test_gpu_bench_runs_on_cpu_with_the_tiny_models(tmp_path: Path) -> None:
         assert "the first wave of this size took" in row["note"]
     assert "of a measured cpu copy" in waves["batch 1 as a share of memory bandwidth"]["note"]
     assert waves["whole service over HTTP, 8 clients"]["tok_per_s"] > 0
+    join = waves["4 running rows while a request with 4 one-megapixel images joins"]
+    assert "ms with the encoder a block at a time" in join["note"]
     # DECODE_AHEAD's waves keep every answer (fp32 on the CPU) and report their ratio.
     for clients in (1, 8, 32):
         row = waves[f"DECODE_AHEAD vs CUDA graphs, {clients} clients"]
