@@ -158,6 +158,35 @@ def test_a_job_stopped_while_its_image_is_encoded_runs_no_more_blocks(
     assert together["running"].completion_tokens == 30
 
 
+@pytest.mark.parametrize("path", ["alone", "static batch"])
+def test_a_job_stopped_while_encoded_alone_runs_no_more_blocks(
+    deep: Any, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """MAX_BATCH_SIZE=1's path and static batches encode a request's images whole, and still
+    stop between two blocks once the job (every job of the batch) stops."""
+    from hunyuan_service.errors import JobCancelled
+
+    blocks: list[int] = []
+    run_block = Encoding.run_block
+
+    def block(self: Encoding) -> None:
+        blocks.append(self.done)
+        run_block(self)
+
+    monkeypatch.setattr(Encoding, "run_block", block)
+    ctx = JobContext(should_stop=lambda: len(blocks) == 2)  # cancelled halfway
+    request = Image2TextInput((ChatMessage("user", "Describe", (picture(6),)),), 4)
+
+    def run() -> Any:
+        if path == "alone":
+            return deep.infer(request, ctx)
+        return deep.infer_batch([request, request], [ctx, ctx])
+
+    with pytest.raises(JobCancelled):
+        run()
+    assert blocks == [0, 1]
+
+
 def test_pixels_sent_twice_in_one_request_are_encoded_once(deep: Any) -> None:
     image = picture(5)
     twice = Image2TextInput((ChatMessage("user", "Same?", (image, image.copy())),), 3)

@@ -131,7 +131,7 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
 
         ctx.raise_if_stopped()
         plan = self._checked_plan(request)
-        inputs, prompt_tokens = plan.inputs(), plan.tokens
+        inputs, prompt_tokens = plan.inputs(ctx.raise_if_stopped), plan.tokens
 
         class StopWhenCancelled(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
@@ -217,8 +217,11 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
         import torch
         from transformers import StoppingCriteriaList
 
-        if all(ctx.should_stop() for ctx in contexts):
-            raise JobCancelled("every row of the batch stopped")
+        def all_stopped() -> None:
+            if all(ctx.should_stop() for ctx in contexts):
+                raise JobCancelled("every row of the batch stopped")
+
+        all_stopped()
         plan = self._plan(requests)  # nothing encoded yet: a row refused below never is
         lengths = [int(n) for n in plan.partial["attention_mask"].sum(dim=1).tolist()]
         too_long = [n > self.settings.max_input_tokens for n in lengths]
@@ -234,7 +237,7 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
                 self._too_many_tokens(n) if over else next(answers)
                 for n, over in zip(lengths, too_long, strict=True)
             ]
-        inputs = plan.inputs()
+        inputs = plan.inputs(all_stopped)  # checked before each encoder block
         width = plan.tokens
         limits = [request.max_new_tokens for request in requests]
         rows = _RowStops(contexts, limits, width)
@@ -248,8 +251,7 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
         )
         with torch.inference_mode(), ahead_of_the_device(self.settings.decode_ahead):
             output = self.model.generate(**inputs, **generate_kwargs)
-        if all(ctx.should_stop() for ctx in contexts):
-            raise JobCancelled("every row of the batch stopped")
+        all_stopped()
         eos = set(_as_list(self.model.generation_config.eos_token_id))
         results: list[Image2TextOutput | BaseException] = []
         for i, (request, ctx) in enumerate(zip(requests, contexts, strict=True)):

@@ -191,9 +191,10 @@ class VisionPlan:
         items = self.items["image"] + self.items["video"]
         return list(dict.fromkeys(item for item in items if item.features is None))
 
-    def encode(self, budget: Budget | None) -> bool:
+    def encode(self, budget: Budget | None, check: Callable[[], None] | None = None) -> bool:
         """Runs encoder blocks while `budget` allows (None: all of them); True once every
-        image and video is encoded."""
+        image and video is encoded. `check` runs before each block and may raise (a job
+        stopped: `JobContext.raise_if_stopped`)."""
         import torch
 
         with torch.inference_mode():
@@ -201,12 +202,15 @@ class VisionPlan:
                 while item.features is None:
                     if budget is not None and not budget.take(item.next_cost()):
                         return False
+                    if check is not None:
+                        check()
                     item.run_block()
         return True
 
-    def inputs(self) -> dict[str, Any]:
-        """`generate`'s inputs, the images and videos encoded (what `encode` left, now)."""
-        self.encode(None)
+    def inputs(self, check: Callable[[], None] | None = None) -> dict[str, Any]:
+        """`generate`'s inputs, the images and videos encoded (what `encode` left, now;
+        `check` runs before each block, as there)."""
+        self.encode(None, check)
         inputs = dict(self.partial)
         encoded = {
             kind: _features([item.features for item in items])
