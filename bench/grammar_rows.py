@@ -7,7 +7,7 @@ Qwen's size (151,643 text tokens, as `bench/structured_output.py`), holds N matc
 bench/gpu.py's `RECORDS_SCHEMA`, feeds them the tokens of a valid answer, and times each step's
 masks both ways.
 
-    uv run python bench/grammar_rows.py              # about 1 minute
+    uv run python bench/grammar_rows.py              # about 15 s
     uv run python bench/grammar_rows.py --rows 1,8,32,64
 """
 

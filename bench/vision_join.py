@@ -9,9 +9,9 @@ layers of 768 hidden, as `bench/batching.py` builds it; vision: 8 blocks of 384)
 continuous decoder, hands over 4 text requests and then one request with 4 images of 448x448
 (1,024 tokens), and times every decode step. Both ways run in interleaved rounds of the same
 run: the longest wait between two steps of the running rows, the joining request's time to its
-first token, and the running rows' time per output token while it joined.
+first token, and the running rows' mean wait between two steps until it joined.
 
-    uv run python bench/vision_join.py                 # about 2 minutes
+    uv run python bench/vision_join.py                 # about 30 s
     uv run python bench/vision_join.py --rounds 5 --images 8
 """
 
