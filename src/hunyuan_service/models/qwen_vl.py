@@ -123,7 +123,10 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
 
     @property
     def _max_pixels(self) -> int:
-        return int(self.settings.vl_max_pixels)
+        """VL_MAX_PIXELS, within the image processor's own cap (12,845,056 for Qwen2.5-VL's,
+        200,704 for the tiny demo's), which it would otherwise apply with a second resize."""
+        cap = self.processor.image_processor.size.get("longest_edge")
+        return min(int(self.settings.vl_max_pixels), int(cap or self.settings.vl_max_pixels))
 
     def infer(self, request: Image2TextInput, ctx: JobContext) -> Image2TextOutput:
         import torch
