@@ -105,3 +105,24 @@ def test_request_level_bounds_size_the_image_once_off_the_model_thread(
     assert len(pixels) == 1
     # 12,544 pixels is 16 patches of 28x28: the encoder's input has 16 x 4 rows of 14x14 pixels
     assert pixels[0].shape[0] <= 16 * 4
+
+
+def test_an_image_past_the_processors_own_cap_is_sized_to_it_once(tiny_cache: Path) -> None:
+    """VL_MAX_PIXELS (1,003,520 by default) above the image processor's own cap (200,704 for
+    the tiny demo's): the CPU pool sizes the image to the cap, and the processor, on the model
+    thread, then leaves it as it is rather than resizing it a second time."""
+    from hunyuan_service.models.qwen_vl import QwenVLModel
+    from hunyuan_service.models.types import ChatMessage, Image2TextInput
+
+    model = QwenVLModel(tiny_settings("image2text", tiny_cache))
+    model.load()
+    cap = model.processor.image_processor.size["longest_edge"]
+    assert cap < model.settings.vl_max_pixels
+    assert model.info.extra["vl_max_pixels"] == cap
+    photo = Image.fromarray(np.random.default_rng(1).integers(0, 256, (980, 1008, 3), np.uint8))
+    sized = model.prepare_image(photo, (None, None), "images[0]")
+    assert sized.width * sized.height <= cap
+    request = Image2TextInput((ChatMessage("user", "Hi", (sized,)),), 2)
+    (item,) = model._plan([request]).items["image"]
+    # Patches of 14 pixels: the grid is the sized image's own, so the processor resized nothing.
+    assert item.grid.tolist() == [[1, sized.height // 14, sized.width // 14]]
