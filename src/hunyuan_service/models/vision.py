@@ -3,7 +3,8 @@
 A user who asks a second question about the same picture, in a new request or a later turn of
 the same chat, sends the same pixels again. Their features depend only on the pixels and the
 resize bounds, so `ImageEncoder` keeps them by that key (an LRU with a byte cap,
-`VISION_CACHE_BYTES`) and a repeat skips the resize, the image processor and the encoder.
+`VISION_CACHE_BYTES`) and a repeat skips the image processor and the encoder (its resize ran
+on the CPU pool as it was decoded).
 
 Every image is encoded alone, hit or miss: a kept value is then the same whichever request
 first computed it, and answers are identical with the cache on or off. The prompt's image
