@@ -89,7 +89,8 @@ def test_a_budget_runs_the_blocks_it_covers_and_always_one(deep: Any) -> None:
     plan = VisionPlan({"input_ids": torch.ones(1, 9)}, {"image": [image], "video": []})
     assert not plan.encode(Budget(0))  # a turn always runs its first block
     assert image.done == 1
-    assert not plan.encode(Budget(image.costs[1] + image.costs[2] - 1))  # one more fits
+    # One short of two blocks: the next one runs, the one after it waits for the next turn.
+    assert not plan.encode(Budget(image.costs[1] + image.costs[2] - 1))
     assert image.done == 2
     assert plan.encode(Budget(image.costs[2] + image.costs[3]))
     assert image.done == DEPTH

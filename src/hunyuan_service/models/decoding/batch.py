@@ -117,7 +117,7 @@ class DecodeBatch:
     Args:
         model: a loaded `Qwen2_5_VLForConditionalGeneration`.
         tokenizer: its tokenizer.
-        model_inputs: turns one request into a `VisionPlan` (models/vision.py): its tokens on
+        plan_request: turns one request into a `VisionPlan` (models/vision.py): its tokens on
             the device and its images ready to encode; or refuses it.
         grammar_mask: makes a row's `GrammarMask` for an `OutputGrammar` (None: no grammar).
         capacity: KV positions in all (KV_CACHE_TOKENS).
@@ -130,7 +130,7 @@ class DecodeBatch:
         self,
         model: Any,
         tokenizer: Any,
-        model_inputs: Any,
+        plan_request: Any,
         grammar_mask: Any,
         capacity: int,
         chunk_tokens: int = 0,
@@ -142,7 +142,7 @@ class DecodeBatch:
         self.model = model
         self.text_model = model.model.language_model
         self.tokenizer = tokenizer
-        self.model_inputs = model_inputs
+        self.plan_request = plan_request
         self.grammar_mask = grammar_mask
         self.device = model.device
         head_dim = config.hidden_size // config.num_attention_heads
@@ -177,7 +177,7 @@ class DecodeBatch:
     # -- joining ---------------------------------------------------------------------------------
 
     def prepare(self, request: Image2TextInput, ctx: JobContext, key: Any) -> Prepared:
-        plan = self.model_inputs(request)
+        plan = self.plan_request(request)
         return Prepared(key, request, ctx, plan, plan.tokens)
 
     def turn_budget(self) -> Budget | None:
