@@ -155,6 +155,28 @@ def test_fields_that_ask_for_nothing_unsupported_are_accepted_and_change_nothing
     assert with_extras.json()["choices"] == plain["choices"]  # greedy: the same answer
 
 
+def test_a_developer_message_is_read_as_the_system_message(vl_client: TestClient) -> None:
+    # OpenAI's newer name for the system role; the SDK and agent frameworks send it.
+    def ask(role: str) -> dict:
+        first = {"role": role, "content": "Answer in one word."}
+        response = vl_client.post(
+            "/v1/chat/completions", json={**HELLO, "messages": [first, *HELLO["messages"]]}
+        )
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    system, developer, plain = (
+        ask("system"),
+        ask("developer"),
+        vl_client.post("/v1/chat/completions", json=HELLO).json(),
+    )
+    assert developer["choices"] == system["choices"]  # greedy: the same prompt, the same answer
+    assert developer["usage"] == system["usage"]
+    # The instruction is in the prompt: dropped, Qwen's template would put its default system
+    # message there instead, as it does for the plain request.
+    assert developer["usage"]["prompt_tokens"] != plain["usage"]["prompt_tokens"]
+
+
 def test_max_completion_tokens_bounds_the_answer_before_max_tokens(vl_client: TestClient) -> None:
     full = vl_client.post("/v1/chat/completions", json=HELLO).json()
     assert full["usage"]["completion_tokens"] > 2  # the precondition: a longer answer

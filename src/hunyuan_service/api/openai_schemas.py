@@ -99,9 +99,16 @@ MessageContent = Annotated[
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: MessageContent | None = None
     name: str | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _developer_is_system(cls, value: str) -> str:
+        # OpenAI's newer name for the system message, which its SDK and agent frameworks send;
+        # Qwen's chat template knows only "system".
+        return "system" if value == "developer" else value
 
 
 class StreamOptions(BaseModel):
