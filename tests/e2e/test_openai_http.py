@@ -155,6 +155,19 @@ def test_fields_that_ask_for_nothing_unsupported_are_accepted_and_change_nothing
     assert with_extras.json()["choices"] == plain["choices"]  # greedy: the same answer
 
 
+@pytest.mark.parametrize(
+    ("stop", "says"),
+    [(["a", "b", "c", "d", "e"], "at most 4 stop sequences are allowed (got 5)"), ("", "empty")],
+)
+def test_a_refused_stop_says_what_is_wrong_with_it(
+    vl_client: TestClient, stop: object, says: str
+) -> None:
+    response = vl_client.post("/v1/chat/completions", json={**HELLO, "stop": stop})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "stop"
+    assert says in response.json()["error"]["message"]
+
+
 def test_a_developer_message_is_read_as_the_system_message(vl_client: TestClient) -> None:
     # OpenAI's newer name for the system role; the SDK and agent frameworks send it.
     def ask(role: str) -> dict:

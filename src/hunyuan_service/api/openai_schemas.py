@@ -184,8 +184,10 @@ class ChatCompletionRequest(BaseModel):
     @classmethod
     def _stops(cls, value: str | list[str] | None) -> list[str]:
         stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("at most 4 non-empty stop sequences are allowed")
+        if len(stops) > 4:
+            raise ValueError(f"at most 4 stop sequences are allowed (got {len(stops)})")
+        if not all(stops):
+            raise ValueError("an empty stop sequence would end every answer at once; remove it")
         return stops
 
     @model_validator(mode="after")
