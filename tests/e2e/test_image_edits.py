@@ -121,6 +121,9 @@ def test_a_transparent_mask_is_read_as_openai_reads_it(flux_client: TestClient) 
         ({"strength": 1.5}, "strength", "less than or equal to 1"),
         ({"image": base64.b64encode(b"not an image").decode()}, "image", "not a readable image"),
         ({"image": "IMAGE16"}, "image", "too small"),
+        # One side alone would leave the other at its default (1024), stretching the image.
+        ({"width": 64}, "height", "send height too, or neither"),
+        ({"height": 128}, "width", "send width too, or neither"),
     ],
 )
 def test_bad_edits_are_422s_that_name_the_field(

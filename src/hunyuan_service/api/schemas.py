@@ -147,6 +147,14 @@ class Text2ImageRequest(RequestBase):
     @model_validator(mode="after")
     def _edit_fields(self) -> Text2ImageRequest:
         check_edit_fields(self.image is not None, self.mask is not None, self.strength)
+        sides = {"width", "height"} & self.model_fields_set
+        if self.image is not None and len(sides) == 1:
+            # The other side's default (1024) would stretch the image; its own size is meant.
+            (missing,) = {"width", "height"} - sides
+            raise ValueError(
+                f"{missing}: an edit's output has the image's size, or the width and height "
+                f"sent; send {missing} too, or neither"
+            )
         return self
 
     @field_validator("width", "height")
