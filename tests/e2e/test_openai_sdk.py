@@ -49,6 +49,17 @@ def test_images_generate_decodes_to_the_requested_size(flux_service: ServiceProc
     assert images[0].tobytes() != images[1].tobytes()  # seeds 11 and 12
 
 
+def test_size_auto_is_the_size_picked_without_one(flux_service: ServiceProcess) -> None:
+    # OpenAI's "auto", the SDK's default for its newer image models.
+    client = sdk(flux_service)
+    result = client.images.generate(model="tiny", prompt="a red fox", size="auto")
+    assert Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json))).size == (1024, 1024)
+    edited = client.images.edit(
+        model="tiny", image=png_file(Image.new("RGB", (96, 64))), prompt="a fox", size="auto"
+    )
+    assert Image.open(io.BytesIO(base64.b64decode(edited.data[0].b64_json))).size == (96, 64)
+
+
 def test_images_refusals_raise_the_sdk_exceptions(flux_service: ServiceProcess) -> None:
     client = sdk(flux_service)
     with pytest.raises(openai.BadRequestError, match="size"):

@@ -290,6 +290,13 @@ class ImageGenerationRequest(BaseModel):
             data = {k: v for k, v in data.items() if k != "response_format"}
         return data
 
+    @field_validator("size", mode="before")
+    @classmethod
+    def _auto_is_the_default(cls, value: Any) -> Any:
+        # OpenAI's "auto" (the SDK's default for its newer image models): the size this server
+        # picks without one, 1024x1024 for a generation and the image's own for an edit.
+        return cls.model_fields["size"].default if value == "auto" else value
+
     @model_validator(mode="after")
     def _limits(self, info: ValidationInfo) -> ImageGenerationRequest:
         _refuse_extras(self, IMAGES_UNSUPPORTED)
@@ -310,7 +317,7 @@ class ImageGenerationRequest(BaseModel):
             return self
         match = re.fullmatch(r"(\d{1,5})x(\d{1,5})", self.size)
         if match is None:
-            raise ValueError(f"size: must look like '1024x768' (got {self.size!r})")
+            raise ValueError(f"size: must look like '1024x768', or be 'auto' (got {self.size!r})")
         for value in match.groups():
             try:
                 check_side(int(value), settings)
