@@ -49,7 +49,7 @@ def test_images_generate_decodes_to_the_requested_size(flux_service: ServiceProc
     assert images[0].tobytes() != images[1].tobytes()  # seeds 11 and 12
 
 
-def test_size_auto_is_the_size_picked_without_one(flux_service: ServiceProcess) -> None:
+def test_auto_and_opaque_ask_for_what_is_made_without_them(flux_service: ServiceProcess) -> None:
     # OpenAI's "auto", the SDK's default for its newer image models.
     client = sdk(flux_service)
     result = client.images.generate(model="tiny", prompt="a red fox", size="auto")
@@ -58,6 +58,12 @@ def test_size_auto_is_the_size_picked_without_one(flux_service: ServiceProcess) 
         model="tiny", image=png_file(Image.new("RGB", (96, 64))), prompt="a fox", size="auto"
     )
     assert Image.open(io.BytesIO(base64.b64decode(edited.data[0].b64_json))).size == (96, 64)
+    # FLUX's images are opaque: asking for that, or for what the model picks, is no refusal.
+    for background in ("auto", "opaque"):
+        result = client.images.generate(prompt="x", size="64x64", background=background)
+        assert Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json))).mode == "RGB"
+    with pytest.raises(openai.BadRequestError, match="background"):
+        client.images.generate(prompt="x", size="64x64", background="transparent")
 
 
 def test_images_refusals_raise_the_sdk_exceptions(flux_service: ServiceProcess) -> None:

@@ -41,6 +41,8 @@ Media = tuple[str, str, PixelRange]  # a part's URL, where it came from, and its
 
 # Accepted and ignored: they do not change what this server produces.
 IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "quality", "style"}
+# Values of refused fields that ask for what the service makes anyway: FLUX's images are opaque.
+ASKS_FOR_WHAT_IS_MADE = {"background": ("auto", "opaque")}
 
 
 def _settings(info: ValidationInfo) -> Settings:
@@ -54,6 +56,8 @@ def _refuse_extras(model: BaseModel, explain: dict[str, str]) -> None:
         if name in explain:
             if value in (None, False, 0, [], {}, "text", {"type": "text"}, ["text"]):
                 continue  # the default value asks for nothing unsupported
+            if value in ASKS_FOR_WHAT_IS_MADE.get(name, ()):
+                continue
             raise ValueError(f"{name}: {explain[name]}")
         raise ValueError(f"{name}: unknown field")
 
