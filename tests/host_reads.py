@@ -22,7 +22,7 @@ class HostReads(TorchFunctionMode):
         self.within = within
         self.sites: collections.Counter[tuple[str, str]] = collections.Counter()
         tensor = torch.Tensor
-        self.reads = {tensor.item, tensor.tolist, tensor.__bool__, tensor.__int__}
+        self.reads: set[Any] = {tensor.item, tensor.tolist, tensor.__bool__, tensor.__int__}
         self.reads |= {tensor.__float__, tensor.__index__, tensor.numpy}
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:

@@ -13,7 +13,7 @@ from hunyuan_service.api.app import create_app
 from hunyuan_service.settings import Settings
 
 
-def tiny_settings(model_type: str, cache: Path, **overrides: object) -> Settings:
+def tiny_settings(model_type: str, cache: Path, **overrides: Any) -> Settings:
     return Settings(
         _env_file=None,
         model_type=model_type,

@@ -84,7 +84,7 @@ def test_flux_batches_only_alike_requests(flux: Any) -> None:
     edit, inpaint = edit_inputs(3)[0], edit_inputs(3, masked=True)[0]
     assert flux.batch_key(edit) not in (None, flux.batch_key(base), flux.batch_key(inpaint))
     assert flux.batch_key(edit) == flux.batch_key(edit_inputs(3, seed=40)[1])
-    weaker = Text2ImageInput("x", 64, 64, 3, edit=ImageEdit(edit.edit.image, 0.5))  # type: ignore[union-attr]
+    weaker = Text2ImageInput("x", 64, 64, 3, edit=ImageEdit(edit.edit.image, 0.5))
     assert flux.batch_key(edit) != flux.batch_key(weaker)
 
 

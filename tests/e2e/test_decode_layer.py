@@ -140,7 +140,8 @@ def test_the_layer_computes_what_the_models_own_modules_compute(
     tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == "float32" else {"rtol": 2e-2, "atol": 2e-2}
     with torch.inference_mode():
         expected_pool = pool.clone()
-        expected = modules_layer(layer, *expected_pool, hidden, cos, sin, at, index, mask)
+        keys, values = expected_pool[0], expected_pool[1]
+        expected = modules_layer(layer, keys, values, hidden, cos, sin, at, index, mask)
         joined = join_projections(layer)
         assert joined is not None
         # The joined projections, and the separate ones a quantized layer keeps.
@@ -172,9 +173,8 @@ def test_the_rotation_table_holds_what_the_rotary_embedding_gives_each_position(
     # Each row's rotation as the step computed it before the table: the model's rotary
     # embedding at the row's position (its three M-RoPE positions equal).
     probe = torch.empty(1)
-    expected = rotation(
-        *text.rotary_emb(probe, positions.view(1, 4, 1).expand(3, 4, 1)), heads=4, kv_heads=2
-    )
+    model_cos, model_sin = text.rotary_emb(probe, positions.view(1, 4, 1).expand(3, 4, 1))
+    expected = rotation(model_cos, model_sin, heads=4, kv_heads=2)
     assert cos.shape == turn.shape == (4, 4, 1, 16)  # groups of 2 heads: 2 queries', keys', values'
     assert torch.equal(cos, expected[0])
     assert torch.equal(turn, expected[1])

@@ -46,9 +46,12 @@ def test_flux_stops_at_the_next_step_and_skips_the_decode(flux: Any, monkeypatch
 
     decodes: list[int] = []
     original = flux.pipe.vae.decode
-    monkeypatch.setattr(
-        flux.pipe.vae, "decode", lambda *a, **k: decodes.append(1) or original(*a, **k)
-    )
+
+    def counted_decode(*args: Any, **kwargs: Any) -> Any:
+        decodes.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(flux.pipe.vae, "decode", counted_decode)
     stop = StopAfter("progress", 2)
     with pytest.raises(JobCancelled):
         flux.infer(Text2ImageInput("a fox", 64, 64, num_inference_steps=50), stop.context())

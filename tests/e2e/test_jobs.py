@@ -30,7 +30,8 @@ def test_text2image_job_gives_the_same_image_as_infer(flux_client: TestClient) -
     done = wait_done(flux_client, submitted.json()["id"])
     assert done["status"] == "succeeded"
     # The store keeps the encoded result; the decoded image it came from is let go.
-    assert flux_client.app.state.engine.jobs.get(done["id"]).handle.output is None
+    engine = flux_client.app.state.engine  # type: ignore[attr-defined]
+    assert engine.jobs.get(done["id"]).handle.output is None
     direct = flux_client.post("/infer", json=body).json()
     assert done["result"]["image_base64"] == direct["image_base64"]  # same seed, same pixels
     raw = flux_client.get(f"/v1/jobs/{done['id']}", headers={"Accept": "image/png"})

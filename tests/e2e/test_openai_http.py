@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,7 @@ def test_chat_validation_is_400_naming_the_field(
 
 
 @pytest.fixture(scope="module")
-def locked(tiny_cache: Path) -> TestClient:
+def locked(tiny_cache: Path) -> Iterator[TestClient]:
     settings = tiny_settings("text2image", tiny_cache, api_key="s3cret")
     with TestClient(create_app(settings)) as client:
         yield client
@@ -117,7 +118,11 @@ def test_either_header_carries_the_key(locked: TestClient, headers: dict) -> Non
     assert locked.post("/infer", json=body, headers=headers).status_code == 200
 
 
-HELLO = {"model": "tiny", "messages": [{"role": "user", "content": "go"}], "max_tokens": 12}
+HELLO: dict[str, Any] = {
+    "model": "tiny",
+    "messages": [{"role": "user", "content": "go"}],
+    "max_tokens": 12,
+}
 
 
 @pytest.mark.parametrize(

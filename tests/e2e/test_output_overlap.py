@@ -25,7 +25,7 @@ def test_the_next_job_denoises_while_the_last_one_is_encoded(
     first_encoding, second_stepped = threading.Event(), threading.Event()
     encode = text2image.image_json
 
-    def held_encode(image: Any, fmt: str, fields: dict[str, Any]) -> tuple[bytes, bytes]:
+    def held_encode(image: Any, fmt: str, fields: dict[str, Any]) -> tuple[bytes, bytes | None]:
         # Job k's encoding may only finish once job k+1 has taken a step: if encoding held the
         # model, that step could never come and this would wait out WAIT_S.
         if fields["seed"] == 1:

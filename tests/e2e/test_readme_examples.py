@@ -34,7 +34,7 @@ def examples() -> dict[tuple[tuple[str, str], ...], list[tuple[str, str]]]:
         label = code.splitlines()[0]
         assert label.startswith("# MODEL_TYPE="), f"unlabelled README example:\n{code}"
         pairs = label[2:].split(":", 1)[0].split()
-        env = tuple(sorted(tuple(pair.split("=", 1)) for pair in pairs))  # type: ignore[misc]
+        env = tuple(sorted(tuple(pair.split("=", 1)) for pair in pairs))
         groups.setdefault(env, []).append((language, code))
     return groups
 

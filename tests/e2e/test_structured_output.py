@@ -107,7 +107,7 @@ def test_every_answer_validates_against_its_schema(
         model="tiny",
         messages=ask(),
         max_tokens=400,
-        response_format=schema_format(name),  # type: ignore[arg-type]
+        response_format=schema_format(name),
         **sampling,
     )
     choice = completion.choices[0]
@@ -124,7 +124,7 @@ def test_streamed_answers_validate_and_equal_the_whole_answer(
             model="tiny",
             messages=ask("Fill in the form."),
             max_tokens=400,
-            response_format=schema_format(name),  # type: ignore[arg-type]
+            response_format=schema_format(name),
             stream=True,
         )
     )
@@ -135,7 +135,7 @@ def test_streamed_answers_validate_and_equal_the_whole_answer(
         model="tiny",
         messages=ask("Fill in the form."),
         max_tokens=400,
-        response_format=schema_format(name),  # type: ignore[arg-type]
+        response_format=schema_format(name),
     )
     assert streamed == whole.choices[0].message.content  # greedy: the same either way
 
@@ -189,7 +189,7 @@ def test_a_cut_answer_says_length(client: openai.OpenAI) -> None:
         model="tiny",
         messages=ask(),
         max_tokens=12,
-        response_format=schema_format("receipt"),  # type: ignore[arg-type]
+        response_format=schema_format("receipt"),
     )
     choice = completion.choices[0]
     assert choice.finish_reason == "length"
@@ -217,7 +217,7 @@ def test_an_unusable_schema_is_a_400_that_names_the_problem(
         client.chat.completions.create(
             model="tiny",
             messages=ask(),
-            response_format=response_format,  # type: ignore[arg-type]
+            response_format=response_format,
         )
     assert caught.value.code == "unsupported_schema"
     reply = httpx.post(
@@ -229,7 +229,7 @@ def test_an_unusable_schema_is_a_400_that_names_the_problem(
 
 def test_infer_takes_response_format_in_json_and_multipart(service: ServiceProcess) -> None:
     response_format = schema_format("form")
-    body = {"prompt": "Fill in the form.", "response_format": response_format}
+    body: dict[str, Any] = {"prompt": "Fill in the form.", "response_format": response_format}
     body["max_new_tokens"] = 400
     reply = httpx.post(f"{service.url}/infer", json=body, timeout=120)
     assert reply.status_code == 200, reply.text
@@ -258,7 +258,7 @@ def test_a_stop_sequence_cuts_a_constrained_answer(client: openai.OpenAI) -> Non
         messages=ask(),
         max_tokens=400,
         stop=['":'],
-        response_format=schema_format("receipt"),  # type: ignore[arg-type]
+        response_format=schema_format("receipt"),
     )
     choice = completion.choices[0]
     assert choice.finish_reason == "stop"

@@ -31,7 +31,7 @@ def client(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     (media / "clip.mp4").write_bytes(MP4)
     settings = tiny_settings("image2text", tiny_cache, allowed_local_media_dir=media)
     with TestClient(create_app(settings)) as test_client:
-        test_client.media = media  # type: ignore[attr-defined]
+        test_client.media = media
         yield test_client
 
 
@@ -131,7 +131,7 @@ def test_min_pixels_enlarges_small_frames_per_video_or_per_request(client: TestC
 
 
 def test_a_repeated_video_skips_the_encoder(client: TestClient, tiny_cache: Path) -> None:
-    model = client.app.state.engine.model
+    model = client.app.state.engine.model  # type: ignore[attr-defined]
     first = ask(client, videos=[uri(MP4)], fps=3)
     before = model.images.encoded
     again = ask(client, videos=[uri(MP4)], fps=3)

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -29,7 +30,7 @@ def test_two_replicas_share_the_redis_store() -> None:
         assert env["JOB_STORE_URL"] == f"redis://:{password}@redis:6379/0"
         assert "redis" in services[name]["depends_on"]
         # Every variable is a real setting, and the defaults make valid settings.
-        values = {
+        values: dict[str, Any] = {
             key.lower(): re.sub(r"\$\{[A-Z_]+:[-?]([^}]*)\}", r"\1", str(value))
             for key, value in env.items()
             if not key.startswith("HF_")

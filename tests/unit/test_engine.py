@@ -174,7 +174,7 @@ def test_jobs_still_running_at_the_drain_deadline_end_with_a_503_shutdown() -> N
         with pytest.raises(Unavailable, match="shutting down") as refused:
             engine.submit("late", "r2", reservation=reserved)
         assert refused.value.code == "shutdown"
-        counters = engine.scheduler.counters  # type: ignore[union-attr]
+        counters = engine.scheduler.counters
         assert counters["cancelled_running_shutdown"] == counters["cancelled_queued_shutdown"] == 1
 
     run(scenario())

@@ -4,6 +4,7 @@ anything the thread hands over after them."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import threading
 from collections.abc import Callable
@@ -91,7 +92,7 @@ def test_events_after_a_delivery_schedule_the_next_one(monkeypatch: pytest.Monke
         row = job("row", relay)
         hops = counting_hops(loop, monkeypatch)
         for step in range(3):
-            on_model_thread(lambda step=step: row.token(str(step)))
+            on_model_thread(functools.partial(row.token, str(step)))
             await asyncio.sleep(0)
             assert row.history == [Token(str(n)) for n in range(step + 1)]
         assert len(hops) == 3

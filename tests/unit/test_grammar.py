@@ -65,7 +65,7 @@ def test_the_mask_runs_before_the_sampling_warpers() -> None:
     mask = object()
     checkpoint = SimpleNamespace(temperature=0.1, top_k=5, top_p=0.5)
     kwargs = grammar.sampling_after(
-        mask,  # type: ignore[arg-type]
+        mask,
         {"do_sample": True, "temperature": 0.7, "top_p": 0.9},
         checkpoint,
     )
@@ -85,7 +85,7 @@ def test_the_mask_runs_before_the_sampling_warpers() -> None:
 def test_greedy_keeps_its_settings_and_gets_the_mask_only() -> None:
     mask = object()
     greedy = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    kwargs = grammar.sampling_after(mask, greedy, SimpleNamespace())  # type: ignore[arg-type]
+    kwargs = grammar.sampling_after(mask, greedy, SimpleNamespace())
     assert list(kwargs["logits_processor"]) == [mask]
     assert {k: kwargs[k] for k in greedy} == greedy
 

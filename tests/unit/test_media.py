@@ -55,7 +55,9 @@ def test_transparent_pixels_become_white_not_black() -> None:
 
 def test_sixteen_bit_grey_is_scaled_not_clipped() -> None:
     grey = Image.new("I;16", (4, 4), 32768)
-    red, green, blue = decode_image(encoded(grey, "PNG"), "i", SETTINGS).getpixel((0, 0))
+    pixel = decode_image(encoded(grey, "PNG"), "i", SETTINGS).getpixel((0, 0))
+    assert isinstance(pixel, tuple)
+    red, green, blue = pixel
     assert red == green == blue
     assert 120 <= red <= 135
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -20,7 +21,7 @@ from tests.videos import video_bytes
 PATCH_PIXELS = 28 * 28
 
 
-def settings(**overrides: object) -> Settings:
+def settings(**overrides: Any) -> Settings:
     return Settings(_env_file=None, model_type="image2text", model_id="tiny", **overrides)
 
 
