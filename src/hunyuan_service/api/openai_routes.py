@@ -62,7 +62,7 @@ OTHER_ENDPOINT = {
 }
 
 
-def _require(engine: Engine, model_type: str, model: str | None) -> None:
+def require_model(engine: Engine, model_type: str, model: str | None) -> None:
     if engine.settings.model_type != model_type:
         raise NotFound(OTHER_ENDPOINT[engine.settings.model_type], code="wrong_model_type")
     if model is not None and model != engine.settings.model_id:
@@ -92,7 +92,7 @@ async def list_models(engine: EngineDep) -> JSONResponse:
 async def list_loras(engine: EngineDep) -> JSONResponse:
     """The LoRA adapters a text2image request may name in `loras`, with where each came from
     and its rank (known once the model has loaded)."""
-    _require(engine, "text2image", None)
+    require_model(engine, "text2image", None)
     extra = engine.model.info.extra if engine.model is not None else {}
     loaded = {a["name"]: a for a in extra.get("loras", [])}
     data = [
@@ -114,14 +114,27 @@ async def list_loras(engine: EngineDep) -> JSONResponse:
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(request: Request, engine: EngineDep) -> Response:
     """Chat with text and image_url parts, streamed or not."""
-    _require(engine, "image2text", None)
+    require_model(engine, "image2text", None)
     engine.check_ready()
     settings = engine.settings
     body = await read_body(request, engine)
     params: ChatCompletionRequest = await parse_json(
         body, ChatCompletionRequest, engine, status_400=True
     )
-    _require(engine, "image2text", params.model)
+    require_model(engine, "image2text", params.model)
+    handle = await submit_chat(request, engine, params)
+    completion = _Completion(handle, settings.model_id, params)
+    if not params.stream:
+        output = await handle.result(functools.partial(wait_for_disconnect, request))
+        return Response(completion.message(output), media_type="application/json")
+    stream = completion.chunks(settings.stream_keepalive_s)
+    return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+async def submit_chat(request: Request, engine: Engine, params: ChatCompletionRequest) -> JobHandle:
+    """Decodes a chat's images and videos, compiles its grammar and queues it (`/v1/responses`
+    sends its conversations here too)."""
+    settings = engine.settings
     texts, sources, video_sources = params.texts_and_images()
     flat = [ImageSource(url, param, pixels=px) for group in sources for url, param, px in group]
     flat += [
@@ -150,15 +163,9 @@ async def chat_completions(request: Request, engine: EngineDep) -> Response:
             grammar=grammar,
             **params.pixel_bounds(),
         )
-        handle = engine.submit(
+        return engine.submit(
             payload, request_id_of(request), reservation=reservation, observed=params.stream
         )
-    completion = _Completion(handle, settings.model_id, params)
-    if not params.stream:
-        output = await handle.result(functools.partial(wait_for_disconnect, request))
-        return Response(completion.message(output), media_type="application/json")
-    stream = completion.chunks(settings.stream_keepalive_s)
-    return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 class _Completion:
@@ -267,13 +274,13 @@ class _StopHoldback:
 @router.post("/images/generations", response_model=None)
 async def images_generations(request: Request, engine: EngineDep) -> Response:
     """Generates `n` images in one job; the response carries them as b64_json."""
-    _require(engine, "text2image", None)
+    require_model(engine, "text2image", None)
     engine.check_ready()  # refuse at once while starting or draining, before reading the body
     body = await read_body(request, engine)
     params: ImageGenerationRequest = await parse_json(
         body, ImageGenerationRequest, engine, status_400=True
     )
-    _require(engine, "text2image", params.model)
+    require_model(engine, "text2image", params.model)
     size = params.dimensions or (1024, 1024)  # `size` always has a value here
     handle = engine.submit(to_model_input(params, size), request_id_of(request))
     output = await handle.result(functools.partial(wait_for_disconnect, request))
@@ -291,7 +298,7 @@ EDIT_FILES = {"image": "image", "image[]": "image", "mask": "mask"}
 async def images_edits(request: Request, engine: EngineDep) -> Response:
     """Edits one image, `n` times: image-to-image, or inpainting with a mask. A multipart form,
     as OpenAI's SDK sends it; the response carries the images as b64_json."""
-    _require(engine, "text2image", None)
+    require_model(engine, "text2image", None)
     engine.check_ready()
     if not is_multipart(request):
         raise UnsupportedMediaType(
@@ -300,7 +307,7 @@ async def images_edits(request: Request, engine: EngineDep) -> Response:
         )
     try:
         params, files = await read_multipart(request, engine, ImageEditRequest, EDIT_FILES, 2)
-        _require(engine, "text2image", params.model)
+        require_model(engine, "text2image", params.model)
         images, masks = files.get("image", []), files.get("mask", [])
         if len(images) != 1:
             raise InvalidInput("image: send exactly one image to edit", param="image")
