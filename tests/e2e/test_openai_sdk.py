@@ -8,11 +8,13 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import openai
 import pytest
 from PIL import Image
+from pydantic import BaseModel, Field
 
 from tests.images import data_uri, png_bytes
 from tests.service_process import ServiceProcess, tiny_env
@@ -197,6 +199,78 @@ def test_chat_with_an_image_streamed_with_usage(qwen_service: ServiceProcess) ->
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     same = client.chat.completions.create(model="tiny", messages=chat_messages(), max_tokens=6)
     assert streamed == same.choices[0].message.content  # greedy: the same text either way
+
+
+def response_input() -> list[dict]:
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "input_text", "text": "What is in this image?"},
+                {"type": "input_image", "image_url": data_uri(png_bytes()), "detail": "auto"},
+            ],
+        }
+    ]
+
+
+def test_responses_create_and_stream_with_an_image(qwen_service: ServiceProcess) -> None:
+    client = sdk(qwen_service)
+    asked = {"model": "tiny", "instructions": "Answer briefly.", "input": response_input()}
+    response = client.responses.create(**asked, max_output_tokens=6)
+    assert response.object == "response"
+    assert response.status in ("completed", "incomplete")
+    assert response.usage is not None
+    assert 1 <= response.usage.output_tokens <= 6
+    chat = client.chat.completions.create(model="tiny", messages=chat_messages(), max_tokens=6)
+    assert response.output_text == chat.choices[0].message.content  # the same, greedy
+    # The stream, raw, then through the SDK's helper that rebuilds the response from it.
+    events = list(client.responses.create(**asked, max_output_tokens=6, stream=True))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == response.output_text
+    assert events[-1].type == f"response.{response.status}"
+    with client.responses.stream(**asked, max_output_tokens=40) as stream:
+        final = stream.get_final_response()  # needs response.completed: the answer ends
+    assert final.status == "completed"
+    assert final.output_text == client.responses.create(**asked, max_output_tokens=40).output_text
+    # The conversation goes on by sending the answer back, as the SDK's docs do.
+    follow_up = [*response_input(), *[item.model_dump() for item in final.output]]
+    follow_up.append({"role": "user", "content": "And its colour?"})
+    again = client.responses.create(model="tiny", input=follow_up, max_output_tokens=4)
+    assert again.usage is not None
+    assert again.usage.input_tokens > final.usage.input_tokens
+
+
+class Colour(BaseModel):
+    colour: Literal["red", "green", "blue"]
+    shade: int = Field(ge=0, le=9)
+
+
+def test_responses_parse_returns_the_pydantic_model(qwen_service: ServiceProcess) -> None:
+    client = sdk(qwen_service)
+    for seed in (1, 2):
+        response = client.responses.parse(
+            model="tiny",
+            input=response_input(),
+            max_output_tokens=200,
+            temperature=1.0,
+            text_format=Colour,
+            extra_body={"seed": seed},
+        )
+        assert isinstance(response.output_parsed, Colour)
+
+
+def test_responses_refusals(qwen_service: ServiceProcess) -> None:
+    client = sdk(qwen_service)
+    with pytest.raises(openai.BadRequestError, match="previous_response_id"):
+        client.responses.create(model="tiny", input="hi", previous_response_id="resp_1")
+    with pytest.raises(openai.BadRequestError, match="tool"):
+        client.responses.create(
+            model="tiny",
+            input="hi",
+            tools=[{"type": "function", "name": "f", "parameters": {}, "strict": False}],
+        )
+    with pytest.raises(openai.NotFoundError, match="model"):
+        client.responses.create(model="gpt-5", input="hi")
 
 
 def test_chat_refusals(qwen_service: ServiceProcess) -> None:

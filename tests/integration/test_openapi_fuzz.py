@@ -95,6 +95,8 @@ def test_each_document_describes_only_its_model_types_api() -> None:
     assert "/v1/loras" in t2i["paths"]
     assert "/v1/chat/completions" not in t2i["paths"]
     assert "/v1/chat/completions" in i2t["paths"]
+    assert "/v1/responses" in i2t["paths"]
+    assert "/v1/responses" not in t2i["paths"]
     assert "/v1/images/generations" not in i2t["paths"]
     t2i_infer, i2t_infer = t2i["paths"]["/infer"]["post"], i2t["paths"]["/infer"]["post"]
     assert list(t2i_infer["requestBody"]["content"]) == ["application/json"]

@@ -24,6 +24,7 @@ from hunyuan_service.api.middleware import (
     BrowserGuard,
     RequestMiddleware,
 )
+from hunyuan_service.api.openai_responses import router as responses_router
 from hunyuan_service.api.openai_routes import router as openai_router
 from hunyuan_service.api.playground import router as playground_router
 from hunyuan_service.api.routes import PlainRoute, infer, router
@@ -221,6 +222,7 @@ def create_app(
     app.include_router(router)
     app.include_router(jobs_router)
     app.include_router(openai_router)
+    app.include_router(responses_router)
     if settings.playground:
         app.include_router(playground_router)
     return app

@@ -41,17 +41,25 @@ Media = tuple[str, str, PixelRange]  # a part's URL, where it came from, and its
 
 # Accepted and ignored: they do not change what this server produces.
 IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "quality", "style"}
-# Values of refused fields that ask for what the service makes anyway: FLUX's images are opaque.
-ASKS_FOR_WHAT_IS_MADE = {"background": ("auto", "opaque")}
+# Values of refused fields that ask for what the service makes anyway: FLUX's images are opaque;
+# a response has no tools to call, in parallel or not, and its input is never cut to fit.
+ASKS_FOR_WHAT_IS_MADE: dict[str, tuple[Any, ...]] = {
+    "background": ("auto", "opaque"),
+    "parallel_tool_calls": (True,),
+    "tool_choice": ("auto", "none"),
+    "truncation": ("disabled",),
+}
 
 
 def _settings(info: ValidationInfo) -> Settings:
     return (info.context or {})["settings"]
 
 
-def _refuse_extras(model: BaseModel, explain: dict[str, str]) -> None:
+def _refuse_extras(
+    model: BaseModel, explain: dict[str, str], ignored: set[str] = IGNORED_FIELDS
+) -> None:
     for name, value in (model.model_extra or {}).items():
-        if name in IGNORED_FIELDS:
+        if name in ignored:
             continue
         if name in explain:
             if value in (None, False, 0, [], {}, "text", {"type": "text"}, ["text"]):
@@ -347,3 +355,202 @@ class ImageEditRequest(ImageGenerationRequest):
     size: str | None = None  # type: ignore[assignment]
     strength: float | None = Field(None, gt=0, le=1)
     input_fidelity: str | None = None  # gpt-image-1's; FLUX has no such setting
+
+
+# -- the Responses API (image2text) ----------------------------------------------------------
+
+RESPONSES_UNSUPPORTED = {
+    "previous_response_id": "this server keeps no responses; send the whole conversation in "
+    "input (the SDK: input += response.output)",
+    "conversation": "this server keeps no conversations; send the whole conversation in input",
+    "tools": "tool calling is not supported",
+    "tool_choice": "tool calling is not supported",
+    "parallel_tool_calls": "tool calling is not supported",
+    "max_tool_calls": "tool calling is not supported",
+    "top_logprobs": "logprobs are not supported",
+    "include": "not supported",
+    "reasoning": "not supported",
+    "background": "not supported; POST /v1/jobs runs jobs that outlive their connection",
+    "prompt": "prompt templates are not supported",
+    "truncation": "only disabled is supported: an input too long for the model is refused",
+}
+# Accepted and ignored on /v1/responses: nothing is stored, and these change no answer.
+RESPONSES_IGNORED = IGNORED_FIELDS | {
+    "safety_identifier",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+    "stream_options",
+}
+
+
+class InputPart(BaseModel):
+    """A part of a Responses message: `input_text`, `input_image`, or the `output_text` of an
+    earlier answer sent back as conversation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["input_text", "input_image", "output_text"]
+    text: str | None = None
+    image_url: str | None = None
+    detail: str | None = None
+    file_id: str | None = None
+    annotations: list[Any] | None = Field(None, max_length=0)  # an earlier answer's: none here
+    logprobs: list[Any] | None = Field(None, max_length=0)
+    parsed: Any = None  # the SDK's parse helpers add it to an answer they send back
+    # This image's own resize bounds, as on a chat part
+    min_pixels: int | None = Field(None, ge=1)
+    max_pixels: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _has_its_content(self) -> InputPart:
+        if self.type != "input_image":
+            if self.text is None:
+                raise ValueError(f'a part of type "{self.type}" needs its "text"')
+        elif self.file_id is not None:
+            raise ValueError(
+                "file_id: uploaded files are not kept here; send the image in image_url, as a "
+                "data URI or an allowed URL"
+            )
+        elif self.image_url is None:
+            raise ValueError('a part of type "input_image" needs its "image_url"')
+        return self
+
+    def as_chat(self) -> dict[str, Any]:
+        """The chat part this part is."""
+        if self.type != "input_image":
+            return {"type": "text", "text": self.text}
+        image: dict[str, Any] = {"url": self.image_url, "detail": self.detail}
+        return {
+            "type": "image_url",
+            "image_url": image,
+            "min_pixels": self.min_pixels,
+            "max_pixels": self.max_pixels,
+        }
+
+
+class InputMessage(BaseModel):
+    """A message of `input`: the SDK's easy form `{"role", "content"}`, or a message item (an
+    earlier answer's, sent back, carries its `id` and `status`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: Annotated[
+        Annotated[str, Tag(TEXT_BRANCH)]
+        | Annotated[list[InputPart], Field(max_length=64), Tag(OBJECT_BRANCH)],
+        Discriminator(_text_or_parts),
+    ]
+    id: str | None = None
+    status: str | None = None
+    phase: str | None = None
+
+
+class TextFormat(BaseModel):
+    """`text.format`: `{"type": "text"}`, `{"type": "json_object"}`, or `{"type":
+    "json_schema", "name", "schema", "strict"}` (the chat API's json_schema, flattened)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+    def as_chat(self) -> dict[str, Any]:
+        """The chat API's `response_format` this is."""
+        if self.type != "json_schema":
+            return {"type": self.type}
+        fields = {"name": self.name, "schema": self.schema_, "description": self.description}
+        given = {key: value for key, value in fields.items() if value is not None}
+        return {"type": "json_schema", "json_schema": {**given, "strict": self.strict}}
+
+
+class TextConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: TextFormat | None = None
+    verbosity: Literal["medium"] | None = None  # the default; other levels are not supported
+
+
+class ResponsesRequest(BaseModel):
+    """OpenAI's `responses.create` body, as far as an image2text model answers it. It becomes
+    a chat (`as_chat`): `instructions` the system message, then the messages of `input`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    _bounded = model_validator(mode="before")(refuse_huge_objects)
+
+    model: str
+    input: Annotated[
+        Annotated[str, Tag(TEXT_BRANCH)]
+        | Annotated[
+            list[InputMessage], Field(min_length=1, max_length=MAX_LIST_ITEMS), Tag(OBJECT_BRANCH)
+        ],
+        Discriminator(_text_or_parts),
+    ]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, lt=2**63)  # an extension, as on the chat API
+    text: TextConfig | None = None
+    stream: bool = False
+    mm_processor_kwargs: PixelBounds | None = None
+
+    @model_validator(mode="after")
+    def _refusals(self) -> ResponsesRequest:
+        _refuse_extras(self, RESPONSES_UNSUPPORTED, RESPONSES_IGNORED)
+        return self
+
+    @property
+    def text_format(self) -> TextFormat:
+        return (self.text and self.text.format) or TextFormat(type="text")
+
+    def as_chat(self) -> dict[str, Any]:
+        """The chat request this is, for `ChatCompletionRequest` to validate: its limits,
+        images and grammar are the chat API's."""
+        messages: list[dict[str, Any]] = []
+        if self.instructions is not None:
+            messages.append({"role": "system", "content": self.instructions})
+        items = (
+            self.input
+            if isinstance(self.input, list)
+            else [InputMessage(role="user", content=self.input)]
+        )
+        for item in items:
+            content = item.content
+            parts = content if isinstance(content, str) else [part.as_chat() for part in content]
+            messages.append({"role": item.role, "content": parts})
+        chat: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "max_tokens": self.max_output_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "stream": self.stream,
+            "response_format": self.text_format.as_chat(),
+        }
+        if self.mm_processor_kwargs is not None:
+            chat["mm_processor_kwargs"] = self.mm_processor_kwargs.model_dump()
+        return chat
+
+    def rename(self, text: str) -> str:
+        """`text` (an error's message or param) with the chat API's field names made this
+        request's: `messages[2]` is `input[1]` after `instructions`, `max_tokens` is
+        `max_output_tokens`, `response_format` is `text.format`."""
+
+        def message(index: int) -> str:
+            if self.instructions is not None:
+                if index == 0:
+                    return "instructions"
+                index -= 1
+            return f"input[{index}]" if isinstance(self.input, list) else "input"
+
+        text = re.sub(r"\bmessages: message (\d+) ", lambda m: f"{message(int(m[1]))}: ", text)
+        text = re.sub(r"\bmessages\[(\d+)\]", lambda m: message(int(m[1])), text)
+        text = re.sub(r"\bmessages\b", "input", text)
+        text = re.sub(r"\bmax_(completion_)?tokens\b", "max_output_tokens", text)
+        return re.sub(r"\bresponse_format(\.json_schema)?", "text.format", text)

@@ -53,6 +53,16 @@ EVENTS = {
         "id": {"type": "string"},
     },
 }
+RESPONSE_EVENTS = {
+    "type": "object",
+    "description": "One event of a response's stream: `response.created`, `response.in_progress`, "
+    "the message's `response.output_item.added` and `response.content_part.added`, "
+    "`response.output_text.delta` per piece of text, the matching `.done` events, then "
+    "`response.completed`, `response.incomplete` or `response.failed`; each `data` is JSON text "
+    "whose `type` is the event's name.",
+    "required": ["event", "data"],
+    "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
+}
 CHUNKS = {
     "type": "object",
     "description": "One `chat.completion.chunk` as JSON text, or `[DONE]` at the end.",
@@ -252,6 +262,16 @@ def _routes(settings: Settings) -> dict[tuple[str, str], dict[str, Any]]:
                 "200": _ok(
                     "OpenAI's chat.completion, or chat.completion.chunk events with stream=true.",
                     {"application/json": OBJECT, "text/event-stream": CHUNKS},
+                ),
+                **_errors(*BODY_ERRORS, "404"),
+            },
+        }
+        routes[("/v1/responses", "post")] = {
+            "requestBody": _json_body(openai_schemas.ResponsesRequest),
+            "responses": {
+                "200": _ok(
+                    "OpenAI's response object, or its stream's events with stream=true.",
+                    {"application/json": OBJECT, "text/event-stream": RESPONSE_EVENTS},
                 ),
                 **_errors(*BODY_ERRORS, "404"),
             },

@@ -1,0 +1,175 @@
+"""OpenAI's Responses API on image2text: `POST /v1/responses`, as the official SDK's
+`responses.create`, `responses.stream` and `responses.parse` call it.
+
+A request becomes a chat: `instructions` the system message, then the messages of `input`. The
+chat API's validation, image intake, grammar and queue then run as they are, so both APIs keep
+one set of limits; an error names this API's fields. Nothing is stored: the whole conversation
+travels in `input`, and `previous_response_id` is refused.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import ValidationError
+
+from hunyuan_service.api.body import parse_json, read_body, wait_for_disconnect
+from hunyuan_service.api.deps import EngineDep
+from hunyuan_service.api.encoding import json_bytes
+from hunyuan_service.api.openai_routes import require_model, submit_chat
+from hunyuan_service.api.openai_schemas import ChatCompletionRequest, ResponsesRequest
+from hunyuan_service.api.renderers import KEEPALIVE, SSE_HEADERS
+from hunyuan_service.api.schemas import describe_validation_errors
+from hunyuan_service.engine.engine import Engine, JobHandle
+from hunyuan_service.engine.events import Failed, Heartbeat, Succeeded, Token
+from hunyuan_service.engine.jobs import StopReason
+from hunyuan_service.errors import BadRequest, ServiceError, error_body
+from hunyuan_service.models.types import Image2TextOutput
+
+router = APIRouter(prefix="/v1")
+
+
+@router.post("/responses", response_model=None)
+async def create_response(request: Request, engine: EngineDep) -> Response:
+    """A response to a conversation of text and images, streamed as events or not."""
+    require_model(engine, "image2text", None)
+    engine.check_ready()
+    body = await read_body(request, engine)
+    params: ResponsesRequest = await parse_json(body, ResponsesRequest, engine, status_400=True)
+    require_model(engine, "image2text", params.model)
+    try:
+        handle = await submit_chat(request, engine, _as_chat(params, engine))
+    except ServiceError as error:  # named as the chat API names it: rename to this API's fields
+        error.message = params.rename(error.message)
+        error.param = error.param and params.rename(error.param)
+        raise
+    reply = _Reply(handle, engine.settings.model_id, params)
+    if not params.stream:
+        output = await handle.result(functools.partial(wait_for_disconnect, request))
+        return Response(json_bytes(reply.response(output)), media_type="application/json")
+    events = reply.events(engine.settings.stream_keepalive_s)
+    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def _as_chat(params: ResponsesRequest, engine: Engine) -> ChatCompletionRequest:
+    try:
+        return ChatCompletionRequest.model_validate(
+            params.as_chat(), context={"settings": engine.settings}
+        )
+    except ValidationError as error:
+        message, param = describe_validation_errors(list(error.errors()))
+        raise BadRequest(message, param=param) from None
+
+
+class _Reply:
+    """Renders one job as OpenAI's `response` object, or as the events of its stream."""
+
+    def __init__(self, handle: JobHandle, model_id: str, params: ResponsesRequest) -> None:
+        self.handle = handle
+        self.id = f"resp_{handle.request_id}"
+        self.item_id = f"msg_{handle.request_id}"
+        self.created = int(time.time())
+        self.model_id = model_id
+        self.params = params
+        self.sequence = 0
+
+    def response(
+        self, output: Image2TextOutput | None = None, status: str | None = None
+    ) -> dict[str, Any]:
+        """The `response` object: in progress (no output yet), or finished with `output`."""
+        params = self.params
+        incomplete = output is not None and output.finish_reason == "length"
+        if status is None:
+            status = "incomplete" if incomplete else "completed"
+        body: dict[str, Any] = {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created,
+            "status": status,
+            "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+            "instructions": params.instructions,
+            "max_output_tokens": params.max_output_tokens,
+            "model": self.model_id,
+            "output": [] if output is None else [self.message(output.text, status)],
+            "parallel_tool_calls": True,
+            "previous_response_id": None,
+            "reasoning": {"effort": None, "summary": None},
+            "store": False,
+            "temperature": params.temperature or 0.0,  # greedy by default, as the chat API
+            "text": {"format": params.text_format.model_dump(by_alias=True, exclude_none=True)},
+            "tool_choice": "auto",
+            "tools": [],
+            "top_p": params.top_p,
+            "truncation": "disabled",
+            "usage": None,
+            "metadata": {},
+        }
+        if output is not None:
+            body["usage"] = {
+                "input_tokens": output.prompt_tokens,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": output.completion_tokens,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": output.prompt_tokens + output.completion_tokens,
+            }
+        return body
+
+    def message(self, text: str | None, status: str) -> dict[str, Any]:
+        content = [] if text is None else [self.part(text)]
+        return {
+            "id": self.item_id,
+            "type": "message",
+            "status": status,
+            "role": "assistant",
+            "content": content,
+        }
+
+    @staticmethod
+    def part(text: str) -> dict[str, Any]:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+    def event(self, kind: str, **fields: Any) -> str:
+        body = {"type": kind, "sequence_number": self.sequence, **fields}
+        self.sequence += 1
+        return f"event: {kind}\ndata: {json.dumps(body, separators=(',', ':'))}\n\n"
+
+    async def events(self, heartbeat_s: float) -> AsyncIterator[str | bytes]:
+        """The stream, event by event as OpenAI sends a text answer's; dropping it cancels
+        the job, like any client that leaves."""
+        where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
+        try:
+            yield self.event("response.created", response=self.response(status="in_progress"))
+            yield self.event("response.in_progress", response=self.response(status="in_progress"))
+            item = self.message(None, "in_progress")
+            yield self.event("response.output_item.added", output_index=0, item=item)
+            yield self.event("response.content_part.added", **where, part=self.part(""))
+            async for _number, event in self.handle.events(0, heartbeat_s):
+                if isinstance(event, Heartbeat):
+                    yield KEEPALIVE
+                elif isinstance(event, Token) and event.text:
+                    yield self.event(
+                        "response.output_text.delta", **where, delta=event.text, logprobs=[]
+                    )
+                elif isinstance(event, Succeeded):
+                    output = event.output
+                    final = self.response(output)
+                    text, status = output.text, final["status"]
+                    yield self.event("response.output_text.done", **where, text=text, logprobs=[])
+                    yield self.event("response.content_part.done", **where, part=self.part(text))
+                    item = self.message(text, status)
+                    yield self.event("response.output_item.done", output_index=0, item=item)
+                    yield self.event(f"response.{status}", response=final)
+                elif isinstance(event, Failed):  # a deadline, a cancel, an out-of-memory
+                    error = error_body(event.error, self.handle.request_id)["error"]
+                    failed = self.response(status="failed")
+                    failed["error"] = {"code": error["code"], "message": error["message"]}
+                    yield self.event("response.failed", response=failed)
+        finally:
+            self.handle.cancel(StopReason.CLIENT_GONE)
