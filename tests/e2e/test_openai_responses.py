@@ -3,11 +3,14 @@ answers as the chat API, the stream event by event, and errors that name its own
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
+from hunyuan_service.api.app import create_app
+from tests.e2e.conftest import tiny_settings
 from tests.images import data_uri, png_bytes
 from tests.sse import parse_sse
 
@@ -215,3 +218,35 @@ def test_the_route_is_image2texts_only(flux_client: TestClient) -> None:
     response = flux_client.post("/v1/responses", json={"model": "tiny", "input": "hi"})
     assert response.status_code == 404
     assert "text2image" in response.json()["error"]["message"]
+
+
+def test_a_job_that_fails_on_the_way_ends_the_stream_failed(tiny_cache: Path) -> None:
+    # A deadline far shorter than the answer the schema forces: at least 1,900 tokens, one
+    # character each with the tiny tokenizer.
+    settings = tiny_settings("image2text", tiny_cache, request_timeout_s=0.2)
+    long_text = {
+        "type": "json_schema",
+        "name": "essay",
+        "schema": {"type": "string", "minLength": 1900},
+    }
+    body = {
+        "model": "tiny",
+        "input": "Write.",
+        "max_output_tokens": 2000,
+        "text": {"format": long_text},
+        "stream": True,
+    }
+    with TestClient(create_app(settings)) as client:
+        response = client.post("/v1/responses", json=body)
+    assert response.status_code == 200
+    events = [(name, data) for name, data in parse_sse(response.text) if name != "comment"]
+    name, last = events[-1]
+    assert name == last["type"] == "response.failed"
+    failed = last["response"]
+    assert failed["status"] == "failed"
+    assert failed["error"]["code"] == "deadline_exceeded"
+    [item] = failed["output"]  # what was streamed before it failed, and nothing else
+    deltas = "".join(d["delta"] for n, d in events if n == "response.output_text.delta")
+    assert item["content"][0]["text"] == deltas
+    assert item["status"] == "incomplete"
+    assert [data["sequence_number"] for _, data in events] == list(range(len(events)))

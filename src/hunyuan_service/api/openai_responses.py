@@ -144,6 +144,7 @@ class _Reply:
         """The stream, event by event as OpenAI sends a text answer's; dropping it cancels
         the job, like any client that leaves."""
         where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
+        sent: list[str] = []  # the text streamed so far
         try:
             yield self.event("response.created", response=self.response(status="in_progress"))
             yield self.event("response.in_progress", response=self.response(status="in_progress"))
@@ -154,6 +155,7 @@ class _Reply:
                 if isinstance(event, Heartbeat):
                     yield KEEPALIVE
                 elif isinstance(event, Token) and event.text:
+                    sent.append(event.text)
                     yield self.event(
                         "response.output_text.delta", **where, delta=event.text, logprobs=[]
                     )
@@ -170,6 +172,7 @@ class _Reply:
                     error = error_body(event.error, self.handle.request_id)["error"]
                     failed = self.response(status="failed")
                     failed["error"] = {"code": error["code"], "message": error["message"]}
+                    failed["output"] = [self.message("".join(sent), "incomplete")]
                     yield self.event("response.failed", response=failed)
         finally:
             self.handle.cancel(StopReason.CLIENT_GONE)
