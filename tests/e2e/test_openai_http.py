@@ -104,6 +104,7 @@ def test_every_other_route_needs_the_key(locked: TestClient, headers: dict) -> N
         ("get", "/metrics"),
         ("get", "/v1/models"),
         ("post", "/v1/images/generations"),
+        ("post", "/v1/responses"),
         ("get", "/docs"),
     ]:
         response = getattr(locked, method)(path, headers=headers)
