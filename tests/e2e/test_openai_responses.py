@@ -212,6 +212,7 @@ def test_fields_that_ask_for_nothing_unsupported_are_accepted(vl_client: TestCli
     response = respond(vl_client, max_output_tokens=6, **defaults)
     assert response.status_code == 200, response.text
     assert response.json()["output"][0]["content"] == plain["output"][0]["content"]
+    assert response.json()["metadata"] == {"ticket": "42"}  # echoed back, as OpenAI does
 
 
 def test_the_route_is_image2texts_only(flux_client: TestClient) -> None:

@@ -109,7 +109,7 @@ class _Reply:
             "top_p": params.top_p,
             "truncation": "disabled",
             "usage": None,
-            "metadata": {},
+            "metadata": (params.model_extra or {}).get("metadata") or {},  # echoed, as OpenAI's
         }
         if output is not None:
             body["usage"] = {
