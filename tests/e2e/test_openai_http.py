@@ -22,6 +22,13 @@ def test_models_lists_the_model_id(vl_client: TestClient) -> None:
     assert body["object"] == "list"
     assert [m["id"] for m in body["data"]] == ["tiny"]
     assert 0 < body["data"][0]["created"] <= time.time()  # when the service started
+    # One model by its id (the SDK's models.retrieve): the same entry, or a 404 naming it.
+    assert vl_client.get("/v1/models/tiny").json() == body["data"][0]
+    # Ids may hold a slash (org/name): the whole rest of the path is the id.
+    missing = vl_client.get("/v1/models/Qwen/Qwen2.5-VL-7B-Instruct")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["param"] == "model"
+    assert "'Qwen/Qwen2.5-VL-7B-Instruct' is not served here" in missing.json()["error"]["message"]
 
 
 def test_images_endpoint_refused_on_image2text(vl_client: TestClient) -> None:

@@ -42,6 +42,9 @@ def qwen_service(tiny_cache: Path) -> Iterator[ServiceProcess]:
 def test_images_generate_decodes_to_the_requested_size(flux_service: ServiceProcess) -> None:
     client = sdk(flux_service)
     assert [m.id for m in client.models.list()] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError, match="model"):
+        client.models.retrieve("dall-e-3")
     result = client.images.generate(
         model="tiny", prompt="a red fox", size="128x64", n=2, extra_body={"seed": 11}
     )

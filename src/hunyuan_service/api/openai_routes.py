@@ -77,6 +77,18 @@ def require_model(engine: Engine, model_type: str, model: str | None) -> None:
 @router.get("/models")
 async def list_models(engine: EngineDep) -> JSONResponse:
     """Lists the one loaded model, with MODEL_ID as its id."""
+    return JSONResponse({"object": "list", "data": [_model_entry(engine)]})
+
+
+@router.get("/models/{model:path}")
+async def retrieve_model(model: str, engine: EngineDep) -> JSONResponse:
+    """The model, by its id (MODEL_ID, which may hold a slash: `org/name`); the SDK's
+    `models.retrieve`."""
+    require_model(engine, engine.settings.model_type, model)
+    return JSONResponse(_model_entry(engine))
+
+
+def _model_entry(engine: Engine) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "id": engine.settings.model_id,
         "object": "model",
@@ -85,7 +97,7 @@ async def list_models(engine: EngineDep) -> JSONResponse:
     }
     if engine.settings.model_type == "text2image":
         entry["loras"] = engine.settings.lora_names  # details at GET /v1/loras
-    return JSONResponse({"object": "list", "data": [entry]})
+    return entry
 
 
 @router.get("/loras")

@@ -233,6 +233,12 @@ def _routes(settings: Settings) -> dict[tuple[str, str], dict[str, Any]]:
                 **_errors("401", "403", "500"),
             }
         },
+        ("/v1/models/{model}", "get"): {
+            "responses": {
+                "200": _ok("The model, if it is the one served.", {"application/json": OBJECT}),
+                **_errors("401", "403", "404", "500"),
+            }
+        },
     }
     if text2image:
         routes[("/v1/images/generations", "post")] = {
