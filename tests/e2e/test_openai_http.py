@@ -139,6 +139,8 @@ HELLO: dict[str, Any] = {
         ("logit_bias", {"50256": -100}),
         ("frequency_penalty", 0.5),
         ("presence_penalty", -1.0),
+        ("tool_choice", "required"),
+        ("tool_choice", {"type": "function", "function": {"name": "f"}}),
     ],
 )
 def test_unsupported_sampling_fields_are_refused_naming_the_field(
@@ -162,6 +164,9 @@ def test_fields_that_ask_for_nothing_unsupported_are_accepted_and_change_nothing
         "logit_bias": {},
         "frequency_penalty": 0,
         "presence_penalty": 0,
+        # With tools refused, there is nothing to call: these ask for nothing either.
+        "tool_choice": "none",
+        "parallel_tool_calls": True,
     }
     with_extras = vl_client.post("/v1/chat/completions", json={**HELLO, **extras})
     assert with_extras.status_code == 200

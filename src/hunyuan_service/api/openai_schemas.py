@@ -41,14 +41,11 @@ Media = tuple[str, str, PixelRange]  # a part's URL, where it came from, and its
 
 # Accepted and ignored: they do not change what this server produces.
 IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "quality", "style"}
-# Values of refused fields that ask for what the service makes anyway: FLUX's images are opaque;
-# a response has no tools to call, in parallel or not, and its input is never cut to fit.
-ASKS_FOR_WHAT_IS_MADE: dict[str, tuple[Any, ...]] = {
-    "background": ("auto", "opaque"),
-    "parallel_tool_calls": (True,),
-    "tool_choice": ("auto", "none"),
-    "truncation": ("disabled",),
-}
+# Values of refused fields that ask for nothing the service lacks: with `tools` refused there is
+# nothing to call, in parallel or not; FLUX's images are opaque; an input is never cut to fit.
+NO_TOOLS = {"parallel_tool_calls": (True,), "tool_choice": ("auto", "none")}
+IMAGES_MAKE = {"background": ("auto", "opaque")}
+RESPONSES_MAKE = {**NO_TOOLS, "truncation": ("disabled",)}
 
 
 def _settings(info: ValidationInfo) -> Settings:
@@ -56,7 +53,10 @@ def _settings(info: ValidationInfo) -> Settings:
 
 
 def _refuse_extras(
-    model: BaseModel, explain: dict[str, str], ignored: set[str] = IGNORED_FIELDS
+    model: BaseModel,
+    explain: dict[str, str],
+    made: dict[str, tuple[Any, ...]],
+    ignored: set[str] = IGNORED_FIELDS,
 ) -> None:
     for name, value in (model.model_extra or {}).items():
         if name in ignored:
@@ -64,7 +64,7 @@ def _refuse_extras(
         if name in explain:
             if value in (None, False, 0, [], {}, "text", {"type": "text"}, ["text"]):
                 continue  # the default value asks for nothing unsupported
-            if value in ASKS_FOR_WHAT_IS_MADE.get(name, ()):
+            if value in made.get(name, ()):
                 continue
             raise ValueError(f"{name}: {explain[name]}")
         raise ValueError(f"{name}: unknown field")
@@ -204,7 +204,7 @@ class ChatCompletionRequest(BaseModel):
 
     @model_validator(mode="after")
     def _limits(self, info: ValidationInfo) -> ChatCompletionRequest:
-        _refuse_extras(self, CHAT_UNSUPPORTED)
+        _refuse_extras(self, CHAT_UNSUPPORTED, NO_TOOLS)
         settings = _settings(info)
         if self.mm_processor_kwargs is not None:
             bounds = self.mm_processor_kwargs
@@ -311,7 +311,7 @@ class ImageGenerationRequest(BaseModel):
 
     @model_validator(mode="after")
     def _limits(self, info: ValidationInfo) -> ImageGenerationRequest:
-        _refuse_extras(self, IMAGES_UNSUPPORTED)
+        _refuse_extras(self, IMAGES_UNSUPPORTED, IMAGES_MAKE)
         settings = _settings(info)
         if len(self.prompt) > settings.max_prompt_chars:
             raise ValueError(f"prompt: at most {settings.max_prompt_chars} characters")
@@ -501,7 +501,7 @@ class ResponsesRequest(BaseModel):
 
     @model_validator(mode="after")
     def _refusals(self) -> ResponsesRequest:
-        _refuse_extras(self, RESPONSES_UNSUPPORTED, RESPONSES_IGNORED)
+        _refuse_extras(self, RESPONSES_UNSUPPORTED, RESPONSES_MAKE, RESPONSES_IGNORED)
         return self
 
     @property
