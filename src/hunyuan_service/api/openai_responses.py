@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from hunyuan_service.api.body import parse_json, read_body, wait_for_disconnect
 from hunyuan_service.api.deps import EngineDep
 from hunyuan_service.api.encoding import json_bytes
+from hunyuan_service.api.image2text import usage
 from hunyuan_service.api.openai_routes import require_model, submit_chat
 from hunyuan_service.api.openai_schemas import ChatCompletionRequest, ResponsesRequest
 from hunyuan_service.api.renderers import KEEPALIVE, SSE_HEADERS
@@ -111,13 +112,14 @@ class _Reply:
             "usage": None,
             "metadata": (params.model_extra or {}).get("metadata") or {},  # echoed, as OpenAI's
         }
-        if output is not None:
+        if output is not None:  # the chat API's counts, under this API's names
+            counts = usage(output)
             body["usage"] = {
-                "input_tokens": output.prompt_tokens,
+                "input_tokens": counts["prompt_tokens"],
                 "input_tokens_details": {"cached_tokens": 0},
-                "output_tokens": output.completion_tokens,
+                "output_tokens": counts["completion_tokens"],
                 "output_tokens_details": {"reasoning_tokens": 0},
-                "total_tokens": output.prompt_tokens + output.completion_tokens,
+                "total_tokens": counts["total_tokens"],
             }
         return body
 
