@@ -172,7 +172,7 @@ def test_a_json_schema_format_constrains_the_answer(vl_client: TestClient) -> No
         (
             {"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "f"}]}]},
             400,
-            "input[0].content[0]",
+            "input[0].content[0].file_id",
             "file_id",
         ),
         ({"input": [{"type": "function_call", "name": "f"}]}, 400, "input[0].type", "message"),

@@ -516,9 +516,10 @@ def describe_validation_errors(errors: list[Any]) -> tuple[str, str | None]:
         loc = field_path(item.get("loc", ())) or "body"
         message = str(item.get("msg", "invalid")).removeprefix("Value error, ")
         name, sep, rest = message.partition(": ")
-        if loc == "body" and sep and FIELD_PATH.match(name):
-            # A whole-body check that names its field, e.g. "tools: tool calling is not supported".
-            loc, message = name, rest
+        if sep and FIELD_PATH.match(name) and (loc == "body" or item.get("type") == "value_error"):
+            # A check of a whole body, or of an object in it, that names its field, e.g.
+            # "tools: ..." or `messages[2]`'s "content: ...".
+            loc, message = (name if loc == "body" else f"{loc}.{name}"), rest
         first = first or loc
         if item.get("type") == "extra_forbidden":
             message = "is not a known field"
