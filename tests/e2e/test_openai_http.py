@@ -62,7 +62,7 @@ def test_stop_sequence_cuts_streamed_and_plain_text_alike(vl_client: TestClient)
     [
         ({"messages": [{"role": "user", "content": "x"}]}, "model"),
         ({"model": "tiny", "messages": []}, "messages"),
-        ({"model": "tiny", "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"model": "tiny", "messages": [{"role": "function", "content": "x"}]}, "messages[0].role"),
         (
             {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 100000},
             "max_tokens",
@@ -139,8 +139,6 @@ HELLO: dict[str, Any] = {
         ("logit_bias", {"50256": -100}),
         ("frequency_penalty", 0.5),
         ("presence_penalty", -1.0),
-        ("tool_choice", "required"),
-        ("tool_choice", {"type": "function", "function": {"name": "f"}}),
     ],
 )
 def test_unsupported_sampling_fields_are_refused_naming_the_field(
@@ -164,7 +162,7 @@ def test_fields_that_ask_for_nothing_unsupported_are_accepted_and_change_nothing
         "logit_bias": {},
         "frequency_penalty": 0,
         "presence_penalty": 0,
-        # With tools refused, there is nothing to call: these ask for nothing either.
+        # Without tools there is nothing to call: these ask for nothing either.
         "tool_choice": "none",
         "parallel_tool_calls": True,
     }

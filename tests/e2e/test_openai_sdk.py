@@ -204,6 +204,45 @@ def test_chat_with_an_image_streamed_with_usage(qwen_service: ServiceProcess) ->
     assert streamed == same.choices[0].message.content  # greedy: the same text either way
 
 
+class Forecast(BaseModel):
+    """A tool's arguments, as an app declares them with pydantic (bounded: random weights never
+    end a free string or number by choice)."""
+
+    city: str = Field(max_length=10)
+    days: int = Field(ge=1, le=7)
+    unit: Literal["celsius", "fahrenheit"]
+
+
+def test_chat_tool_calls_parsed_streamed_and_answered(qwen_service: ServiceProcess) -> None:
+    client = sdk(qwen_service)
+    tool = openai.pydantic_function_tool(Forecast)  # strict, as apps send it
+    messages: list = [{"role": "user", "content": "Forecast for Oslo?"}]
+    parsed = client.chat.completions.parse(
+        model="tiny", messages=messages, tools=[tool], tool_choice="required", max_tokens=300
+    )
+    choice = parsed.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    calls = choice.message.tool_calls
+    assert calls
+    assert all(isinstance(c.function.parsed_arguments, Forecast) for c in calls)
+    with client.chat.completions.stream(
+        model="tiny", messages=messages, tools=[tool], tool_choice="required", max_tokens=300
+    ) as stream:
+        done = [e for e in stream if e.type == "tool_calls.function.arguments.done"]
+        final = stream.get_final_completion()
+    assert [e.parsed_arguments for e in done] == [c.function.parsed_arguments for c in calls]
+    assert final.choices[0].message.tool_calls[0].function.name == "Forecast"
+    # The app runs the tool and sends the result back, as the SDK's types have it.
+    messages.append(choice.message.model_dump(exclude_none=True, exclude={"parsed"}))
+    for call in calls:
+        messages.append({"role": "tool", "tool_call_id": call.id, "content": "-3 C"})
+    answer = client.chat.completions.create(
+        model="tiny", messages=messages, tools=[tool], tool_choice="none", max_tokens=6
+    )
+    assert isinstance(answer.choices[0].message.content, str)
+    assert answer.choices[0].message.tool_calls is None
+
+
 def response_input() -> list[dict]:
     return [
         {
@@ -281,11 +320,14 @@ def test_chat_refusals(qwen_service: ServiceProcess) -> None:
     hello = [{"role": "user", "content": "hi"}]
     with pytest.raises(openai.BadRequestError, match="n=1"):
         client.chat.completions.create(model="tiny", messages=hello, n=2)
-    with pytest.raises(openai.BadRequestError, match="tool"):
+    with pytest.raises(openai.BadRequestError, match="send tools"):
+        client.chat.completions.create(model="tiny", messages=hello, functions=[{"name": "f"}])
+    with pytest.raises(openai.BadRequestError, match="not among tools"):
         client.chat.completions.create(
             model="tiny",
             messages=hello,
             tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            tool_choice={"type": "function", "function": {"name": "g"}},
         )
     with pytest.raises(openai.PermissionDeniedError, match="ALLOWED_MEDIA_DOMAINS"):
         client.chat.completions.create(

@@ -37,6 +37,13 @@ from hunyuan_service.api.openai_schemas import (
 )
 from hunyuan_service.api.renderers import KEEPALIVE, SSE_HEADERS
 from hunyuan_service.api.text2image import prepare_edit, to_model_input
+from hunyuan_service.api.tool_calls import (
+    CallHoldback,
+    ToolCall,
+    call_grammar,
+    parse_calls,
+    with_tools,
+)
 from hunyuan_service.engine.engine import Engine, JobHandle
 from hunyuan_service.engine.events import Failed, Heartbeat, Succeeded, Token
 from hunyuan_service.engine.jobs import StopReason
@@ -48,10 +55,12 @@ from hunyuan_service.errors import (
     error_body,
 )
 from hunyuan_service.media import ImageSource
+from hunyuan_service.models.grammar import compile_tool_calls
 from hunyuan_service.models.types import (
     ChatMessage,
     Image2TextInput,
     Image2TextOutput,
+    OutputGrammar,
 )
 
 router = APIRouter(prefix="/v1")
@@ -154,7 +163,7 @@ async def submit_chat(request: Request, engine: Engine, params: ChatCompletionRe
         for group in video_sources
         for url, param, px in group
     ]
-    grammar = await compile_grammar(engine, params.response_format)
+    grammar = await _chat_grammar(engine, params)
     with engine.reserve() as reservation:
         media = iter(await decode_images(engine, flat, request, max_ratio=MAX_ASPECT_RATIO))
         images = [tuple(next(media) for _ in group) for group in sources]
@@ -165,6 +174,8 @@ async def submit_chat(request: Request, engine: Engine, params: ChatCompletionRe
                 params.messages, texts, images, videos, sources, strict=True
             )
         )
+        roles = [m.role for m in params.messages]
+        messages = with_tools(messages, roles, params.tools_prompt())
         payload = Image2TextInput(
             messages=messages,
             max_new_tokens=params.token_budget(settings),
@@ -180,6 +191,33 @@ async def submit_chat(request: Request, engine: Engine, params: ChatCompletionRe
         )
 
 
+async def _chat_grammar(engine: Engine, params: ChatCompletionRequest) -> OutputGrammar | None:
+    """The grammar of the answer: calls where the request requires them, calls or the
+    response_format where tools are offered beside one, else the response_format's."""
+    constrained = params.response_format is not None and params.response_format.constrains
+    functions = params.forced_calls or (params.functions if constrained else [])
+    if not functions:
+        return await compile_grammar(engine, params.response_format)
+    answer = None
+    if not params.forced_calls and params.response_format is not None:
+        spec = params.response_format.json_schema
+        answer = {"type": "object"} if spec is None else spec.schema_
+    lark = call_grammar(functions, params.parallel_tool_calls is not False, answer)
+    schemas = [(function.name, function.parameters) for function in functions]
+    return await engine.run_cpu(compile_tool_calls, schemas, lark)
+
+
+def answer_calls(
+    params: ChatCompletionRequest, output: Image2TextOutput
+) -> tuple[str | None, list[ToolCall]]:
+    """The answer's content and the tool calls it made (none where no tools were offered, or
+    where its token budget cut it short)."""
+    names = [function.name for function in params.functions]
+    if not names or output.finish_reason == "length":
+        return output.text, []
+    return parse_calls(output.text, names)
+
+
 class _Completion:
     """Renders one chat job as OpenAI's `chat.completion` body or `chat.completion.chunk`s."""
 
@@ -190,12 +228,17 @@ class _Completion:
         self.model_id = model_id
         self.include_usage = bool(params.stream_options and params.stream_options.include_usage)
         self.stops = list(params.stop or ())
+        self.params = params
 
     def message(self, output: Image2TextOutput) -> bytes:
+        content, calls = answer_calls(self.params, output)
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = [call.as_chat() for call in calls]
         choice = {
             "index": 0,
-            "message": {"role": "assistant", "content": output.text},
-            "finish_reason": output.finish_reason,
+            "message": message,
+            "finish_reason": "tool_calls" if calls else output.finish_reason,
             "logprobs": None,
         }
         return json_bytes(
@@ -231,18 +274,27 @@ class _Completion:
         try:
             yield self.delta({"role": "assistant", "content": ""})
             holdback = _StopHoldback(self.stops)
+            held = CallHoldback() if self.params.functions else None  # a call is sent whole
             async for _number, event in self.handle.events(0, heartbeat_s):
                 if isinstance(event, Heartbeat):
                     yield KEEPALIVE
                 elif isinstance(event, Token):
                     text = holdback.feed(event.text)
+                    text = held.feed(text) if held else text
                     if text:
                         yield self.delta({"content": text})
                 elif isinstance(event, Succeeded):
                     tail = holdback.flush()
+                    _, calls = answer_calls(self.params, event.output)
+                    if held:
+                        held.feed(tail)
+                        tail = held.finish(calls)
                     if tail:
                         yield self.delta({"content": tail})
-                    yield self.delta({}, event.output.finish_reason)
+                    if calls:
+                        deltas = [call.as_chat(i) for i, call in enumerate(calls)]
+                        yield self.delta({"tool_calls": deltas})
+                    yield self.delta({}, "tool_calls" if calls else event.output.finish_reason)
                     if self.include_usage:
                         yield self.chunk([], usage(event.output))
                 elif isinstance(event, Failed):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, Literal
 
@@ -32,6 +33,13 @@ from hunyuan_service.api.schemas import (
     item_pixels,
     refuse_huge_objects,
     video_sampling,
+)
+from hunyuan_service.api.tool_calls import (
+    MAX_PARALLEL_CALLS,
+    Function,
+    call_text,
+    response_text,
+    tools_prompt,
 )
 from hunyuan_service.models.types import PixelRange
 from hunyuan_service.settings import Settings
@@ -108,12 +116,43 @@ MessageContent = Annotated[
 ]
 
 
+class FunctionCallIn(BaseModel):
+    name: str
+    arguments: str  # JSON text of an object, as the model's answer gave it
+
+    @field_validator("arguments")
+    @classmethod
+    def _an_object(cls, value: str) -> str:
+        try:
+            arguments = json.loads(value)
+        except ValueError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            raise ValueError("must be the JSON text of an object, as the answer gave it")
+        return value
+
+
+class ToolCallIn(BaseModel):
+    """A call in an earlier assistant message, sent back as the conversation."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+    def text(self) -> str:
+        return call_text(self.function.name, json.loads(self.function.arguments))
+
+
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: MessageContent | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = Field(None, max_length=MAX_PARALLEL_CALLS * 4)
+    tool_call_id: str | None = None  # a tool's result: which call it answers
 
     @field_validator("role")
     @classmethod
@@ -122,17 +161,65 @@ class ChatMessageIn(BaseModel):
         # Qwen's chat template knows only "system".
         return "system" if value == "developer" else value
 
+    @model_validator(mode="after")
+    def _tool_parts(self) -> ChatMessageIn:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls: only an assistant message carries tool calls")
+        if self.role == "tool":
+            if self.content is None:
+                raise ValueError("content: a tool message carries the tool's result")
+            if not isinstance(self.content, str) and any(
+                part.type != "text" for part in self.content
+            ):
+                raise ValueError(
+                    "content: a tool message carries text; send images in a user message"
+                )
+        return self
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of an object
+    strict: bool | None = None  # the schema is enforced where calls are required, strict or not
+
+    @field_validator("parameters")
+    @classmethod
+    def _an_object(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value.get("type", "object") != "object":
+            raise ValueError('must be the JSON schema of an object ("type": "object")')
+        return value
+
+
+class ChatTool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """`{"type": "function", "function": {"name"}}`: the answer is a call of that function."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionName
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
 CHAT_UNSUPPORTED = {
-    "tools": "tool calling is not supported",
-    "tool_choice": "tool calling is not supported",
-    "parallel_tool_calls": "tool calling is not supported",
-    "functions": "function calling is not supported",
-    "function_call": "function calling is not supported",
+    "functions": "the legacy functions field is not supported; send tools",
+    "function_call": "the legacy function_call field is not supported; send tool_choice",
     "logprobs": "logprobs are not supported",
     "top_logprobs": "logprobs are not supported",
     "logit_bias": "logit_bias is not supported",
@@ -175,6 +262,38 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     mm_processor_kwargs: PixelBounds | None = None  # vLLM's name for per-request resizing
+    tools: list[ChatTool] | None = Field(None, max_length=128)
+    tool_choice: (
+        Annotated[
+            Annotated[Literal["none", "auto", "required"], Tag(TEXT_BRANCH)]
+            | Annotated[NamedToolChoice, Tag(OBJECT_BRANCH)],
+            Discriminator(_text_or_parts),
+        ]
+        | None
+    ) = None
+    parallel_tool_calls: bool | None = None
+
+    @property
+    def functions(self) -> list[Function]:
+        """The functions the model is told of: none with `tool_choice` "none"."""
+        if self.tool_choice == "none":
+            return []
+        return [
+            Function(tool.function.name, tool.function.description, tool.function.parameters)
+            for tool in self.tools or []
+        ]
+
+    @property
+    def forced_calls(self) -> list[Function]:
+        """The functions an answer must call ("required": any; named: that one), else []."""
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            return [f for f in self.functions if f.name == choice.function.name]
+        return self.functions if choice == "required" else []
+
+    def tools_prompt(self) -> str | None:
+        functions = self.functions
+        return tools_prompt(functions) if functions else None
 
     def pixel_bounds(self) -> dict[str, int | None]:
         bounds = self.mm_processor_kwargs or PixelBounds()
@@ -203,8 +322,28 @@ class ChatCompletionRequest(BaseModel):
         return stops
 
     @model_validator(mode="after")
+    def _tools(self) -> ChatCompletionRequest:
+        names = [tool.function.name for tool in self.tools or []]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"tools: each function needs its own name; {twice[0]!r} is twice")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(
+                f"tool_choice: names {choice.function.name!r}, which is not among tools"
+            )
+        if choice == "required" and not names:
+            raise ValueError('tool_choice: "required" needs tools to call')
+        if self.forced_calls and self.response_format and self.response_format.constrains:
+            raise ValueError(
+                "response_format: an answer that must call a tool can't also follow "
+                'response_format; send one of them, or tool_choice "auto"'
+            )
+        return self
+
+    @model_validator(mode="after")
     def _limits(self, info: ValidationInfo) -> ChatCompletionRequest:
-        _refuse_extras(self, CHAT_UNSUPPORTED, NO_TOOLS)
+        _refuse_extras(self, CHAT_UNSUPPORTED, {})
         settings = _settings(info)
         if self.mm_processor_kwargs is not None:
             bounds = self.mm_processor_kwargs
@@ -225,16 +364,21 @@ class ChatCompletionRequest(BaseModel):
                 check_no_special_tokens(text)
             except ValueError as error:
                 raise ValueError(f"messages: message {index} {error}") from None
+        prompt = self.tools_prompt() or ""
+        try:
+            check_no_special_tokens(prompt)
+        except ValueError as error:
+            raise ValueError(f"tools: the functions' text {error}") from None
         if self.temperature is not None:
             try:
                 check_temperature(self.temperature)
             except ValueError as error:
                 raise ValueError(f"temperature: {error}") from None
-        chars = sum(len(text) for text in texts)
+        chars = sum(len(text) for text in texts) + len(prompt)
         if chars > settings.max_prompt_chars:
             raise ValueError(
-                f"messages: the text of all messages is {chars} characters; at most "
-                f"{settings.max_prompt_chars} are allowed"
+                f"messages: the text of all messages (and of tools) is {chars} characters; at "
+                f"most {settings.max_prompt_chars} are allowed"
             )
         return self
 
@@ -246,9 +390,14 @@ class ChatCompletionRequest(BaseModel):
         for i, message in enumerate(self.messages):
             parts = [] if isinstance(message.content, str) else message.content or []
             if isinstance(message.content, str):
-                texts.append(message.content)
+                text = message.content
             else:
-                texts.append("\n".join(part.text or "" for part in parts if part.type == "text"))
+                text = "\n".join(part.text or "" for part in parts if part.type == "text")
+            if message.role == "tool":
+                text = response_text(text)
+            elif message.tool_calls:
+                text = "\n".join([text] * bool(text) + [call.text() for call in message.tool_calls])
+            texts.append(text)
             for kind, found in media.items():
                 found.append(
                     [

@@ -39,28 +39,72 @@ def compile_response_format(kind: str, schema: dict[str, Any] | None, name: str)
             param="response_format",
             code="invalid_schema",
         )
-    grammar = _compile(text)
+    try:
+        grammar = _compile(text, lark=False)
+    except _Unusable as error:
+        raise BadRequest(
+            f"response_format: the JSON schema can't be used for constrained decoding: {error}",
+            param="response_format",
+            code="unsupported_schema",
+        ) from None
     return OutputGrammar(grammar=grammar, kind=kind, name=name)
 
 
+def compile_tool_calls(
+    functions: list[tuple[str, dict[str, Any] | None]], lark: str
+) -> OutputGrammar:
+    """The grammar of an answer made of tool calls (`lark`, api/tool_calls.py builds it).
+    Each function's `parameters` schema is checked first, so that a 400 names the one the
+    grammar library can't use."""
+    for index, (name, parameters) in enumerate(functions):
+        param = f"tools[{index}].function.parameters"
+        text = json.dumps(parameters or {"type": "object"})
+        if len(text) > MAX_SCHEMA_CHARS:
+            raise BadRequest(
+                f"{param}: the schema of {name!r} is {len(text)} characters of JSON; at most "
+                f"{MAX_SCHEMA_CHARS} are accepted",
+                param=param,
+                code="invalid_schema",
+            )
+        try:
+            _compile(text, lark=False)
+        except _Unusable as error:
+            raise BadRequest(
+                f"{param}: the schema of {name!r} can't be used for constrained decoding: {error}",
+                param=param,
+                code="unsupported_schema",
+            ) from None
+    try:
+        grammar = _compile(lark, lark=True)
+    except _Unusable as error:
+        raise BadRequest(
+            f"tools: the tools can't be used for constrained decoding: {error}",
+            param="tools",
+            code="unsupported_schema",
+        ) from None
+    return OutputGrammar(grammar=grammar, kind="tool_calls")
+
+
+class _Unusable(Exception):
+    """A grammar the library refuses; the message says why."""
+
+
 @functools.lru_cache(maxsize=256)
-def _compile(schema_text: str) -> str:
-    """The llguidance grammar of one schema (its JSON text), or `BadRequest`."""
+def _compile(text: str, lark: bool) -> str:
+    """The llguidance grammar of a JSON schema's text (or of a Lark grammar), or `_Unusable`."""
     from llguidance import LLMatcher
 
     try:
-        grammar = LLMatcher.grammar_from_json_schema(schema_text, defaults=_JSON_OPTIONS)
+        if lark:
+            grammar = LLMatcher.grammar_from_lark(text)
+        else:
+            grammar = LLMatcher.grammar_from_json_schema(text, defaults=_JSON_OPTIONS)
         failed, messages = LLMatcher.validate_grammar_with_warnings(grammar, None)
     except ValueError as error:
         failed, messages = True, [str(error)]
     if failed:
         problem = " ".join((messages or ["the schema can't be compiled"])[0].split())
-        raise BadRequest(
-            f"response_format: the JSON schema can't be used for constrained decoding: "
-            f"{problem[:400]}",
-            param="response_format",
-            code="unsupported_schema",
-        )
+        raise _Unusable(problem[:400])
     return grammar
 
 
