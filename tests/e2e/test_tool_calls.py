@@ -247,6 +247,14 @@ UNUSABLE = {
             "tools[1].function.parameters",
             "can't be used for constrained decoding",
         ),
+        (  # a named function is found by its place among tools
+            {
+                "tools": [TOOLS[0], UNUSABLE],
+                "tool_choice": {"type": "function", "function": {"name": "g"}},
+            },
+            "tools[1].function.parameters",
+            "the schema of 'g'",
+        ),
         (
             {"tool_choice": "required", "response_format": {"type": "json_object"}},
             "response_format",

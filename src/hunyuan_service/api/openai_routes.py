@@ -203,7 +203,8 @@ async def _chat_grammar(engine: Engine, params: ChatCompletionRequest) -> Output
         spec = params.response_format.json_schema
         answer = {"type": "object"} if spec is None else spec.schema_
     lark = call_grammar(functions, params.parallel_tool_calls is not False, answer)
-    schemas = [(function.name, function.parameters) for function in functions]
+    where = {tool.function.name: index for index, tool in enumerate(params.tools or [])}
+    schemas = [(where[f.name], f.name, f.parameters) for f in functions]
     return await engine.run_cpu(compile_tool_calls, schemas, lark)
 
 

@@ -51,12 +51,12 @@ def compile_response_format(kind: str, schema: dict[str, Any] | None, name: str)
 
 
 def compile_tool_calls(
-    functions: list[tuple[str, dict[str, Any] | None]], lark: str
+    functions: list[tuple[int, str, dict[str, Any] | None]], lark: str
 ) -> OutputGrammar:
     """The grammar of an answer made of tool calls (`lark`, api/tool_calls.py builds it).
-    Each function's `parameters` schema is checked first, so that a 400 names the one the
-    grammar library can't use."""
-    for index, (name, parameters) in enumerate(functions):
+    Each function's `parameters` schema (with its index in `tools` and its name) is checked
+    first, so that a 400 names the one the grammar library can't use."""
+    for index, name, parameters in functions:
         param = f"tools[{index}].function.parameters"
         text = json.dumps(parameters or {"type": "object"})
         if len(text) > MAX_SCHEMA_CHARS:
