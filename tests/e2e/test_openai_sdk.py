@@ -243,6 +243,40 @@ def test_chat_tool_calls_parsed_streamed_and_answered(qwen_service: ServiceProce
     assert answer.choices[0].message.tool_calls is None
 
 
+def test_responses_function_calls_parsed_streamed_and_answered(
+    qwen_service: ServiceProcess,
+) -> None:
+    client = sdk(qwen_service)
+    tool = openai.pydantic_function_tool(Forecast)
+    question: list = [{"role": "user", "content": "Forecast for Oslo?"}]
+    parsed = client.responses.parse(
+        model="tiny", input=question, tools=[tool], tool_choice="required", max_output_tokens=300
+    )
+    calls = [item for item in parsed.output if item.type == "function_call"]
+    assert calls
+    assert all(isinstance(call.parsed_arguments, Forecast) for call in calls)
+    with client.responses.stream(
+        model="tiny", input=question, tools=[tool], tool_choice="required", max_output_tokens=300
+    ) as stream:
+        done = [e for e in stream if e.type == "response.function_call_arguments.done"]
+        final = stream.get_final_response()
+    assert [e.arguments for e in done] == [call.arguments for call in calls]
+    assert [item.type for item in final.output] == ["function_call"] * len(calls)
+    # The app runs the tool and sends the calls and their results back, as the Agents SDK does.
+    follow_up = question + [item.model_dump(exclude={"parsed_arguments"}) for item in calls]
+    for call in calls:
+        follow_up.append(
+            {"type": "function_call_output", "call_id": call.call_id, "output": "-3 C"}
+        )
+    # `parse` turned the pydantic tool into this API's flat shape; `create` takes it as it is.
+    flat = {"type": "function", "strict": True, **tool["function"]}
+    answer = client.responses.create(
+        model="tiny", input=follow_up, tools=[flat], tool_choice="none", max_output_tokens=6
+    )
+    assert isinstance(answer.output_text, str)
+    assert [item.type for item in answer.output] == ["message"]
+
+
 def response_input() -> list[dict]:
     return [
         {
@@ -305,12 +339,8 @@ def test_responses_refusals(qwen_service: ServiceProcess) -> None:
     client = sdk(qwen_service)
     with pytest.raises(openai.BadRequestError, match="previous_response_id"):
         client.responses.create(model="tiny", input="hi", previous_response_id="resp_1")
-    with pytest.raises(openai.BadRequestError, match="tool"):
-        client.responses.create(
-            model="tiny",
-            input="hi",
-            tools=[{"type": "function", "name": "f", "parameters": {}, "strict": False}],
-        )
+    with pytest.raises(openai.BadRequestError, match="'function'"):
+        client.responses.create(model="tiny", input="hi", tools=[{"type": "web_search"}])
     with pytest.raises(openai.NotFoundError, match="model"):
         client.responses.create(model="gpt-5", input="hi")
 

@@ -11,6 +11,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    PrivateAttr,
     Tag,
     ValidationInfo,
     field_validator,
@@ -49,11 +50,10 @@ Media = tuple[str, str, PixelRange]  # a part's URL, where it came from, and its
 
 # Accepted and ignored: they do not change what this server produces.
 IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "quality", "style"}
-# Values of refused fields that ask for nothing the service lacks: with `tools` refused there is
-# nothing to call, in parallel or not; FLUX's images are opaque; an input is never cut to fit.
-NO_TOOLS = {"parallel_tool_calls": (True,), "tool_choice": ("auto", "none")}
+# Values of refused fields that ask for nothing the service lacks: FLUX's images are opaque; an
+# input is never cut to fit.
 IMAGES_MAKE = {"background": ("auto", "opaque")}
-RESPONSES_MAKE = {**NO_TOOLS, "truncation": ("disabled",)}
+RESPONSES_MAKE = {"truncation": ("disabled",)}
 
 
 def _settings(info: ValidationInfo) -> Settings:
@@ -512,10 +512,7 @@ RESPONSES_UNSUPPORTED = {
     "previous_response_id": "this server keeps no responses; send the whole conversation in "
     "input (the SDK: input += response.output)",
     "conversation": "this server keeps no conversations; send the whole conversation in input",
-    "tools": "tool calling is not supported",
-    "tool_choice": "tool calling is not supported",
-    "parallel_tool_calls": "tool calling is not supported",
-    "max_tool_calls": "tool calling is not supported",
+    "max_tool_calls": "not supported; parallel_tool_calls: false makes one call at most",
     "top_logprobs": "logprobs are not supported",
     "include": "not supported",
     "reasoning": "not supported",
@@ -595,6 +592,125 @@ class InputMessage(BaseModel):
     phase: str | None = None
 
 
+def _drop_nulls(data: Any) -> Any:
+    """A `mode="before"` check: a null asks for nothing, so such a field is left out rather
+    than refused (the SDK's `model_dump()` of an output item writes its newer fields,
+    `namespace` and the like, as nulls)."""
+    if isinstance(data, dict):
+        return {key: value for key, value in data.items() if value is not None}
+    return data
+
+
+class FunctionCallItem(BaseModel):
+    """A call an earlier answer made, sent back as conversation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    _nulls = model_validator(mode="before")(_drop_nulls)
+
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+    id: str | None = None
+    status: str | None = None
+
+    def as_chat(self) -> dict[str, Any]:
+        """The chat API's `tool_calls` entry this is."""
+        function = {"name": self.name, "arguments": self.arguments}
+        return {"id": self.call_id, "type": "function", "function": function}
+
+
+class OutputText(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["input_text", "output_text"]
+    text: str
+
+
+class FunctionCallOutputItem(BaseModel):
+    """A tool's result for the call `call_id`: text, or text parts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    _nulls = model_validator(mode="before")(_drop_nulls)
+
+    type: Literal["function_call_output"]
+    call_id: str
+    output: Annotated[
+        Annotated[str, Tag(TEXT_BRANCH)]
+        | Annotated[list[OutputText], Field(max_length=64), Tag(OBJECT_BRANCH)],
+        Discriminator(_text_or_parts),
+    ]
+    id: str | None = None
+    status: str | None = None
+
+    @field_validator("output", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value: Any) -> Any:
+        if isinstance(value, list) and any(
+            isinstance(part, dict) and part.get("type") not in ("input_text", "output_text")
+            for part in value
+        ):
+            raise ValueError(
+                "a tool's result is text here (input_text parts); send images in a user message"
+            )
+        return value
+
+    def as_chat(self) -> dict[str, Any]:
+        output = self.output
+        text = output if isinstance(output, str) else "\n".join(part.text for part in output)
+        return {"role": "tool", "tool_call_id": self.call_id, "content": text}
+
+
+def _item_type(value: Any) -> str:
+    """The branch of an input item: its `type` in angle brackets (`field_path` leaves such
+    names out of an error's location); an item without one is a message."""
+    found = value.get("type", "message") if isinstance(value, dict) else getattr(value, "type", "")
+    return f"<{found}>" if isinstance(found, str) else ""
+
+
+InputItem = Annotated[
+    Annotated[InputMessage, Tag("<message>")]
+    | Annotated[FunctionCallItem, Tag("<function_call>")]
+    | Annotated[FunctionCallOutputItem, Tag("<function_call_output>")],
+    Discriminator(
+        _item_type,
+        custom_error_type="invalid_item",
+        custom_error_message="an input item is a message, a function_call or a "
+        "function_call_output",
+    ),
+]
+
+
+class ResponsesFunction(BaseModel):
+    """A function tool in this API's flat shape: `{"type": "function", "name", "description",
+    "parameters", "strict"}` (the chat API nests the same under `function`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    _nulls = model_validator(mode="before")(_drop_nulls)
+
+    type: Literal["function"]
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    def as_chat(self) -> dict[str, Any]:
+        function = self.model_dump(exclude={"type"}, exclude_none=True)
+        return {"type": "function", "function": function}
+
+
+class ResponsesNamedChoice(BaseModel):
+    """`{"type": "function", "name"}`: the answer is a call of that function."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    name: str
+
+
 class TextFormat(BaseModel):
     """`text.format`: `{"type": "text"}`, `{"type": "json_object"}`, or `{"type":
     "json_schema", "name", "schema", "strict"}` (the chat API's json_schema, flattened)."""
@@ -635,7 +751,7 @@ class ResponsesRequest(BaseModel):
     input: Annotated[
         Annotated[str, Tag(TEXT_BRANCH)]
         | Annotated[
-            list[InputMessage], Field(min_length=1, max_length=MAX_LIST_ITEMS), Tag(OBJECT_BRANCH)
+            list[InputItem], Field(min_length=1, max_length=MAX_LIST_ITEMS), Tag(OBJECT_BRANCH)
         ],
         Discriminator(_text_or_parts),
     ]
@@ -647,6 +763,20 @@ class ResponsesRequest(BaseModel):
     text: TextConfig | None = None
     stream: bool = False
     mm_processor_kwargs: PixelBounds | None = None
+    tools: list[ResponsesFunction] | None = Field(None, max_length=128)
+    tool_choice: (
+        Annotated[
+            Annotated[Literal["none", "auto", "required"], Tag(TEXT_BRANCH)]
+            | Annotated[ResponsesNamedChoice, Tag(OBJECT_BRANCH)],
+            Discriminator(_text_or_parts),
+        ]
+        | None
+    ) = None
+    parallel_tool_calls: bool | None = None
+    # Where each chat message came from (`as_chat` fills these): the index in `input` of its
+    # first item, and of each of its tool calls.
+    _origins: list[int] = PrivateAttr(default_factory=list)
+    _call_origins: dict[tuple[int, int], int] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _refusals(self) -> ResponsesRequest:
@@ -659,19 +789,37 @@ class ResponsesRequest(BaseModel):
 
     def as_chat(self) -> dict[str, Any]:
         """The chat request this is, for `ChatCompletionRequest` to validate: its limits,
-        images and grammar are the chat API's."""
+        images, grammar and tool calling are the chat API's. A run of `function_call` items
+        joins the assistant message before it (one turn with its calls, as Qwen writes them);
+        a `function_call_output` is a tool message."""
         messages: list[dict[str, Any]] = []
+        origins: list[int] = []
+        self._call_origins = {}
         if self.instructions is not None:
             messages.append({"role": "system", "content": self.instructions})
+            origins.append(-1)
         items = (
             self.input
             if isinstance(self.input, list)
             else [InputMessage(role="user", content=self.input)]
         )
-        for item in items:
-            content = item.content
-            parts = content if isinstance(content, str) else [part.as_chat() for part in content]
-            messages.append({"role": item.role, "content": parts})
+        for index, item in enumerate(items):
+            if isinstance(item, FunctionCallItem):
+                if not messages or messages[-1]["role"] != "assistant":
+                    messages.append({"role": "assistant", "content": None})
+                    origins.append(index)
+                calls = messages[-1].setdefault("tool_calls", [])
+                self._call_origins[len(messages) - 1, len(calls)] = index
+                calls.append(item.as_chat())
+                continue
+            if isinstance(item, FunctionCallOutputItem):
+                messages.append(item.as_chat())
+            else:
+                content = item.content
+                parts = content if isinstance(content, str) else [p.as_chat() for p in content]
+                messages.append({"role": item.role, "content": parts})
+            origins.append(index)
+        self._origins = origins
         chat: dict[str, Any] = {
             "model": self.model,
             "messages": messages,
@@ -681,25 +829,38 @@ class ResponsesRequest(BaseModel):
             "seed": self.seed,
             "stream": self.stream,
             "response_format": self.text_format.as_chat(),
+            "tools": [tool.as_chat() for tool in self.tools] if self.tools else None,
+            "parallel_tool_calls": self.parallel_tool_calls,
         }
+        choice = self.tool_choice
+        if isinstance(choice, ResponsesNamedChoice):
+            chat["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
+        else:
+            chat["tool_choice"] = choice
         if self.mm_processor_kwargs is not None:
             chat["mm_processor_kwargs"] = self.mm_processor_kwargs.model_dump()
         return chat
 
     def rename(self, text: str) -> str:
         """`text` (an error's message or param) with the chat API's field names made this
-        request's: `messages[2]` is `input[1]` after `instructions`, `max_tokens` is
-        `max_output_tokens`, `response_format` is `text.format`."""
+        request's: `messages[2]` is the input item it came from (`instructions` for the
+        system message made of them), `max_tokens` is `max_output_tokens`, `response_format` is
+        `text.format`, and a tool's `function.parameters` its `parameters`."""
 
-        def message(index: int) -> str:
-            if self.instructions is not None:
-                if index == 0:
-                    return "instructions"
-                index -= 1
-            return f"input[{index}]" if isinstance(self.input, list) else "input"
+        def item(index: int) -> str:
+            origin = self._origins[index] if index < len(self._origins) else index
+            if origin < 0:
+                return "instructions"
+            return f"input[{origin}]" if isinstance(self.input, list) else "input"
 
-        text = re.sub(r"\bmessages: message (\d+) ", lambda m: f"{message(int(m[1]))}: ", text)
-        text = re.sub(r"\bmessages\[(\d+)\]", lambda m: message(int(m[1])), text)
+        def call(found: re.Match[str]) -> str:
+            origin = self._call_origins.get((int(found[1]), int(found[2])))
+            return f"input[{origin}]" if origin is not None else found[0]
+
+        text = re.sub(r"\bmessages\[(\d+)\]\.tool_calls\[(\d+)\](\.function)?", call, text)
+        text = re.sub(r"\bmessages: message (\d+) ", lambda m: f"{item(int(m[1]))}: ", text)
+        text = re.sub(r"\bmessages\[(\d+)\]", lambda m: item(int(m[1])), text)
         text = re.sub(r"\bmessages\b", "input", text)
         text = re.sub(r"\bmax_(completion_)?tokens\b", "max_output_tokens", text)
+        text = re.sub(r"\b(tools\[\d+\])\.function\b", r"\1", text)
         return re.sub(r"\bresponse_format(\.json_schema)?", "text.format", text)

@@ -495,12 +495,13 @@ FIELD_PATH = re.compile(r"^[A-Za-z_]\w*(\[\d+\]|\.\w+)*$")  # tools, images[1].m
 def field_path(loc: Sequence[str | int]) -> str:
     """A pydantic error location as the service names fields everywhere else:
     `images[1].max_pixels`, as the media and whole-body checks write it; `body` and the
-    text-or-object union's branch names are left out."""
+    names of union branches (`<text>`, `<object>`, `<message>`: in angle brackets) are left
+    out."""
     path = ""
     for part in loc:
         if isinstance(part, int):
             path += f"[{part}]"
-        elif part not in ("body", TEXT_BRANCH, OBJECT_BRANCH):
+        elif part != "body" and not (part.startswith("<") and part.endswith(">")):
             path += f".{part}" if path else str(part)
     return path
 
