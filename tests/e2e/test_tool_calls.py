@@ -5,6 +5,7 @@ conversation with calls and results reads as Qwen's own format."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -313,3 +314,44 @@ def test_bad_tool_fields_are_400s_naming_the_field(
     error = response.json()["error"]
     assert error["param"] == param
     assert says in error["message"]
+
+
+def test_qwens_own_tag_tokens_are_text_that_the_grammar_allows(tiny_cache: Path) -> None:
+    """Qwen2.5's vocabulary has `<tool_call>` and `</tool_call>` as added tokens that are not
+    special (its tokenizer_config), so a real model writes each as one token, decoding keeps
+    them, and a required call's grammar takes them. The tiny tokenizer spells them out; here it
+    gains them as Qwen's has them."""
+    import llguidance.hf
+    from llguidance import LLMatcher
+    from transformers import AutoTokenizer
+
+    from hunyuan_service.api.tool_calls import Function, call_grammar
+    from hunyuan_service.models.qwen_vl import _has_tag_tokens
+    from hunyuan_service.models.tiny import ensure_tiny_checkpoint
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_tiny_checkpoint("image2text", tiny_cache))
+    tokenizer.add_tokens(["<tool_call>", "</tool_call>"])  # added, not special
+    text = '<tool_call>\n{"name":"get_time","arguments":{"offset":3}}\n</tool_call>'
+    ids = tokenizer.encode(text)
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    assert (pieces[0], pieces[-1]) == ("<tool_call>", "</tool_call>")
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    lark = call_grammar([Function("get_time", None, CLOCK)], parallel=False, tag_tokens=True)
+    grammar = LLMatcher.grammar_from_lark(lark)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    matcher = LLMatcher(
+        llguidance.hf.from_tokenizer(tokenizer, n_vocab=len(tokenizer), eos_token=eos), grammar
+    )
+    assert matcher.try_consume_tokens(ids) == len(ids)
+    assert matcher.is_accepting()
+    assert _has_tag_tokens(tokenizer)
+    spelled = AutoTokenizer.from_pretrained(ensure_tiny_checkpoint("image2text", tiny_cache))
+    assert not _has_tag_tokens(spelled)
+    special = AutoTokenizer.from_pretrained(ensure_tiny_checkpoint("image2text", tiny_cache))
+    special.add_tokens(["<tool_call>", "</tool_call>"], special_tokens=True)  # decoding drops them
+    assert not _has_tag_tokens(special)
+
+
+def test_the_demo_reports_whether_its_vocabulary_has_the_tags(vl_client: TestClient) -> None:
+    # The tiny tokenizer spells them out, so its grammar takes their text alone.
+    assert vl_client.get("/health").json()["tool_call_tokens"] is False

@@ -202,7 +202,9 @@ async def _chat_grammar(engine: Engine, params: ChatCompletionRequest) -> Output
     if not params.forced_calls and params.response_format is not None:
         spec = params.response_format.json_schema
         answer = {"type": "object"} if spec is None else spec.schema_
-    lark = call_grammar(functions, params.parallel_tool_calls is not False, answer)
+    extra = engine.model.info.extra if engine.model is not None else {}
+    parallel = params.parallel_tool_calls is not False
+    lark = call_grammar(functions, parallel, answer, bool(extra.get("tool_call_tokens")))
     where = {tool.function.name: index for index, tool in enumerate(params.tools or [])}
     schemas = [(where[f.name], f.name, f.parameters) for f in functions]
     return await engine.run_cpu(compile_tool_calls, schemas, lark)

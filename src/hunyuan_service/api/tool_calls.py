@@ -122,12 +122,19 @@ def with_tools(
 
 
 def call_grammar(
-    functions: Sequence[Function], parallel: bool, answer: dict[str, Any] | None = None
+    functions: Sequence[Function],
+    parallel: bool,
+    answer: dict[str, Any] | None = None,
+    tag_tokens: bool = False,
 ) -> str:
     """llguidance's Lark grammar for an answer of calls to `functions` (up to
     MAX_PARALLEL_CALLS when `parallel`, else one), each call's arguments held to its function's
     schema; with `answer`, a JSON value of that schema may be given instead of calls (a
-    response_format beside `tool_choice` "auto")."""
+    response_format beside `tool_choice` "auto").
+
+    With `tag_tokens` (the model's vocabulary has `<tool_call>` and `</tool_call>` as tokens,
+    as Qwen2.5's has), each tag may also be that one token: llguidance matches a vocabulary's
+    added tokens only where the grammar names them as tokens, never through their text."""
     if answer is None:
         rules = ["start: calls"]
     else:
@@ -135,8 +142,11 @@ def call_grammar(
     more = f'("\\n" call){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel else ""
     rules.append(f"calls: call {more}")
     names = " | ".join(f"f{i}" for i in range(len(functions)))
-    opening, closing = _literal(OPEN + '\n{"name":'), _literal("}\n" + CLOSE)
-    rules.append(f"call: {opening} ({names}) {closing}")
+    opening, closing = _literal(OPEN), _literal(CLOSE)
+    if tag_tokens:
+        opening, closing = f"({OPEN} | {opening})", f"({CLOSE} | {closing})"
+    head, tail = _literal('\n{"name":'), _literal("}\n")
+    rules.append(f"call: {opening} {head} ({names}) {tail} {closing}")
     for i, function in enumerate(functions):
         head = _literal(json.dumps(function.name) + ',"arguments":')
         rules.append(f"f{i}: {head} a{i}")

@@ -108,6 +108,7 @@ class QwenVLModel(TorchModel[Image2TextInput, Image2TextOutput]):
         self.info.extra = {
             "attn_implementation": self.settings.attn_implementation,
             "vl_max_pixels": self._max_pixels,
+            "tool_call_tokens": _has_tag_tokens(self.processor.tokenizer),
             **speed,
         }
 
@@ -496,6 +497,14 @@ class _BatchStreamer:
     def end(self) -> None:
         for stream in self.streams:
             stream.end()
+
+
+def _has_tag_tokens(tokenizer: Any) -> bool:
+    """Whether the vocabulary has `<tool_call>` and `</tool_call>` as tokens that decoding keeps
+    (added, not special), as Qwen2.5's has; the tiny demo's spells them out."""
+    added = {token.content: token for token in tokenizer.added_tokens_decoder.values()}
+    tags = [added.get(tag) for tag in ("<tool_call>", "</tool_call>")]
+    return all(tag is not None and not tag.special for tag in tags)
 
 
 def _grammar_tokenizer(model: Any, tokenizer: Any) -> Any:
