@@ -8,6 +8,11 @@ that can't close within the budget, so the grammar is live at every token); runs
 both see the same machine state. The decode rate is (n - 1) tokens over the time of n minus the
 time of 1, as in bench/gpu.py. It also times compiling a new schema and fetching a cached one.
 
+A third path is a tool call the request names (`tool_choice: {"type": "function", ...}`): the
+same decode held to the grammar of a call whose argument is those records, so it is live at
+every token too. It also times compiling the grammar of a call among ten functions, as an agent
+offers them, new and cached.
+
     uv run python bench/structured_output.py                 # about 2 minutes
     uv run python bench/structured_output.py --tokens 256 --rounds 5 --hidden 1024
 """
@@ -81,27 +86,42 @@ def main() -> None:
     grammar.compile_response_format("json_schema", RECORDS_SCHEMA, "records")
     cached_ms = (time.perf_counter() - started) * 1000
 
+    functions = tool_functions()
+    started = time.perf_counter()
+    compile_call(functions)
+    call_compile_ms = (time.perf_counter() - started) * 1000
+    started = time.perf_counter()
+    compile_call(functions)
+    call_cached_ms = (time.perf_counter() - started) * 1000
+    call = compile_call(functions[-1:])  # the records function, named
+
     n = args.tokens
-    run(n, None)
-    run(n, held)  # warm both paths
-    times: dict[str, list[float]] = {"free": [], "held": [], "first": []}
+    paths = {"free": None, "held": held, "call": call}
+    for path in paths.values():
+        run(n, path)  # warm every path
+    times: dict[str, list[float]] = {key: [] for key in [*paths, "first"]}
     for _ in range(args.rounds):
         times["first"].append(run(1, None))
-        times["free"].append(run(n, None))
-        times["held"].append(run(n, held))
+        for key, path in paths.items():
+            times[key].append(run(n, path))
     first = statistics.median(times["first"])
-    rates = {key: decode_rate(n, statistics.median(times[key]), first) for key in ("free", "held")}
+    rates = {key: decode_rate(n, statistics.median(times[key]), first) for key in paths}
     ratio = rates["held"] / rates["free"]  # None when one of them fell back to the whole call
+    call_ratio = rates["call"] / rates["free"]
     result = {
         "tokens": n,
         "rounds": args.rounds,
         "shape": f"hidden {args.hidden}, {args.layers} layers, vocab 152064",
         "free_tok_per_s": round(rates["free"].per_s, 2),
         "held_tok_per_s": round(rates["held"].per_s, 2),
+        "call_tok_per_s": round(rates["call"].per_s, 2),
         "rates_measure": sorted({rate.kind for rate in rates.values()}),
         "ratio": None if ratio is None else round(ratio, 3),
+        "call_ratio": None if call_ratio is None else round(call_ratio, 3),
         "schema_compile_ms": round(compile_ms, 2),
         "cached_compile_ms": round(cached_ms, 3),
+        "ten_tools_compile_ms": round(call_compile_ms, 2),
+        "ten_tools_cached_ms": round(call_cached_ms, 3),
         "torch_threads": torch.get_num_threads(),
     }
     print(json.dumps(result, indent=2))
@@ -109,8 +129,48 @@ def main() -> None:
         f"\nconstrained decode: {result['ratio']}x the unconstrained rate "
         f"({rates['held'].per_s:.1f} vs {rates['free'].per_s:.1f} tok/s, {result['rates_measure']})"
     )
+    print(
+        f"a named tool call: {result['call_ratio']}x the unconstrained rate "
+        f"({rates['call'].per_s:.1f} tok/s); ten tools' grammar compiled in "
+        f"{call_compile_ms:.1f} ms, {call_cached_ms:.3f} ms cached"
+    )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def tool_functions() -> list[Any]:
+    """Ten functions, as an agent offers them: nine small ones, and last one whose argument is
+    bench/gpu.py's records, which can't close within the budget."""
+    from gpu import RECORDS_SCHEMA
+    from hunyuan_service.api.tool_calls import Function
+
+    small = {
+        "type": "object",
+        "properties": {
+            "query": {"type": "string", "maxLength": 80},
+            "limit": {"type": "integer", "minimum": 1, "maximum": 50},
+        },
+        "required": ["query"],
+        "additionalProperties": False,
+    }
+    functions = [Function(f"lookup_{i}", f"Looks up kind {i}.", small) for i in range(9)]
+    records = {
+        "type": "object",
+        "properties": {"records": RECORDS_SCHEMA},
+        "required": ["records"],
+        "additionalProperties": False,
+    }
+    return [*functions, Function("save_records", "Saves the receipt's records.", records)]
+
+
+def compile_call(functions: list[Any]) -> Any:
+    """A required call's grammar, compiled as the chat API compiles it."""
+    from hunyuan_service.api.tool_calls import call_grammar
+    from hunyuan_service.models.grammar import compile_tool_calls
+
+    lark = call_grammar(functions, parallel=True, tag_tokens=False)
+    schemas = [(i, f.name, f.parameters) for i, f in enumerate(functions)]
+    return compile_tool_calls(schemas, lark)
 
 
 if __name__ == "__main__":
