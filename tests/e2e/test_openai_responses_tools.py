@@ -217,6 +217,20 @@ def test_a_streamed_answer_without_calls_keeps_the_text_events(vl_client: TestCl
             "JSON text of an object",
         ),
         ({"input": [{"type": "function_call", "name": "f"}]}, "input[0].call_id", "Field required"),
+        (
+            {
+                "input": [
+                    {
+                        "type": "function_call",
+                        "call_id": "c",
+                        "name": "f",
+                        "arguments": "[" * 5000 + "]" * 5000,
+                    }
+                ]
+            },
+            "input[0].arguments",
+            "JSON text of an object",
+        ),
         ({"input": [{"type": "reasoning", "summary": []}]}, "input[0]", "function_call_output"),
         (
             {

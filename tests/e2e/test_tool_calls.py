@@ -274,6 +274,21 @@ UNUSABLE = {
             "messages[1].tool_calls[0].function.arguments",
             "JSON text of an object",
         ),
+        (  # nested past what the JSON parser follows: a 400, not a RecursionError's 500
+            {
+                "messages": [
+                    {"role": "user", "content": "x"},
+                    {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {"function": {"name": "f", "arguments": "[" * 5000 + "]" * 5000}}
+                        ],
+                    },
+                ]
+            },
+            "messages[1].tool_calls[0].function.arguments",
+            "JSON text of an object",
+        ),
         (
             {"messages": [{"role": "user", "content": "x", "tool_calls": [CALL]}]},
             "messages[0].tool_calls",

@@ -68,6 +68,10 @@ def test_arguments_written_as_json_text_are_read_as_the_object() -> None:
         '<tool_call>{"name": "add", "arguments": [1, 2]}</tool_call>',
         call("add", {"a": 1}) + '<tool_call>{"name": "add"',  # the last call is cut short
         call("add", {"a": 1}) + "<tool_call>[]</tool_call>",  # one bad call spoils the rest
+        '<tool_call>{"name": ["add"], "arguments": {}}</tool_call>',  # a name not a string
+        # Nested past what the JSON parser follows: a RecursionError, which is not a crash.
+        '<tool_call>{"name": "add", "arguments": ' + "[" * 5000 + "]" * 5000 + "}</tool_call>",
+        '<tool_call>{"name": "add", "arguments": "' + "[" * 5000 + "]" * 5000 + '"}</tool_call>',
     ],
 )
 def test_an_answer_whose_calls_do_not_all_parse_is_all_text(text: str) -> None:

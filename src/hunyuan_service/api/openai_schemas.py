@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Annotated, Any, Literal
 
@@ -39,6 +38,7 @@ from hunyuan_service.api.tool_calls import (
     MAX_PARALLEL_CALLS,
     Function,
     call_text,
+    json_object,
     response_text,
     tools_prompt,
 )
@@ -123,11 +123,7 @@ class FunctionCallIn(BaseModel):
     @field_validator("arguments")
     @classmethod
     def _an_object(cls, value: str) -> str:
-        try:
-            arguments = json.loads(value)
-        except ValueError:
-            arguments = None
-        if not isinstance(arguments, dict):
+        if json_object(value) is None:
             raise ValueError("must be the JSON text of an object, as the answer gave it")
         return value
 
@@ -142,7 +138,7 @@ class ToolCallIn(BaseModel):
     function: FunctionCallIn
 
     def text(self) -> str:
-        return call_text(self.function.name, json.loads(self.function.arguments))
+        return call_text(self.function.name, json_object(self.function.arguments) or {})
 
 
 class ChatMessageIn(BaseModel):

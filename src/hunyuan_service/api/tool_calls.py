@@ -163,6 +163,16 @@ def _literal(text: str) -> str:
     return json.dumps(text)
 
 
+def json_object(text: str) -> dict[str, Any] | None:
+    """The object `text` is the JSON of, or None: other JSON, not JSON, or nested past what the
+    parser can follow (a RecursionError, which a client or a model can cause)."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def parse_calls(text: str, names: Iterable[str]) -> tuple[str | None, list[ToolCall]]:
     """An answer's text before its first call (None when blank) and its calls, each with a new
     id. An answer whose calls do not all parse, or name a function not offered, or one left
@@ -173,22 +183,17 @@ def parse_calls(text: str, names: Iterable[str]) -> tuple[str | None, list[ToolC
     known = set(names)
     calls: list[ToolCall] = []
     for block in blocks:
-        try:
-            body = json.loads(block)
-        except ValueError:
-            return text, []
-        if not isinstance(body, dict) or body.get("name") not in known:
+        body = json_object(block)
+        name = body.get("name") if body is not None else None
+        if body is None or not isinstance(name, str) or name not in known:
             return text, []
         arguments = body.get("arguments", {})
         if isinstance(arguments, str):  # some models write the arguments as JSON text
-            try:
-                arguments = json.loads(arguments)
-            except ValueError:
-                return text, []
+            arguments = json_object(arguments)
         if not isinstance(arguments, dict):
             return text, []
         arguments_text = json.dumps(arguments, ensure_ascii=False)
-        calls.append(ToolCall(f"call_{secrets.token_hex(12)}", body["name"], arguments_text))
+        calls.append(ToolCall(f"call_{secrets.token_hex(12)}", name, arguments_text))
     if not calls:
         return text, []
     content = text[: text.index(OPEN)].rstrip()
