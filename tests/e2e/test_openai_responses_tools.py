@@ -37,6 +37,14 @@ def respond(client: TestClient, **fields: Any) -> dict[str, Any]:
     return response.json()
 
 
+def streamed(client: TestClient, **fields: Any) -> list[tuple[str, Any]]:
+    """The events of the same request streamed, keep-alive comments left out."""
+    body = {"model": "tiny", "input": QUESTION, "tools": TOOLS, "max_output_tokens": 400, **fields}
+    response = client.post("/v1/responses", json={**body, "stream": True})
+    assert response.status_code == 200, response.text
+    return [(name, data) for name, data in parse_sse(response.text) if name != "comment"]
+
+
 def chat(client: TestClient, **fields: Any) -> dict[str, Any]:
     body = {
         "model": "tiny",
@@ -133,18 +141,7 @@ def test_calls_and_outputs_sent_back_read_as_the_chat_apis_conversation(
 
 def test_a_streamed_call_comes_as_function_call_events(vl_client: TestClient) -> None:
     whole = respond(vl_client, tool_choice="required")
-    response = vl_client.post(
-        "/v1/responses",
-        json={
-            "model": "tiny",
-            "input": QUESTION,
-            "tools": TOOLS,
-            "max_output_tokens": 400,
-            "tool_choice": "required",
-            "stream": True,
-        },
-    )
-    events = [(name, data) for name, data in parse_sse(response.text) if name != "comment"]
+    events = streamed(vl_client, tool_choice="required")
     names = [name for name, _ in events]
     per_call = [
         "response.output_item.added",
@@ -173,17 +170,7 @@ def test_a_streamed_call_comes_as_function_call_events(vl_client: TestClient) ->
 
 def test_a_streamed_answer_without_calls_keeps_the_text_events(vl_client: TestClient) -> None:
     whole = respond(vl_client, tool_choice="auto", max_output_tokens=30)
-    response = vl_client.post(
-        "/v1/responses",
-        json={
-            "model": "tiny",
-            "input": QUESTION,
-            "tools": TOOLS,
-            "max_output_tokens": 30,
-            "stream": True,
-        },
-    )
-    events = [(name, data) for name, data in parse_sse(response.text) if name != "comment"]
+    events = streamed(vl_client, max_output_tokens=30)
     final = events[-1][1]["response"]
     assert [i["type"] for i in final["output"]] == [i["type"] for i in whole["output"]]
     if whole["output"][0]["type"] == "message":

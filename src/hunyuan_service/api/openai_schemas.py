@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -173,6 +173,15 @@ class ChatMessageIn(BaseModel):
         return self
 
 
+Named = TypeVar("Named", bound=BaseModel)
+# `tool_choice`: "none", "auto" or "required", or the API's object naming one function.
+ToolChoice = Annotated[
+    Annotated[Literal["none", "auto", "required"], Tag(TEXT_BRANCH)]
+    | Annotated[Named, Tag(OBJECT_BRANCH)],
+    Discriminator(_text_or_parts),
+]
+
+
 class FunctionDef(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -259,14 +268,7 @@ class ChatCompletionRequest(BaseModel):
     response_format: ResponseFormat | None = None
     mm_processor_kwargs: PixelBounds | None = None  # vLLM's name for per-request resizing
     tools: list[ChatTool] | None = Field(None, max_length=128)
-    tool_choice: (
-        Annotated[
-            Annotated[Literal["none", "auto", "required"], Tag(TEXT_BRANCH)]
-            | Annotated[NamedToolChoice, Tag(OBJECT_BRANCH)],
-            Discriminator(_text_or_parts),
-        ]
-        | None
-    ) = None
+    tool_choice: ToolChoice[NamedToolChoice] | None = None
     parallel_tool_calls: bool | None = None
 
     @property
@@ -760,14 +762,7 @@ class ResponsesRequest(BaseModel):
     stream: bool = False
     mm_processor_kwargs: PixelBounds | None = None
     tools: list[ResponsesFunction] | None = Field(None, max_length=128)
-    tool_choice: (
-        Annotated[
-            Annotated[Literal["none", "auto", "required"], Tag(TEXT_BRANCH)]
-            | Annotated[ResponsesNamedChoice, Tag(OBJECT_BRANCH)],
-            Discriminator(_text_or_parts),
-        ]
-        | None
-    ) = None
+    tool_choice: ToolChoice[ResponsesNamedChoice] | None = None
     parallel_tool_calls: bool | None = None
     # Where each chat message came from (`as_chat` fills these): the index in `input` of its
     # first item, and of each of its tool calls.

@@ -32,21 +32,7 @@ def compile_response_format(kind: str, schema: dict[str, Any] | None, name: str)
     """
     # Not sorted: the order of `properties` is the order the answer gives them in.
     text = json.dumps({"type": "object"} if schema is None else schema)
-    if len(text) > MAX_SCHEMA_CHARS:
-        raise BadRequest(
-            f"response_format: the schema is {len(text)} characters of JSON; at most "
-            f"{MAX_SCHEMA_CHARS} are accepted",
-            param="response_format",
-            code="invalid_schema",
-        )
-    try:
-        grammar = _compile(text, lark=False)
-    except _Unusable as error:
-        raise BadRequest(
-            f"response_format: the JSON schema can't be used for constrained decoding: {error}",
-            param="response_format",
-            code="unsupported_schema",
-        ) from None
+    grammar = _usable(text, "response_format", "the JSON schema")
     return OutputGrammar(grammar=grammar, kind=kind, name=name)
 
 
@@ -57,32 +43,30 @@ def compile_tool_calls(
     Each function's `parameters` schema (with its index in `tools` and its name) is checked
     first, so that a 400 names the one the grammar library can't use."""
     for index, name, parameters in functions:
-        param = f"tools[{index}].function.parameters"
         text = json.dumps(parameters or {"type": "object"})
-        if len(text) > MAX_SCHEMA_CHARS:
-            raise BadRequest(
-                f"{param}: the schema of {name!r} is {len(text)} characters of JSON; at most "
-                f"{MAX_SCHEMA_CHARS} are accepted",
-                param=param,
-                code="invalid_schema",
-            )
-        try:
-            _compile(text, lark=False)
-        except _Unusable as error:
-            raise BadRequest(
-                f"{param}: the schema of {name!r} can't be used for constrained decoding: {error}",
-                param=param,
-                code="unsupported_schema",
-            ) from None
+        _usable(text, f"tools[{index}].function.parameters", f"the schema of {name!r}")
+    grammar = _usable(lark, "tools", "the tools", lark=True)
+    return OutputGrammar(grammar=grammar, kind="tool_calls")
+
+
+def _usable(text: str, param: str, what: str, lark: bool = False) -> str:
+    """`_compile`, with a 400 naming `param` for a schema too large or one the library can't
+    use (a Lark grammar is built here from schemas already checked: its size is theirs)."""
+    if not lark and len(text) > MAX_SCHEMA_CHARS:
+        raise BadRequest(
+            f"{param}: {what} is {len(text)} characters of JSON; at most {MAX_SCHEMA_CHARS} are "
+            "accepted",
+            param=param,
+            code="invalid_schema",
+        )
     try:
-        grammar = _compile(lark, lark=True)
+        return _compile(text, lark)
     except _Unusable as error:
         raise BadRequest(
-            f"tools: the tools can't be used for constrained decoding: {error}",
-            param="tools",
+            f"{param}: {what} can't be used for constrained decoding: {error}",
+            param=param,
             code="unsupported_schema",
         ) from None
-    return OutputGrammar(grammar=grammar, kind="tool_calls")
 
 
 class _Unusable(Exception):
