@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from tests.e2e.test_tool_calls import CLOCK, SCHEMAS, WEATHER
 from tests.sse import parse_sse
 
-TOOLS = [
+TOOLS: list[dict[str, Any]] = [
     {
         "type": "function",
         "name": "get_weather",

@@ -34,7 +34,7 @@ CLOCK = {
     "required": ["offset"],
     "additionalProperties": False,
 }
-TOOLS = [
+TOOLS: list[dict[str, Any]] = [
     {
         "type": "function",
         "function": {
