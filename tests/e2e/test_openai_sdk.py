@@ -183,6 +183,19 @@ def test_chat_with_an_image_non_streamed(qwen_service: ServiceProcess) -> None:
     assert completion.usage.prompt_tokens > text_only.usage.prompt_tokens  # the image counted
 
 
+def test_chat_choices_with_their_seeds(qwen_service: ServiceProcess) -> None:
+    client = sdk(qwen_service)
+    hello = [{"role": "user", "content": "hi"}]
+    both = client.chat.completions.create(
+        model="tiny", messages=hello, n=2, temperature=1.0, seed=5, max_tokens=6
+    )
+    assert [choice.index for choice in both.choices] == [0, 1]
+    second = client.chat.completions.create(
+        model="tiny", messages=hello, temperature=1.0, seed=6, max_tokens=6
+    )
+    assert both.choices[1].message.content == second.choices[0].message.content
+
+
 def test_chat_with_an_image_streamed_with_usage(qwen_service: ServiceProcess) -> None:
     client = sdk(qwen_service)
     chunks = list(
@@ -348,8 +361,8 @@ def test_responses_refusals(qwen_service: ServiceProcess) -> None:
 def test_chat_refusals(qwen_service: ServiceProcess) -> None:
     client = sdk(qwen_service)
     hello = [{"role": "user", "content": "hi"}]
-    with pytest.raises(openai.BadRequestError, match="n=1"):
-        client.chat.completions.create(model="tiny", messages=hello, n=2)
+    with pytest.raises(openai.BadRequestError, match="from 1 to 8"):
+        client.chat.completions.create(model="tiny", messages=hello, n=9)
     with pytest.raises(openai.BadRequestError, match="send tools"):
         client.chat.completions.create(model="tiny", messages=hello, functions=[{"name": "f"}])
     with pytest.raises(openai.BadRequestError, match="not among tools"):

@@ -47,7 +47,7 @@ async def create_response(request: Request, engine: EngineDep) -> Response:
     require_model(engine, "image2text", params.model)
     try:
         chat = _as_chat(params, engine)
-        handle = await submit_chat(request, engine, chat)
+        [handle] = await submit_chat(request, engine, chat)  # this API has one choice
     except ServiceError as error:  # named as the chat API names it: rename to this API's fields
         error.message = params.rename(error.message)
         error.param = error.param and params.rename(error.param)

@@ -6,6 +6,9 @@ They share the queue, deadlines and cancellation with /infer; only the wire form
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import functools
 import json
 import time
@@ -143,18 +146,23 @@ async def chat_completions(request: Request, engine: EngineDep) -> Response:
         body, ChatCompletionRequest, engine, status_400=True
     )
     require_model(engine, "image2text", params.model)
-    handle = await submit_chat(request, engine, params)
-    completion = _Completion(handle, settings.model_id, params)
+    handles = await submit_chat(request, engine, params)
+    completion = _Completion(handles, settings.model_id, params)
     if not params.stream:
-        output = await handle.result(functools.partial(wait_for_disconnect, request))
-        return Response(completion.message(output), media_type="application/json")
+        outputs = await results(handles, request)
+        return Response(completion.message(outputs), media_type="application/json")
     stream = completion.chunks(settings.stream_keepalive_s)
     return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-async def submit_chat(request: Request, engine: Engine, params: ChatCompletionRequest) -> JobHandle:
-    """Decodes a chat's images and videos, compiles its grammar and queues it (`/v1/responses`
-    sends its conversations here too)."""
+async def submit_chat(
+    request: Request, engine: Engine, params: ChatCompletionRequest
+) -> list[JobHandle]:
+    """Decodes a chat's images and videos, compiles its grammar and queues it: one job for each
+    of its `n` choices, each with a queue place of its own, taken before anything is decoded
+    (all or none: a queue without room for every choice refuses the request). Choice i samples
+    with `seed + i`, so each is the answer that seed gives alone. `/v1/responses` sends its
+    conversations here too."""
     settings = engine.settings
     texts, sources, video_sources = params.texts_and_images()
     flat = [ImageSource(url, param, pixels=px) for group in sources for url, param, px in group]
@@ -164,7 +172,8 @@ async def submit_chat(request: Request, engine: Engine, params: ChatCompletionRe
         for url, param, px in group
     ]
     grammar = await _chat_grammar(engine, params)
-    with engine.reserve() as reservation:
+    with contextlib.ExitStack() as places:
+        reservations = [places.enter_context(engine.reserve()) for _ in range(params.n or 1)]
         media = iter(await decode_images(engine, flat, request, max_ratio=MAX_ASPECT_RATIO))
         images = [tuple(next(media) for _ in group) for group in sources]
         videos = [tuple(next(media) for _ in group) for group in video_sources]
@@ -186,9 +195,23 @@ async def submit_chat(request: Request, engine: Engine, params: ChatCompletionRe
             grammar=grammar,
             **params.pixel_bounds(),
         )
-        return engine.submit(
-            payload, request_id_of(request), reservation=reservation, observed=params.stream
-        )
+        handles: list[JobHandle] = []
+        try:
+            for index, reservation in enumerate(reservations):
+                seed = None if params.seed is None else (params.seed + index) % 2**63
+                handles.append(
+                    engine.submit(
+                        dataclasses.replace(payload, seed=seed),
+                        request_id_of(request),
+                        reservation=reservation,
+                        observed=params.stream,
+                    )
+                )
+        except BaseException:
+            for handle in handles:  # all or none
+                handle.cancel(StopReason.CLIENT_GONE)
+            raise
+        return handles
 
 
 async def _chat_grammar(engine: Engine, params: ChatCompletionRequest) -> OutputGrammar | None:
@@ -221,37 +244,99 @@ def answer_calls(
     return parse_calls(output.text, names)
 
 
-class _Completion:
-    """Renders one chat job as OpenAI's `chat.completion` body or `chat.completion.chunk`s."""
+async def results(handles: list[JobHandle], request: Request) -> list[Image2TextOutput]:
+    """Every choice's output, one client-disconnect watch for all; the first error (a deadline,
+    a cancel) is the request's, and stops the other choices."""
+    if len(handles) == 1:
+        return [await handles[0].result(functools.partial(wait_for_disconnect, request))]
+    gone = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        return list(
+            await asyncio.gather(
+                *(handle.result(lambda: asyncio.shield(gone)) for handle in handles)
+            )
+        )
+    except BaseException:
+        for handle in handles:  # the request is answered with the error: no one reads the rest
+            handle.cancel(StopReason.CLIENT_GONE)
+        raise
+    finally:
+        gone.cancel()
 
-    def __init__(self, handle: JobHandle, model_id: str, params: ChatCompletionRequest) -> None:
-        self.handle = handle
-        self.id = f"chatcmpl-{handle.request_id}"
+
+def usage_of(outputs: list[Image2TextOutput]) -> dict[str, int]:
+    """The counts of all choices: their one prompt, and every choice's completion."""
+    completion = sum(output.completion_tokens for output in outputs)
+    return usage(dataclasses.replace(outputs[0], completion_tokens=completion))
+
+
+async def _events(handles: list[JobHandle], heartbeat_s: float) -> AsyncIterator[tuple[int, Any]]:
+    """The events of every choice's job as they come, each with its choice's index."""
+    if len(handles) == 1:
+        async for _number, event in handles[0].events(0, heartbeat_s):
+            yield 0, event
+        return
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    done = object()
+
+    async def pump(index: int, handle: JobHandle) -> None:
+        try:
+            async for _number, event in handle.events(0, heartbeat_s):
+                queue.put_nowait((index, event))
+        finally:
+            queue.put_nowait((index, done))
+
+    tasks = [asyncio.create_task(pump(i, handle)) for i, handle in enumerate(handles)]
+    try:
+        running = len(tasks)
+        while running:
+            index, event = await queue.get()
+            if event is done:
+                running -= 1
+            else:
+                yield index, event
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+class _Completion:
+    """Renders a chat's jobs, one a choice, as OpenAI's `chat.completion` body or its
+    `chat.completion.chunk`s."""
+
+    def __init__(
+        self, handles: list[JobHandle], model_id: str, params: ChatCompletionRequest
+    ) -> None:
+        self.handles = handles
+        self.request_id = handles[0].request_id
+        self.id = f"chatcmpl-{self.request_id}"
         self.created = int(time.time())
         self.model_id = model_id
         self.include_usage = bool(params.stream_options and params.stream_options.include_usage)
         self.stops = list(params.stop or ())
         self.params = params
 
-    def message(self, output: Image2TextOutput) -> bytes:
+    def choice(self, index: int, output: Image2TextOutput) -> dict[str, Any]:
         content, calls = answer_calls(self.params, output)
         message: dict[str, Any] = {"role": "assistant", "content": content}
         if calls:
             message["tool_calls"] = [call.as_chat() for call in calls]
-        choice = {
-            "index": 0,
+        return {
+            "index": index,
             "message": message,
             "finish_reason": "tool_calls" if calls else output.finish_reason,
             "logprobs": None,
         }
+
+    def message(self, outputs: list[Image2TextOutput]) -> bytes:
         return json_bytes(
             {
                 "id": self.id,
                 "object": "chat.completion",
                 "created": self.created,
                 "model": self.model_id,
-                "choices": [choice],
-                "usage": usage(output),
+                "choices": [self.choice(i, output) for i, output in enumerate(outputs)],
+                "usage": usage_of(outputs),
             }
         )
 
@@ -267,45 +352,54 @@ class _Completion:
             body["usage"] = usage_body
         return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
 
-    def delta(self, content: dict[str, Any], finish: str | None = None) -> str:
+    def delta(self, index: int, content: dict[str, Any], finish: str | None = None) -> str:
         return self.chunk(
-            [{"index": 0, "delta": content, "finish_reason": finish, "logprobs": None}]
+            [{"index": index, "delta": content, "finish_reason": finish, "logprobs": None}]
         )
 
     async def chunks(self, heartbeat_s: float) -> AsyncIterator[str | bytes]:
-        """The stream; dropping it cancels the job, like any client that leaves."""
+        """The stream, every choice's chunks as they come; dropping it cancels the jobs, like
+        any client that leaves. A choice that fails ends the stream with its error."""
+        count = len(self.handles)
         try:
-            yield self.delta({"role": "assistant", "content": ""})
-            holdback = _StopHoldback(self.stops)
-            held = CallHoldback() if self.params.functions else None  # a call is sent whole
-            async for _number, event in self.handle.events(0, heartbeat_s):
+            for index in range(count):
+                yield self.delta(index, {"role": "assistant", "content": ""})
+            stops = [_StopHoldback(self.stops) for _ in range(count)]
+            # A call is sent whole, once its answer is.
+            held = [CallHoldback() if self.params.functions else None for _ in range(count)]
+            outputs: dict[int, Image2TextOutput] = {}
+            async for index, event in _events(self.handles, heartbeat_s):
+                holdback, calls_held = stops[index], held[index]
                 if isinstance(event, Heartbeat):
                     yield KEEPALIVE
                 elif isinstance(event, Token):
                     text = holdback.feed(event.text)
-                    text = held.feed(text) if held else text
+                    text = calls_held.feed(text) if calls_held else text
                     if text:
-                        yield self.delta({"content": text})
+                        yield self.delta(index, {"content": text})
                 elif isinstance(event, Succeeded):
+                    output = outputs[index] = event.output
                     tail = holdback.flush()
-                    _, calls = answer_calls(self.params, event.output)
-                    if held:
-                        held.feed(tail)
-                        tail = held.finish(calls)
+                    _, calls = answer_calls(self.params, output)
+                    if calls_held:
+                        calls_held.feed(tail)
+                        tail = calls_held.finish(calls)
                     if tail:
-                        yield self.delta({"content": tail})
+                        yield self.delta(index, {"content": tail})
                     if calls:
                         deltas = [call.as_chat(i) for i, call in enumerate(calls)]
-                        yield self.delta({"tool_calls": deltas})
-                    yield self.delta({}, "tool_calls" if calls else event.output.finish_reason)
-                    if self.include_usage:
-                        yield self.chunk([], usage(event.output))
+                        yield self.delta(index, {"tool_calls": deltas})
+                    yield self.delta(index, {}, "tool_calls" if calls else output.finish_reason)
                 elif isinstance(event, Failed):
-                    body = error_body(event.error, self.handle.request_id)
+                    body = error_body(event.error, self.request_id)
                     yield f"data: {json.dumps(body)}\n\n"
+                    break
+            if self.include_usage and len(outputs) == count:
+                yield self.chunk([], usage_of([outputs[i] for i in range(count)]))
             yield "data: [DONE]\n\n"
         finally:
-            self.handle.cancel(StopReason.CLIENT_GONE)
+            for handle in self.handles:
+                handle.cancel(StopReason.CLIENT_GONE)
 
 
 class _StopHoldback:

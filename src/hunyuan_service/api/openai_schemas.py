@@ -48,6 +48,7 @@ from hunyuan_service.videos import VideoSampling
 
 Media = tuple[str, str, PixelRange]  # a part's URL, where it came from, and its resize bounds
 
+MAX_CHOICES = 8  # `n`: each choice is a job of its own, with a queue place of its own
 # Accepted and ignored: they do not change what this server produces.
 IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "quality", "style"}
 # Values of refused fields that ask for nothing the service lacks: FLUX's images are opaque; an
@@ -304,9 +305,9 @@ class ChatCompletionRequest(BaseModel):
 
     @field_validator("n")
     @classmethod
-    def _one_choice(cls, value: int | None) -> int | None:
-        if value not in (None, 1):
-            raise ValueError("only n=1 is supported; send separate requests for more choices")
+    def _choices(cls, value: int | None) -> int | None:
+        if value is not None and not 1 <= value <= MAX_CHOICES:
+            raise ValueError(f"must be from 1 to {MAX_CHOICES} (got {value})")
         return value
 
     @field_validator("stop")
@@ -353,6 +354,11 @@ class ChatCompletionRequest(BaseModel):
                 if part.type == "text" and (part.min_pixels or part.max_pixels):
                     raise ValueError(f"{where}min_pixels: only image and video parts are resized")
                 check_pixels(part.min_pixels, part.max_pixels, settings, where)
+        if (self.n or 1) > settings.max_queue_size:
+            raise ValueError(
+                f"n: at most {settings.max_queue_size} here: each choice is a job that takes a "
+                "queue place (MAX_QUEUE_SIZE)"
+            )
         limit = settings.max_new_tokens_limit
         if (self.max_completion_tokens or self.max_tokens or 0) > limit:
             raise ValueError(f"max_tokens: must be at most {limit}")
