@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from fastapi.testclient import TestClient
 from hunyuan_service.api.app import create_app
 from hunyuan_service.api.openai_schemas import MAX_CHOICES
 from tests.e2e.conftest import tiny_settings
+from tests.integration.live import counter, wait_until
 from tests.metrics import value
 from tests.service_process import ServiceProcess, tiny_env
 from tests.sse import parse_sse
@@ -138,24 +138,14 @@ LONG = {
 }
 
 
+HANG_S = 120  # the waits' bound: it only catches a hang
+
+
 @pytest.fixture(scope="module")
 def qwen_process(tiny_cache: Path) -> Iterator[ServiceProcess]:
     env = tiny_env(tiny_cache, MODEL_TYPE="image2text", MAX_BATCH_SIZE="4")
     with ServiceProcess(env) as service:
         yield service
-
-
-def jobs(service: ServiceProcess, outcome: str) -> int:
-    text = httpx.get(f"{service.url}/metrics").text
-    return int(value(text, "hunyuan_jobs_total", outcome=outcome))
-
-
-def wait_for(condition: Any) -> None:
-    """Polls until `condition()` holds; the timeout only catches a hang."""
-    deadline = time.monotonic() + 120
-    while not condition():
-        assert time.monotonic() < deadline, "never reached"
-        time.sleep(0.05)
 
 
 @pytest.mark.slow
@@ -164,7 +154,7 @@ def test_a_client_that_leaves_stops_every_choice(
     qwen_process: ServiceProcess, stream: bool
 ) -> None:
     gone = "cancelled_running_client_disconnected"
-    before = jobs(qwen_process, gone)
+    before = counter(qwen_process.url, gone)
     body = json.dumps({**ASK, **LONG, "n": 3, "stream": stream}).encode()
     with socket.create_connection(("127.0.0.1", qwen_process.port)) as sock:
         head = (
@@ -173,9 +163,9 @@ def test_a_client_that_leaves_stops_every_choice(
         )
         sock.sendall(head.encode() + body)
         # All three choices are running before the client leaves.
-        wait_for(lambda: running_rows(qwen_process) == 3)
-    wait_for(lambda: jobs(qwen_process, gone) == before + 3)
-    wait_for(lambda: running_rows(qwen_process) == 0)
+        wait_until(lambda: running_rows(qwen_process) == 3, timeout=HANG_S)
+    wait_until(lambda: counter(qwen_process.url, gone) == before + 3, timeout=HANG_S)
+    wait_until(lambda: running_rows(qwen_process) == 0, timeout=HANG_S)
 
 
 def running_rows(service: ServiceProcess) -> int:
