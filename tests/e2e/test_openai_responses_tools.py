@@ -5,12 +5,15 @@ Responses API's flat shape, `function_call` items out, and `function_call` and
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
 from fastapi.testclient import TestClient
 
+from hunyuan_service.api.app import create_app
+from tests.e2e.conftest import tiny_settings
 from tests.e2e.test_tool_calls import CLOCK, SCHEMAS, WEATHER
 from tests.sse import parse_sse
 
@@ -244,3 +247,28 @@ def test_tool_errors_name_the_responses_fields(
     assert error["param"] == param
     assert words in error["message"]
     assert "messages" not in error["message"]
+
+
+def test_a_call_that_fails_on_the_way_ends_the_stream_with_nothing_sent(tiny_cache: Path) -> None:
+    # A deadline far shorter than the call the schema forces: ~1,900 one-character tokens.
+    settings = tiny_settings("image2text", tiny_cache, request_timeout_s=0.2)
+    long = {
+        "type": "object",
+        "properties": {"text": {"type": "string", "minLength": 1900}},
+        "required": ["text"],
+    }
+    tools = [{"type": "function", "name": "write", "parameters": long}]
+    with TestClient(create_app(settings)) as client:
+        body = {"model": "tiny", "input": QUESTION, "tools": tools, "tool_choice": "required"}
+        response = client.post(
+            "/v1/responses", json={**body, "max_output_tokens": 2000, "stream": True}
+        )
+    events = [(name, data) for name, data in parse_sse(response.text) if name != "comment"]
+    assert [name for name, _ in events] == [
+        "response.created",
+        "response.in_progress",
+        "response.failed",
+    ]
+    failed = events[-1][1]["response"]
+    assert failed["error"]["code"] == "deadline_exceeded"
+    assert failed["output"] == []  # the call was held back whole, so nothing was sent

@@ -254,7 +254,10 @@ class _Reply:
                     error = error_body(event.error, self.handle.request_id)["error"]
                     failed = self.response(status="failed")
                     failed["error"] = {"code": error["code"], "message": error["message"]}
-                    failed["output"] = [self.message("".join(sent), "incomplete")]
+                    # What was streamed: the message, if it had opened; a call held back
+                    # until its answer was whole was never sent.
+                    message = self.message("".join(sent), "incomplete")
+                    failed["output"] = [message] if opened else []
                     yield self.event("response.failed", response=failed)
         finally:
             self.handle.cancel(StopReason.CLIENT_GONE)
