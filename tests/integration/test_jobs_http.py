@@ -155,6 +155,11 @@ def test_expired_and_unknown_ids_get_404s_that_say_which(serve: Any) -> None:
     unknown = status(url, "job_" + "A" * 24)
     assert unknown.status_code == 404
     assert unknown.json()["error"]["code"] == "job_not_found"
+    assert "job_" + "A" * 24 in unknown.json()["error"]["message"]
+    huge = status(url, "x" * 5000).json()["error"]  # named by its start and length, not echoed
+    assert huge["code"] == "job_not_found"
+    assert "x" * 32 + "... (5000 characters)" in huge["message"]
+    assert len(huge["message"]) < 200
     job_id = submit(url, {"prompt": "short-lived", **SMALL}).json()["id"]
     wait_until(lambda: status(url, job_id).status_code == 404)
     expired = status(url, job_id).json()["error"]

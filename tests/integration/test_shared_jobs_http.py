@@ -156,6 +156,10 @@ def test_a_job_posted_to_one_replica_is_read_through_every_other(fleet: Fleet) -
     unknown = job(urls[1], "job_unknown")
     assert unknown.status_code == 404
     assert unknown.json()["error"]["code"] == "job_not_found"
+    huge = job(urls[1], "x" * 5000).json()["error"]  # named by its start and length, not echoed
+    assert huge["code"] == "job_not_found"
+    assert "x" * 32 + "... (5000 characters)" in huge["message"]
+    assert len(huge["message"]) < 200
 
 
 def test_delete_on_any_replica_stops_the_job_where_it_runs(fleet: Fleet) -> None:

@@ -33,6 +33,7 @@ from hunyuan_service.engine.engine import Engine, JobHandle, new_job_id
 from hunyuan_service.engine.events import Progress, Started, Token
 from hunyuan_service.engine.jobs import JobStatus, StopReason
 from hunyuan_service.engine.shared_jobs import Record, SharedJobStore, json_data, redacted
+from hunyuan_service.engine.store import shown_id
 from hunyuan_service.errors import (
     DeadlineExceeded,
     JobCancelled,
@@ -209,19 +210,21 @@ class SharedJobs:
         why = await self._io(self.store.gone(job_id))
         if why == "expired":
             raise NotFound(
-                f"job {job_id} has expired: results are kept "
+                f"job {shown_id(job_id)} has expired: results are kept "
                 f"JOB_RESULT_TTL_S={self.settings.job_result_ttl_s:g} s after the job ends",
                 code="job_expired",
             )
         if why == "evicted":
             raise NotFound(
-                f"job {job_id} was evicted to make room: the store keeps at most "
+                f"job {shown_id(job_id)} was evicted to make room: the store keeps at most "
                 f"MAX_STORED_JOBS={self.settings.max_stored_jobs} finished jobs and "
                 f"JOB_STORE_MAX_BYTES={self.settings.job_store_max_bytes} bytes of results, "
                 "oldest first",
                 code="job_evicted",
             )
-        raise NotFound(f"no job {job_id}: the id is unknown to this store", code="job_not_found")
+        raise NotFound(
+            f"no job {shown_id(job_id)}: the id is unknown to this store", code="job_not_found"
+        )
 
     async def status(self, job_id: str, request: Request) -> Response:
         from hunyuan_service.api.jobs_routes import raw_result

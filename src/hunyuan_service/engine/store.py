@@ -20,6 +20,15 @@ if TYPE_CHECKING:
 
 # How many evicted ids are remembered, so that their 404 can say why they are gone.
 FORGOTTEN_IDS_KEPT = 10_000
+MAX_SHOWN_ID = 64  # a real id is 28 characters
+
+
+def shown_id(job_id: str) -> str:
+    """A job id as an error message shows it: whole up to MAX_SHOWN_ID characters, else its start
+    and its length, so that a client's 5,000-character id is not echoed back whole."""
+    if len(job_id) <= MAX_SHOWN_ID:
+        return job_id
+    return f"{job_id[: MAX_SHOWN_ID // 2]}... ({len(job_id)} characters)"
 
 
 @dataclass(eq=False)
@@ -65,18 +74,20 @@ class JobStore:
         why = self._gone.get(job_id)
         if why == "expired":
             raise NotFound(
-                f"job {job_id} has expired: results are kept JOB_RESULT_TTL_S={self.ttl_s:g} s "
-                "after the job ends",
+                f"job {shown_id(job_id)} has expired: results are kept "
+                f"JOB_RESULT_TTL_S={self.ttl_s:g} s after the job ends",
                 code="job_expired",
             )
         if why == "evicted":
             raise NotFound(
-                f"job {job_id} was evicted to make room: the store keeps at most "
+                f"job {shown_id(job_id)} was evicted to make room: the store keeps at most "
                 f"MAX_STORED_JOBS={self.max_jobs} jobs and JOB_STORE_MAX_BYTES={self.max_bytes} "
                 "bytes of results, oldest finished first",
                 code="job_evicted",
             )
-        raise NotFound(f"no job {job_id}: the id is unknown to this server", code="job_not_found")
+        raise NotFound(
+            f"no job {shown_id(job_id)}: the id is unknown to this server", code="job_not_found"
+        )
 
     def set_size(self, entry: StoredJob, size: int) -> None:
         """Records the bytes a finished job's result occupies, and evicts to stay under the cap."""
