@@ -108,13 +108,15 @@ def _text_or_parts(value: Any) -> str:
     return TEXT_BRANCH if isinstance(value, str) else OBJECT_BRANCH
 
 
+Part = TypeVar("Part", bound=BaseModel)
 # A string, or a list of parts: validated as the one the JSON value is, so that a bad part
 # reports its own problem (`messages[0].content[1]: ...`), not one for each form it is not.
-MessageContent = Annotated[
+TextOrParts = Annotated[
     Annotated[str, Tag(TEXT_BRANCH)]
-    | Annotated[list[ContentPart], Field(max_length=64), Tag(OBJECT_BRANCH)],
+    | Annotated[list[Part], Field(max_length=64), Tag(OBJECT_BRANCH)],
     Discriminator(_text_or_parts),
 ]
+MessageContent = TextOrParts[ContentPart]
 
 
 class FunctionCallIn(BaseModel):
@@ -586,11 +588,7 @@ class InputMessage(BaseModel):
 
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system", "developer"]
-    content: Annotated[
-        Annotated[str, Tag(TEXT_BRANCH)]
-        | Annotated[list[InputPart], Field(max_length=64), Tag(OBJECT_BRANCH)],
-        Discriminator(_text_or_parts),
-    ]
+    content: TextOrParts[InputPart]
     id: str | None = None
     status: str | None = None
     phase: str | None = None
@@ -641,11 +639,7 @@ class FunctionCallOutputItem(BaseModel):
 
     type: Literal["function_call_output"]
     call_id: str
-    output: Annotated[
-        Annotated[str, Tag(TEXT_BRANCH)]
-        | Annotated[list[OutputText], Field(max_length=64), Tag(OBJECT_BRANCH)],
-        Discriminator(_text_or_parts),
-    ]
+    output: TextOrParts[OutputText]
     id: str | None = None
     status: str | None = None
 
