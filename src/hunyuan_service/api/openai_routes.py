@@ -164,7 +164,7 @@ async def submit_chat(
     with `seed + i`, so each is the answer that seed gives alone. `/v1/responses` sends its
     conversations here too."""
     settings = engine.settings
-    texts, sources, video_sources = params.texts_and_images()
+    texts, sources, video_sources = params.texts_and_images
     flat = [ImageSource(url, param, pixels=px) for group in sources for url, param, px in group]
     flat += [
         ImageSource(url, param, video=params.video_sampling(px, settings))
@@ -184,7 +184,7 @@ async def submit_chat(
             )
         )
         roles = [m.role for m in params.messages]
-        messages = with_tools(messages, roles, params.tools_prompt())
+        messages = with_tools(messages, roles, params.tools_prompt)
         payload = Image2TextInput(
             messages=messages,
             max_new_tokens=params.token_budget(settings),

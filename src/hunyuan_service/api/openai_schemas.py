@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -274,7 +275,7 @@ class ChatCompletionRequest(BaseModel):
     tool_choice: ToolChoice[NamedToolChoice] | None = None
     parallel_tool_calls: bool | None = None
 
-    @property
+    @functools.cached_property
     def functions(self) -> list[Function]:
         """The functions the model is told of: none with `tool_choice` "none"."""
         if self.tool_choice == "none":
@@ -292,7 +293,10 @@ class ChatCompletionRequest(BaseModel):
             return [f for f in self.functions if f.name == choice.function.name]
         return self.functions if choice == "required" else []
 
+    @functools.cached_property
     def tools_prompt(self) -> str | None:
+        """What the system message gains (computed once: validation reads it, and so does the
+        route, on the event loop, where a large body's validation was on the CPU pool)."""
         functions = self.functions
         return tools_prompt(functions) if functions else None
 
@@ -364,13 +368,13 @@ class ChatCompletionRequest(BaseModel):
         limit = settings.max_new_tokens_limit
         if (self.max_completion_tokens or self.max_tokens or 0) > limit:
             raise ValueError(f"max_tokens: must be at most {limit}")
-        texts, _, _ = self.texts_and_images()
+        texts, _, _ = self.texts_and_images
         for index, text in enumerate(texts):
             try:
                 check_no_special_tokens(text)
             except ValueError as error:
                 raise ValueError(f"messages: message {index} {error}") from None
-        prompt = self.tools_prompt() or ""
+        prompt = self.tools_prompt or ""
         try:
             check_no_special_tokens(prompt)
         except ValueError as error:
@@ -388,9 +392,10 @@ class ChatCompletionRequest(BaseModel):
             )
         return self
 
+    @functools.cached_property
     def texts_and_images(self) -> tuple[list[str], list[list[Media]], list[list[Media]]]:
         """Per message: its text parts joined, and its image and video URLs, each with where
-        it came from and its resize bounds."""
+        it came from and its resize bounds (computed once, as `tools_prompt`)."""
         texts: list[str] = []
         media: dict[str, list[list[Media]]] = {"image_url": [], "video_url": []}
         for i, message in enumerate(self.messages):
